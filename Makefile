@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make run` (the whole pipeline on NEU-DET) and `make test`.
+# Both create .venv on first use and reinstall when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PRESET ?= neu-det
+OUT ?= runs/$(PRESET)
+# --data: $SLIMVIT_DATA, else data/NEU-DET, else the shared copy beside the project.
+DATA ?= $(firstword $(SLIMVIT_DATA) $(wildcard data/NEU-DET) $(wildcard ../shared/datasets/NEU-DET) data/NEU-DET)
+
+.PHONY: run test lint install
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/slimvit run --preset $(PRESET) --data $(DATA) --out $(OUT)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests

@@ -1,0 +1,5 @@
+import sys
+
+from slimvit.cli import main
+
+sys.exit(main())

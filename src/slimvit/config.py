@@ -1,0 +1,481 @@
+"""Typed, frozen configuration with YAML presets and ``section.key=value`` overrides.
+
+A config is a tree of frozen dataclasses. Presets live in ``slimvit/presets/*.yaml`` and only
+list the values that differ from the defaults below. ``load_config`` merges preset, user file
+and overrides (in that order), validates everything in ``__post_init__`` and returns a
+:class:`Config`. ``Config.to_dict`` / ``Config.from_dict`` round-trip through plain dicts, which
+is what gets saved as ``config.yaml`` in the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimvit.errors import ConfigError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    choices = list(choices)
+    _check(value in choices, f"{name}={value!r} is not one of {choices}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | None = None
+    """Dataset folder; None means $SLIMVIT_DATA or data/NEU-DET under the working directory."""
+    img_size: int = 128
+    """Square input size in pixels; every model of a run uses the same one."""
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    """Train/val/test fractions of each class (stratified)."""
+    seed: int = 0
+    """Seed of the split."""
+    cache: bool = True
+    """Decode every image once and keep it in memory (NEU-DET is about 90 MB at 128 px)."""
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.img_size <= 1024, f"data.img_size={self.img_size} must be in [16, 1024]")
+        _check(len(self.split) == 3, f"data.split needs 3 fractions (train, val, test), got {self.split}")
+        _check(
+            all(0 < f < 1 for f in self.split), f"data.split={self.split}: each fraction must be in (0, 1)"
+        )
+        _check(abs(sum(self.split) - 1) < 1e-6, f"data.split={self.split} must sum to 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    teacher: str = "resnet18"
+    """timm name of the teacher."""
+    teacher_pretrained: bool = False
+    """Start the teacher from timm's pretrained weights (needs internet or a filled HF cache)."""
+    teacher_weights: str | None = None
+    """Local weights file (.safetensors, .pth, .bin) to start the teacher from."""
+    teacher_kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for timm.create_model (e.g. drop_path_rate)."""
+    student: str = "vit_tiny_patch16_224"
+    """timm name of the student (a ViT; `deit_*_distilled_*` for the distillation-token loss)."""
+    student_stem: str = "conv"
+    """Token stem of the student: `patch` (timm's patch projection) or `conv` (3x3 conv stack)."""
+    student_pretrained: bool = False
+    """Start the student from timm's pretrained weights."""
+    student_weights: str | None = None
+    """Local weights file to start the student from."""
+    student_kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for timm.create_model (e.g. drop_path_rate)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.teacher), "model.teacher must name a timm model")
+        _check(bool(self.student), "model.student must name a timm model")
+        _check_choice("model.student_stem", self.student_stem, ("patch", "conv"))
+        _check(isinstance(self.teacher_kwargs, dict), "model.teacher_kwargs must be a mapping")
+        _check(isinstance(self.student_kwargs, dict), "model.student_kwargs must be a mapping")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    """Student epochs."""
+    teacher_epochs: int = 25
+    """Teacher epochs."""
+    batch_size: int = 64
+    """Global batch size (split across processes when distributed)."""
+    lr: float = 1e-3
+    """Peak learning rate of the student (AdamW)."""
+    teacher_lr: float = 2e-3
+    """Peak learning rate of the teacher."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to norms, biases, tokens, position embeddings)."""
+    warmup_epochs: float = 2.0
+    """Linear warm-up before the cosine decay."""
+    min_lr_ratio: float = 0.01
+    """Final learning rate as a fraction of the peak."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value; 0 disables."""
+    ema: bool = False
+    """Keep an exponential moving average of the weights and select/evaluate on it."""
+    ema_decay: float = 0.998
+    """Decay of the EMA per step."""
+    precision: str = "bf16"
+    """Autocast precision: `no`, `bf16`, or `fp16` (fp16 only on GPU)."""
+    crop: str = "pad"
+    """Spatial augmentation: `pad` (pad-and-crop), `rrc` (random resized crop), or `none`."""
+    crop_padding: int = 8
+    """Padding in pixels for `pad` crops."""
+    rrc_scale: tuple[float, float] = (0.5, 1.0)
+    """Area range of `rrc` crops."""
+    flips: bool = True
+    """Random horizontal and vertical flips."""
+    rot90: bool = True
+    """Random 90-degree rotations (defect textures have no up)."""
+    mixup: float = 0.0
+    """Mixup alpha; 0 disables."""
+    cutmix: float = 0.0
+    """CutMix alpha; 0 disables."""
+    threads: int = 0
+    """torch intra-op threads for training; 0 keeps torch's default (all cores)."""
+    seed: int = 0
+    """Seed of initialisation, shuffling and augmentation."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
+        _check(self.teacher_epochs >= 1, f"train.teacher_epochs={self.teacher_epochs} must be >= 1")
+        _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
+        _check(0 < self.lr < 1, f"train.lr={self.lr} must be in (0, 1)")
+        _check(0 < self.teacher_lr < 1, f"train.teacher_lr={self.teacher_lr} must be in (0, 1)")
+        _check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
+        _check(self.warmup_epochs >= 0, f"train.warmup_epochs={self.warmup_epochs} must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(
+            0 <= self.label_smoothing < 1, f"train.label_smoothing={self.label_smoothing} must be in [0, 1)"
+        )
+        _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0")
+        _check(0 < self.ema_decay < 1, f"train.ema_decay={self.ema_decay} must be in (0, 1)")
+        _check_choice("train.precision", self.precision, ("no", "bf16", "fp16"))
+        _check_choice("train.crop", self.crop, ("pad", "rrc", "none"))
+        _check(self.crop_padding >= 0, f"train.crop_padding={self.crop_padding} must be >= 0")
+        lo, hi = self.rrc_scale
+        _check(0 < lo <= hi <= 1, f"train.rrc_scale={self.rrc_scale} must satisfy 0 < min <= max <= 1")
+        _check(self.mixup >= 0 and self.cutmix >= 0, "train.mixup and train.cutmix must be >= 0")
+        _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
+
+
+DISTILL_LOSSES = ("none", "soft", "hard", "token")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    loss: str = "soft"
+    """`none`, `soft` (KL at temperature T), `hard` (DeiT hard labels), `token` (DeiT distillation token)."""
+    alpha: float = 0.7
+    """Weight of the distillation term; 1 - alpha goes to the label cross-entropy."""
+    temperature: float = 2.0
+    """Softmax temperature of the `soft` loss."""
+    ablation: bool = True
+    """Also train the same student without distillation, for the report's comparison."""
+
+    def __post_init__(self) -> None:
+        _check_choice("distill.loss", self.loss, DISTILL_LOSSES)
+        _check(0 <= self.alpha <= 1, f"distill.alpha={self.alpha} must be in [0, 1]")
+        _check(self.temperature > 0, f"distill.temperature={self.temperature} must be > 0")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float = 0.2
+    """Fraction of channels to remove from each pruned group."""
+    round_to: int = 8
+    """Keep pruned widths multiples of this (SIMD-friendly)."""
+    importance: str = "taylor"
+    """Importance criterion: `taylor`, `l2`, or `random`."""
+    global_pruning: bool = False
+    """Rank channels across layers (global) instead of pruning each layer by the same ratio."""
+    iterative_steps: int = 1
+    """Prune in this many steps (Taylor importance is re-estimated between steps)."""
+    prune_heads: bool = True
+    """Remove whole heads where the ratio allows, besides head dimensions."""
+    prune_embed: bool = True
+    """Also prune the embedding width (residual stream)."""
+    taylor_batches: int = 4
+    """Training batches used to estimate Taylor importance."""
+    finetune_epochs: int = 10
+    """Fine-tuning epochs after pruning (with distillation from the teacher)."""
+    finetune_lr: float = 5e-4
+    """Peak learning rate of the fine-tuning."""
+    sweep: tuple[float, ...] = ()
+    """Ratios for `slimvit prune --sweep` (empty: no sweep in `slimvit run`)."""
+    sweep_epochs: int = 5
+    """Fine-tuning epochs of each sweep point."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.ratio < 1, f"prune.ratio={self.ratio} must be in (0, 1)")
+        _check(self.round_to >= 1, f"prune.round_to={self.round_to} must be >= 1")
+        _check_choice("prune.importance", self.importance, ("taylor", "l2", "random"))
+        _check(self.iterative_steps >= 1, f"prune.iterative_steps={self.iterative_steps} must be >= 1")
+        _check(self.taylor_batches >= 1, f"prune.taylor_batches={self.taylor_batches} must be >= 1")
+        _check(self.finetune_epochs >= 0, f"prune.finetune_epochs={self.finetune_epochs} must be >= 0")
+        _check(0 < self.finetune_lr < 1, f"prune.finetune_lr={self.finetune_lr} must be in (0, 1)")
+        _check(all(0 < r < 1 for r in self.sweep), f"prune.sweep={self.sweep}: every ratio must be in (0, 1)")
+        _check(self.sweep_epochs >= 0, f"prune.sweep_epochs={self.sweep_epochs} must be >= 0")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    opset: int = 17
+    """ONNX opset of the export (>= 17)."""
+    modes: tuple[str, ...] = ("fp16", "int8-dynamic", "int8-static")
+    """Variants to build from the pruned model."""
+    calibration: str = "minmax"
+    """Static calibration method: `minmax`, `percentile`, or `entropy`."""
+    calibration_images: int = 128
+    """Training images used to calibrate static INT8."""
+    static_op_types: tuple[str, ...] = ("MatMul", "Conv")
+    """Op types quantized by static INT8 (the rest stays float)."""
+    dynamic_op_types: tuple[str, ...] = ("MatMul",)
+    """Op types quantized by dynamic INT8."""
+    per_channel: bool = True
+    """Per-channel weight scales for static INT8."""
+    optimize: bool = True
+    """Run ONNX Runtime's transformer graph optimisations before quantizing."""
+    accuracy_tolerance: float = 0.5
+    """A variant may be deployed only within this many accuracy points of the pruned FP32 model."""
+
+    def __post_init__(self) -> None:
+        _check(self.opset >= 17, f"quantize.opset={self.opset} must be >= 17")
+        for m in self.modes:
+            _check_choice("quantize.modes entry", m, ("fp16", "int8-dynamic", "int8-static"))
+        _check_choice("quantize.calibration", self.calibration, ("minmax", "percentile", "entropy"))
+        _check(
+            self.calibration_images >= 8,
+            f"quantize.calibration_images={self.calibration_images} must be >= 8",
+        )
+        _check(len(self.static_op_types) > 0, "quantize.static_op_types must not be empty")
+        _check(len(self.dynamic_op_types) > 0, "quantize.dynamic_op_types must not be empty")
+        _check(self.accuracy_tolerance >= 0, "quantize.accuracy_tolerance must be >= 0")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    threads: int = 2
+    """Intra-op threads for every timed runtime (PyTorch and ONNX Runtime alike)."""
+    warmup: int = 20
+    """Untimed runs before timing."""
+    runs: int = 100
+    """Timed batch-1 runs per variant (split across rounds)."""
+    rounds: int = 5
+    """Interleaved rounds: each round times every variant once, so drift hits all alike."""
+    throughput_batch: int = 32
+    """Batch size of the throughput measurement."""
+    throughput_runs: int = 5
+    """Timed batches per variant for throughput."""
+
+    def __post_init__(self) -> None:
+        _check(self.threads >= 1, f"bench.threads={self.threads} must be >= 1")
+        _check(self.warmup >= 0, f"bench.warmup={self.warmup} must be >= 0")
+        _check(self.runs >= 1, f"bench.runs={self.runs} must be >= 1")
+        _check(self.rounds >= 1, f"bench.rounds={self.rounds} must be >= 1")
+        _check(self.throughput_batch >= 1, f"bench.throughput_batch={self.throughput_batch} must be >= 1")
+        _check(self.throughput_runs >= 1, f"bench.throughput_runs={self.throughput_runs} must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "neu-det"
+    """Name of the preset this config started from (informational)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def to_dict(self) -> dict:
+        """Plain dict (tuples become lists) that `from_dict` turns back into an equal Config."""
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        return _build(cls, d, "")
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "preset")
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a YAML value into the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r} must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], name) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{name}={list(value)} must have {len(args)} entries")
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=True))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} must be a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}={value!r} must be a string")
+    raise ConfigError(f"{name}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, d: Any, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, names, n=1)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+        raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in d:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, d[name] if d[name] is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(d[name], tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        if (
+            isinstance(v, dict)
+            and isinstance(out.get(k), dict)
+            and k not in ("teacher_kwargs", "student_kwargs")
+        ):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def preset_names() -> list[str]:
+    files = resources.files("slimvit") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict:
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source} must hold a mapping of sections, got {type(d).__name__}")
+    return d
+
+
+def load_preset(name: str) -> dict:
+    names = preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(names)}.{hint}")
+    text = (resources.files("slimvit") / "presets" / f"{name}.yaml").read_text()
+    d = _read_yaml(text, f"preset '{name}'")
+    d.setdefault("preset", name)
+    return d
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as YAML (so 0.2, true, [1, 2] work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}' must look like section.key=value")
+    key, _, raw = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"--set '{item}': the key must be section.key, e.g. train.epochs=10")
+    if parts[0] not in SECTIONS:
+        close = difflib.get_close_matches(parts[0], SECTIONS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; sections: {', '.join(SECTIONS)}"
+        raise ConfigError(f"--set '{item}': unknown section '{parts[0]}'{hint}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_config(
+    preset: str | None = "neu-det",
+    config_file: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+) -> Config:
+    """Preset, then user YAML file, then ``--set`` overrides; validated."""
+    d: dict = load_preset(preset) if preset else {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        d = _deep_merge(d, _read_yaml(path.read_text(), f"config file '{path}'"))
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = d
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return Config.from_dict(d)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from slimvit.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def read_config(path: Path) -> Config:
+    return Config.from_dict(_read_yaml(Path(path).read_text(), str(path)))

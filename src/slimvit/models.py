@@ -1,0 +1,308 @@
+"""Create timm models, and save/load them as `model.safetensors` + `model.json` (no pickle).
+
+`model.json` holds everything needed to rebuild the module: the timm name, constructor kwargs,
+the token stem, the classes, input size and normalisation, and, for pruned models, the width of
+every pruned layer. `load(path)` rebuilds the architecture, applies the widths, and loads the
+weights with safetensors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from slimvit.errors import ModelError
+from slimvit.io import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "slimvit-model/1"
+VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+
+
+class ConvStem(nn.Module):
+    """Convolutional token stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better").
+
+    Stride-2 3x3 conv-BN-ReLU layers up to the patch size, then a 1x1 projection to the embedding
+    width. Same token grid as the patch projection it replaces; it gives a from-scratch ViT the
+    locality prior that small datasets lack. Signature matches timm's `PatchEmbed`.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        bias: bool = True,
+        dynamic_img_pad: bool = False,
+        output_fmt: str | None = None,
+        strict_img_size: bool = True,
+        norm_layer: Any = None,
+        flatten: bool = True,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        stages = (
+            patch_size.bit_length() - 1 if isinstance(patch_size, int) else patch_size[0].bit_length() - 1
+        )
+        ps = patch_size if isinstance(patch_size, int) else patch_size[0]
+        if 2**stages != ps:
+            raise ModelError(f"conv stem needs a power-of-two patch size, got {patch_size}")
+        size = img_size if isinstance(img_size, tuple) else (img_size, img_size)
+        self.img_size = size
+        self.patch_size = (ps, ps)
+        self.grid_size = (size[0] // ps, size[1] // ps)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.flatten = flatten
+        self.output_fmt = output_fmt
+        self.dynamic_img_pad = False
+        # Widths double each stage and end at embed_dim: 24-48-96-192 for ViT-Ti.
+        widths = [max(8, embed_dim // 2 ** (stages - 1 - i)) for i in range(stages)]
+        layers: list[nn.Module] = []
+        c = in_chans
+        for w in widths:
+            layers += [
+                nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+            ]
+            c = w
+        layers.append(nn.Conv2d(c, embed_dim, 1, bias=bias))
+        self.proj = nn.Sequential(*layers)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def feat_ratio(self, as_scalar: bool = True):
+        return self.patch_size[0] if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, C, H/p, W/p)
+        if self.output_fmt == "NHWC":
+            x = x.permute(0, 2, 3, 1)
+        elif self.flatten:
+            x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        return self.norm(x)
+
+
+STEMS: dict[str, type[nn.Module] | None] = {"patch": None, "conv": ConvStem}
+
+
+def is_vit(name: str) -> bool:
+    try:
+        return timm.models.model_entrypoint(name).__module__ in VIT_MODULES
+    except (RuntimeError, KeyError):
+        return False
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models()."
+        raise ModelError(f"unknown timm model '{name}'.{hint}")
+
+
+def build(spec: dict) -> nn.Module:
+    """Build the (unpruned) module described by an artifact spec, with random weights."""
+    name = spec["name"]
+    check_model_name(name)
+    kwargs = dict(spec.get("kwargs") or {})
+    kwargs["num_classes"] = spec["num_classes"]
+    if is_vit(name):
+        kwargs["img_size"] = spec["input_size"][-1]
+        stem = spec.get("stem", "patch")
+        if stem not in STEMS:
+            raise ModelError(f"unknown stem '{stem}'; known: {', '.join(STEMS)}")
+        if STEMS[stem] is not None:
+            kwargs["embed_layer"] = STEMS[stem]
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise ModelError(f"timm model '{name}' does not accept these arguments: {e}") from None
+
+
+def make_spec(
+    name: str,
+    num_classes: int,
+    classes: list[str],
+    img_size: int,
+    stem: str = "patch",
+    kwargs: dict | None = None,
+) -> dict:
+    """The JSON description of a fresh model; mean/std come from the timm model's config."""
+    check_model_name(name)
+    cfg = timm.models.get_pretrained_cfg(name)
+    mean = list(getattr(cfg, "mean", None) or timm.data.IMAGENET_DEFAULT_MEAN)
+    std = list(getattr(cfg, "std", None) or timm.data.IMAGENET_DEFAULT_STD)
+    return {
+        "format": FORMAT,
+        "name": name,
+        "kwargs": dict(kwargs or {}),
+        "stem": stem if is_vit(name) else "patch",
+        "num_classes": num_classes,
+        "classes": list(classes),
+        "input_size": [3, img_size, img_size],
+        "mean": mean,
+        "std": std,
+        "interpolation": "bilinear",
+        "widths": None,
+    }
+
+
+def create(spec: dict, pretrained: bool = False, weights: str | None = None) -> nn.Module:
+    """A new model from a spec, optionally initialised from timm's pretrained weights or a local file."""
+    if pretrained and weights:
+        raise ModelError("set either pretrained: true or weights: FILE, not both")
+    model = build(spec)
+    if pretrained:
+        model = _load_pretrained(spec, model)
+    elif weights:
+        load_weights_file(model, weights)
+    return model
+
+
+def _load_pretrained(spec: dict, model: nn.Module) -> nn.Module:
+    name = spec["name"]
+    kwargs = dict(spec.get("kwargs") or {}, num_classes=spec["num_classes"])
+    if is_vit(name):
+        kwargs["img_size"] = spec["input_size"][-1]
+    try:
+        pre = timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:  # network errors come in many types (OSError, HF hub errors, ...)
+        raise ModelError(
+            f"could not download pretrained weights for '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Offline? Pass a local file with `weights: FILE` (--set model.teacher_weights=FILE) "
+            "or set `pretrained: false`."
+        ) from None
+    if spec.get("stem", "patch") != "patch":
+        # Keep the pretrained transformer, but the conv stem starts fresh.
+        sd = {k: v for k, v in pre.state_dict().items() if not k.startswith("patch_embed.")}
+        model.load_state_dict(sd, strict=False)
+        return model
+    return pre
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file '{path}' does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"cannot read weights file '{path}': {e}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ModelError(f"weights file '{path}' does not hold a state dict")
+    return sd
+
+
+def load_weights_file(model: nn.Module, path: str | Path, strict: bool = True) -> None:
+    """Load a local weights file, saying which keys do not fit the architecture."""
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
+    if shape or (strict and (missing or unexpected)):
+        parts = []
+        if shape:
+            parts.append(f"shape mismatch: {'; '.join(shape[:3])}" + (" ..." if len(shape) > 3 else ""))
+        if missing:
+            parts.append(f"missing: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+        raise ModelError(f"weights file '{path}' does not fit the architecture ({'; '.join(parts)})")
+    model.load_state_dict(sd, strict=strict)
+
+
+def save(model: nn.Module, spec: dict, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write `model.safetensors` and `model.json` atomically into `out_dir`."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = dict(spec)
+    if extra:
+        meta.update(extra)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": FORMAT, "name": spec["name"]})
+    atomic_write_json(out / "model.json", meta)
+    return out
+
+
+def read_spec(path: str | Path) -> dict:
+    p = Path(path)
+    js = p / "model.json" if p.is_dir() else p.with_suffix(".json")
+    if not js.is_file():
+        raise ModelError(
+            f"no model.json at '{p}'; point at a folder written by slimvit (teacher/, student/, ...)"
+        )
+    try:
+        spec = json.loads(js.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(
+            f"'{js}' is not valid JSON ({e}); the artifact is corrupt, re-run the stage"
+        ) from None
+    if spec.get("format") != FORMAT:
+        raise ModelError(f"'{js}' is not a slimvit model description (format {spec.get('format')!r})")
+    return spec
+
+
+def load(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a saved model (pruned or not) from its folder, without pickle. Returns (model, spec)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    spec = read_spec(p)
+    st = (p / "model.safetensors") if p.is_dir() else p.with_suffix(".safetensors")
+    if not st.is_file():
+        raise ModelError(f"'{st}' is missing; the artifact is incomplete, re-run the stage that makes it")
+    model = build(spec)
+    if spec.get("widths"):
+        from slimvit.prune import apply_widths
+
+        apply_widths(model, spec["widths"])
+    try:
+        sd = load_file(str(st))
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"cannot read '{st}' ({e}); the file is corrupt, re-run the stage") from None
+    own = model.state_dict()
+    bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    missing = [k for k in own if k not in sd]
+    if bad or missing:
+        what = (
+            f"{bad[0]}: saved {tuple(sd[bad[0]].shape)}, model.json widths give {tuple(own[bad[0]].shape)}"
+            if bad
+            else f"missing {missing[0]}"
+        )
+        raise ModelError(
+            f"'{st}' does not match '{p}/model.json' ({what}); the widths recorded do not fit the weights"
+        )
+    model.load_state_dict(sd)
+    model.eval()
+    return model, spec
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
