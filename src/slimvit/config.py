@@ -110,8 +110,11 @@ class TrainConfig:
     """Keep an exponential moving average of the weights and select/evaluate on it."""
     ema_decay: float = 0.998
     """Decay of the EMA per step."""
-    precision: str = "bf16"
-    """Autocast precision: `no`, `bf16`, or `fp16` (fp16 only on GPU)."""
+    precision: str = "no"
+    """Autocast precision: `no`, `bf16`, or `fp16` (fp16 only on GPU). bf16 pays only on CPUs with
+    native bf16 (AVX-512 BF16 / AMX); on AVX2-only CPUs it is emulated and many times slower."""
+    channels_last: bool = True
+    """Train in channels-last memory format (faster convolutions with oneDNN/cuDNN)."""
     crop: str = "pad"
     """Spatial augmentation: `pad` (pad-and-crop), `rrc` (random resized crop), or `none`."""
     crop_padding: int = 8

@@ -18,7 +18,9 @@ def metrics_from_predictions(pred: np.ndarray, labels: np.ndarray, classes: list
     predicted = cm.sum(0)
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0
+    )
     present = support > 0
     return {
         "n": int(len(labels)),

@@ -26,7 +26,9 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int = 0) -> np.ndarr
     return out
 
 
-def torch_latency_ms(model, input_size: tuple[int, int, int], threads: int, runs: int = 50, warmup: int = 10) -> dict:
+def torch_latency_ms(
+    model, input_size: tuple[int, int, int], threads: int, runs: int = 50, warmup: int = 10
+) -> dict:
     """Batch-1 eager FP32 latency of a PyTorch model: p50/p90 in ms."""
     import torch
 

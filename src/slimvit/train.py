@@ -1,0 +1,415 @@
+"""The one training loop: teacher, student, no-distillation ablation and post-pruning fine-tuning.
+
+Hugging Face Accelerate handles the device and the processes, so the same code runs on CPU, one
+GPU, or several (``accelerate launch`` / ``torchrun``). Autocast (bf16/fp16) is applied here
+rather than through Accelerate's global state, so stages with different settings can run in one
+process.
+
+Each epoch ends with an atomic checkpoint in ``out_dir/last/`` (weights as safetensors, optimizer
+and schedule state loadable with ``weights_only=True``), so an interrupted run resumes at the next
+epoch with the same data order and augmentations: both are seeded from (seed, epoch, rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimvit import models
+from slimvit.config import DistillConfig, TrainConfig
+from slimvit.data import Data, EvalDataset, TrainDataset
+from slimvit.distill import cross_entropy, make_loss
+from slimvit.errors import ConfigError, ModelError
+from slimvit.io import append_jsonl, atomic_path, atomic_write_json, read_jsonl
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+
+
+def make_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "no":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a GPU; on a CPU use bf16 or no")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    """Linear warm-up, then cosine decay to `min_ratio` of the peak."""
+
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return fn
+
+
+def _epoch_batches(n: int, batch: int, seed: int, epoch: int, rank: int, world: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    per_rank = batch // world
+    usable = (n // batch) * batch if n >= batch else n  # full global batches keep ranks in step
+    perm = perm[:usable]
+    mine = perm[rank::world]
+    return [mine[i : i + per_rank] for i in range(0, len(mine), max(1, per_rank))]
+
+
+def _save_checkpoint(out_dir: Path, model: nn.Module, spec: dict, state: dict) -> None:
+    last = out_dir / "last"
+    models.save(model, spec, last)
+    with atomic_path(last / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(out_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load_file
+
+    last = out_dir / "last"
+    try:
+        state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
+        weights = load_file(str(last / "model.safetensors"))
+    except FileNotFoundError:
+        raise ModelError(f"no checkpoint to resume in '{last}'; run the stage without --resume") from None
+    except Exception as e:
+        raise ModelError(
+            f"the checkpoint in '{last}' is corrupt ({e}); run the stage without --resume"
+        ) from None
+    return weights, state
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, ds: EvalDataset, batch: int, device, precision: str) -> tuple[float, float]:
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(ds), batch):
+        x, y = ds.x[i : i + batch].to(device), ds.labels[i : i + batch].to(device)
+        with autocast_context(precision, device):
+            out = model(x)
+        if isinstance(out, (tuple, list)):
+            out = (out[0] + out[1]) / 2
+        loss_sum += float(cross_entropy(out, y)) * len(y)
+        correct += int((out.argmax(-1) == y).sum())
+    return correct / max(1, len(ds)), loss_sum / max(1, len(ds))
+
+
+def fit(
+    model: nn.Module,
+    spec: dict,
+    data: Data,
+    tcfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    epochs: int,
+    lr: float,
+    teacher: nn.Module | None = None,
+    distill_cfg: DistillConfig | None = None,
+    resume: bool | str = False,
+    desc: str = "train",
+) -> tuple[nn.Module, dict]:
+    """Train `model` and keep the best epoch by validation accuracy (ties: lower val loss).
+
+    Args:
+        spec: the model's artifact description (models.make_spec), saved with every checkpoint.
+        out_dir: stage folder; receives model.safetensors/json (best), last/, metrics.jsonl, train.json.
+        teacher: eval-mode teacher for distillation; required unless the loss is `none`.
+        resume: True continues from out_dir/last (error if absent), "auto" continues if present.
+
+    Returns:
+        The model with the best weights loaded (in eval mode) and the summary written to train.json.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    loss_name = "none" if distill_cfg is None else distill_cfg.loss
+    if loss_name != "none" and teacher is None:
+        raise ModelError(f"distillation loss '{loss_name}' needs a teacher")
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    acc = make_accelerator()
+    device, rank, world = acc.device, acc.process_index, acc.num_processes
+    if tcfg.batch_size % world:
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {world} processes")
+    torch.manual_seed(tcfg.seed)
+
+    mean, std = spec["mean"], spec["std"]
+    train_ds = TrainDataset(*data.arrays("train"), mean, std, tcfg)
+    val_ds = EvalDataset(*data.arrays("val"), mean, std)
+    steps_per_epoch = len(_epoch_batches(len(train_ds), tcfg.batch_size, 0, 0, 0, world))
+    total_steps = max(1, epochs * steps_per_epoch)
+
+    if loss_name == "token":
+        model.set_distilled_training(True)
+    import timm.optim
+
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=tcfg.weight_decay)
+    warmup = int(tcfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup, tcfg.min_lr_ratio)
+    )
+    ema = None
+    if tcfg.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=tcfg.ema_decay)
+
+    start_epoch, best, elapsed = 0, {"val_acc": -1.0, "val_loss": float("inf"), "epoch": -1}, 0.0
+    has_ckpt = (out_dir / "last" / STATE_FILE).exists()
+    if resume is True or (resume == "auto" and has_ckpt):
+        weights, state = _load_checkpoint(out_dir)
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.module.load_state_dict(state["ema"])
+        start_epoch, best, elapsed = int(state["epoch"]) + 1, dict(state["best"]), float(state["seconds"])
+        if state.get("epochs") != epochs:
+            raise ConfigError(
+                f"the checkpoint in '{out_dir / 'last'}' was made for {state.get('epochs')} epochs, not {epochs}; "
+                "run the stage without --resume (or --force) to start over"
+            )
+        log.info("%s: resuming at epoch %d/%d", desc, start_epoch + 1, epochs)
+    elif acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (out_dir / "train.json").unlink(missing_ok=True)
+    if acc.is_main_process and start_epoch:
+        kept = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r.get("epoch", 0) <= start_epoch]
+        with atomic_path(out_dir / "metrics.jsonl") as tmp:
+            tmp.write_text("".join(__import__("json").dumps(r) + "\n" for r in kept))
+
+    mem_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=mem_format)
+    model, optimizer = acc.prepare(model, optimizer)
+    if teacher is not None and loss_name != "none":
+        teacher = teacher.to(device, memory_format=mem_format).eval()
+    loss_fn = make_loss(distill_cfg if loss_name != "none" else None, tcfg.label_smoothing)
+    mixup = None
+    if tcfg.mixup > 0 or tcfg.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup = Mixup(
+            mixup_alpha=tcfg.mixup,
+            cutmix_alpha=tcfg.cutmix,
+            label_smoothing=tcfg.label_smoothing,
+            num_classes=len(data.classes),
+        )
+    show_bar = acc.is_main_process and sys.stderr.isatty()
+
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        model.train()
+        torch.manual_seed(tcfg.seed * 1_000_003 + epoch * 101 + rank)  # augmentations of this epoch
+        batches = _epoch_batches(len(train_ds), tcfg.batch_size, tcfg.seed, epoch, rank, world)
+        sums = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
+        seen, correct = 0, 0
+        bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", disable=not show_bar, leave=False)
+        for idx in bar:
+            items = [train_ds[int(i)] for i in idx]
+            x = torch.stack([it[0] for it in items]).to(device).contiguous(memory_format=mem_format)
+            y = torch.stack([it[1] for it in items]).to(device)
+            target = y
+            if mixup is not None and len(y) % 2 == 0:
+                x, target = mixup(x, y)
+            with autocast_context(tcfg.precision, device):
+                out = model(x)
+                t_logits = None
+                if loss_name != "none":
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                parts = loss_fn(out, t_logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            acc.backward(parts["loss"])
+            if tcfg.grad_clip > 0:
+                acc.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(acc.unwrap_model(model))
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            n = len(y)
+            seen += n
+            correct += int((logits.argmax(-1) == y).sum())
+            for k in sums:
+                sums[k] += float(parts[k].detach()) * n
+            if show_bar:
+                bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}")
+        # Average the epoch's training statistics over processes.
+        stats = torch.tensor(
+            [sums["loss"], sums["task_loss"], sums["kd_loss"], correct, seen],
+            dtype=torch.float64,
+            device=device,
+        )
+        stats = acc.reduce(stats, reduction="sum") if world > 1 else stats
+        eval_model = ema.module if ema is not None else acc.unwrap_model(model)
+        val_acc, val_loss = _validate(eval_model, val_ds, 256, device, tcfg.precision)
+        elapsed += time.perf_counter() - t0
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(stats[0] / stats[4]),
+            "train_acc": float(stats[3] / stats[4]),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": float(scheduler.get_last_lr()[0]),
+            "seconds": time.perf_counter() - t0,
+        }
+        if loss_name != "none":
+            row.update(task_loss=float(stats[1] / stats[4]), kd_loss=float(stats[2] / stats[4]))
+        improved = (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"])
+        if improved:
+            best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
+        if acc.is_main_process:
+            unwrapped = acc.unwrap_model(model)
+            if improved:
+                models.save(eval_model, spec, out_dir)
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "epochs": epochs,
+                "best": best,
+                "seconds": elapsed,
+            }
+            if ema is not None:
+                state["ema"] = ema.module.state_dict()
+            _save_checkpoint(out_dir, unwrapped, spec, state)
+            append_jsonl(out_dir / "metrics.jsonl", row)
+            log.info(
+                "%s %d/%d  loss %.4f  train acc %.4f  val acc %.4f  val loss %.4f  %.1fs%s",
+                desc,
+                epoch + 1,
+                epochs,
+                row["train_loss"],
+                row["train_acc"],
+                val_acc,
+                val_loss,
+                row["seconds"],
+                "  *" if improved else "",
+            )
+        acc.wait_for_everyone()
+
+    summary = {
+        "best_epoch": best["epoch"],
+        "best_val_acc": best["val_acc"],
+        "best_val_loss": best["val_loss"],
+        "epochs": epochs,
+        "seconds": elapsed,
+        "distill": loss_name,
+        "processes": world,
+        "precision": tcfg.precision,
+    }
+    model = acc.unwrap_model(model)
+    if loss_name == "token":
+        model.set_distilled_training(False)
+    if acc.is_main_process:
+        atomic_write_json(out_dir / "train.json", summary)
+    acc.wait_for_everyone()
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(out_dir / "model.safetensors")))
+    model.eval()
+    return model, summary
+
+
+def seconds_per_epoch(rows: list[dict]) -> float:
+    return float(np.median([r["seconds"] for r in rows])) if rows else float("nan")
+
+
+# --------------------------------------------------------------------------- stages
+
+ROLES = ("teacher", "student", "student_nokd")
+
+
+def _role_spec(cfg, role: str, data: Data) -> tuple[dict, bool, str | None]:
+    m = cfg.model
+    if role == "teacher":
+        spec = models.make_spec(
+            m.teacher, len(data.classes), data.classes, data.img_size, "patch", m.teacher_kwargs
+        )
+        return spec, m.teacher_pretrained, m.teacher_weights
+    spec = models.make_spec(
+        m.student, len(data.classes), data.classes, data.img_size, m.student_stem, m.student_kwargs
+    )
+    return spec, m.student_pretrained, m.student_weights
+
+
+def load_teacher(run_dir: Path, classes: list[str]) -> nn.Module:
+    path = Path(run_dir) / "teacher"
+    if not (path / "train.json").exists():
+        raise ModelError(f"no trained teacher in '{path}'; run `slimvit teacher` (or `slimvit run`) first")
+    teacher, spec = models.load(path)
+    if spec["num_classes"] != len(classes) or spec["classes"] != list(classes):
+        raise ModelError(
+            f"the teacher in '{path}' predicts {spec['num_classes']} classes {spec['classes']}, "
+            f"the data has {len(classes)} {classes}; retrain the teacher on this dataset (slimvit teacher --force)"
+        )
+    return teacher
+
+
+def train_role(cfg, run_dir: Path, role: str, data: Data | None = None, resume: bool | str = False) -> dict:
+    """Train the teacher, the distilled student, or the student without distillation; evaluate on test."""
+    from slimvit.data import load_data
+    from slimvit.evaluate import evaluate_model
+
+    run_dir = Path(run_dir)
+    data = data or load_data(cfg.data, run_dir)
+    spec, pretrained, weights = _role_spec(cfg, role, data)
+    torch.manual_seed(cfg.train.seed)
+    model = models.create(spec, pretrained=pretrained, weights=weights)
+    teacher, distill_cfg = None, None
+    if role == "student" and cfg.distill.loss != "none":
+        teacher, distill_cfg = load_teacher(run_dir, data.classes), cfg.distill
+    t = cfg.train
+    epochs, lr = (t.teacher_epochs, t.teacher_lr) if role == "teacher" else (t.epochs, t.lr)
+    log.info(
+        "%s: %s (%.2fM params), %d epochs, distillation: %s",
+        role,
+        spec["name"],
+        models.count_params(model) / 1e6,
+        epochs,
+        distill_cfg.loss if distill_cfg else "none",
+    )
+    model, summary = fit(
+        model,
+        spec,
+        data,
+        t,
+        run_dir / role,
+        epochs=epochs,
+        lr=lr,
+        teacher=teacher,
+        distill_cfg=distill_cfg,
+        resume=resume,
+        desc=role,
+    )
+    metrics = evaluate_model(model, data, spec, "test")
+    atomic_write_json(run_dir / role / "eval.json", metrics)
+    log.info(
+        "%s: test accuracy %.4f, macro-F1 %.4f (best epoch %d)",
+        role,
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        summary["best_epoch"],
+    )
+    return {**summary, "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"]}
+
+
+def run_teacher(cfg, run_dir: Path, data: Data | None = None, resume: bool | str = False) -> dict:
+    return train_role(cfg, run_dir, "teacher", data, resume)

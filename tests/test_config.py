@@ -1,0 +1,73 @@
+import dataclasses
+
+import pytest
+
+from slimvit.config import Config, load_config, preset_names, read_config, save_config
+from slimvit.errors import ConfigError
+
+
+def test_presets_exist_and_validate():
+    assert {"neu-det", "smoke", "reference"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(name)
+        assert cfg.preset == name
+    ref = load_config("reference")
+    assert ref.model.teacher == "vit_base_patch16_224" and ref.data.img_size == 224
+    assert ref.model.teacher_pretrained and ref.model.student_pretrained
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load_config("smoke", overrides=["prune.sweep=[0.1, 0.5]", "model.student_kwargs={depth: 3}"])
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    save_config(cfg, tmp_path / "config.yaml")
+    assert read_config(tmp_path / "config.yaml") == cfg
+
+
+def test_frozen():
+    cfg = load_config("neu-det")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3
+
+
+def test_overrides_and_types(tmp_path):
+    user = tmp_path / "my.yaml"
+    user.write_text("train:\n  epochs: 7\n  lr: 0.002\n")
+    cfg = load_config("neu-det", user, ["train.epochs=9", "distill.loss=hard", "data.split=[0.8, 0.1, 0.1]"])
+    assert cfg.train.epochs == 9  # --set wins over the file
+    assert cfg.train.lr == 0.002  # the file wins over the preset
+    assert cfg.distill.loss == "hard"
+    assert cfg.data.split == (0.8, 0.1, 0.1)
+    assert cfg.model.teacher == "resnet18"  # untouched preset value
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("train.epochz=3", r"unknown config key 'train.epochz'.*train.epochs"),
+        ("trian.epochs=3", r"unknown section 'trian'.*train"),
+        ("train.epochs=abc", r"train.epochs='abc' must be an integer"),
+        ("train.epochs=0", r"train.epochs=0 must be >= 1"),
+        ("prune.ratio=1.5", r"prune.ratio=1.5 must be in \(0, 1\)"),
+        ("distill.loss=magic", r"distill.loss='magic' is not one of"),
+        ("data.split=[0.5, 0.2, 0.2]", r"must sum to 1"),
+        ("train.epochs", r"must look like section.key=value"),
+        ("quantize.modes=[int4]", r"quantize.modes entry='int4'"),
+    ],
+)
+def test_bad_overrides(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("neu-det", overrides=[override])
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(ConfigError, match=r"unknown preset 'neu_det'.*Did you mean 'neu-det'"):
+        load_config("neu_det")
+
+
+def test_bad_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("neu-det", tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("neu-det", bad)
