@@ -142,7 +142,7 @@ def _cli(*args, cwd=None):
 def test_cli_data_on_real_dataset_is_stable(neu_det, tmp_path):
     r1 = _cli("data", "--data", str(neu_det), "--out", str(tmp_path / "r1"), "--set", "data.img_size=32")
     r2 = _cli("data", "--data", str(neu_det), "--out", str(tmp_path / "r2"), "--set", "data.img_size=32")
-    assert r1.returncode == 0, r1.stderr
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
     assert "1260/180/360" in r1.stdout and "1800" in r1.stdout
     assert (tmp_path / "r1" / "split.json").read_text() == (tmp_path / "r2" / "split.json").read_text()
     assert (tmp_path / "r1" / "config.yaml").exists()

@@ -37,7 +37,7 @@ def _check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
 class DataConfig:
     path: str | None = None
     """Dataset folder; None means $SLIMVIT_DATA or data/NEU-DET under the working directory."""
-    img_size: int = 128
+    img_size: int = 96
     """Square input size in pixels; every model of a run uses the same one."""
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)
     """Train/val/test fractions of each class (stratified)."""

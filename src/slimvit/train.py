@@ -289,8 +289,9 @@ def fit(
             }
             if ema is not None:
                 state["ema"] = ema.module.state_dict()
-            _save_checkpoint(out_dir, unwrapped, spec, state)
+            # Metrics first: a resume drops rows past the checkpoint, so a crash between the two is safe.
             append_jsonl(out_dir / "metrics.jsonl", row)
+            _save_checkpoint(out_dir, unwrapped, spec, state)
             log.info(
                 "%s %d/%d  loss %.4f  train acc %.4f  val acc %.4f  val loss %.4f  %.1fs%s",
                 desc,
@@ -315,7 +316,7 @@ def fit(
         "processes": world,
         "precision": tcfg.precision,
     }
-    model = acc.unwrap_model(model)
+    model = acc.unwrap_model(model).to(memory_format=torch.contiguous_format)
     if loss_name == "token":
         model.set_distilled_training(False)
     if acc.is_main_process:

@@ -1,0 +1,62 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimvit.config import DistillConfig
+from slimvit.distill import LOSSES, make_loss, soft_kd
+from slimvit.errors import ConfigError
+
+S = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+T = torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 4.0]])
+Y = torch.tensor([0, 1])
+
+
+def _ce(logits, y):
+    return float(-torch.log_softmax(logits, -1)[torch.arange(len(y)), y].mean())
+
+
+def test_registry_has_all_losses():
+    assert set(LOSSES) == {"none", "soft", "hard", "token"}
+
+
+def test_soft_kd_matches_hand_computation():
+    t = 2.0
+    p = torch.softmax(T / t, -1)
+    log_q = torch.log_softmax(S / t, -1)
+    expected = float((p * (torch.log(p) - log_q)).sum(-1).mean()) * t * t
+    assert math.isclose(float(soft_kd(S, T, t)), expected, rel_tol=1e-5)
+    assert float(soft_kd(T, T, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_soft_loss_mixes_with_alpha():
+    cfg = DistillConfig(loss="soft", alpha=0.7, temperature=2.0)
+    parts = make_loss(cfg, label_smoothing=0.0)(S, T, Y)
+    assert set(parts) == {"loss", "task_loss", "kd_loss"}
+    assert float(parts["task_loss"]) == pytest.approx(_ce(S, Y), rel=1e-5)
+    assert float(parts["kd_loss"]) == pytest.approx(float(soft_kd(S, T, 2.0)), rel=1e-5)
+    assert float(parts["loss"]) == pytest.approx(0.3 * _ce(S, Y) + 0.7 * float(soft_kd(S, T, 2.0)), rel=1e-5)
+
+
+def test_hard_loss_uses_teacher_argmax():
+    parts = make_loss(DistillConfig(loss="hard", alpha=0.5), 0.0)(S, T, Y)
+    assert float(parts["kd_loss"]) == pytest.approx(_ce(S, T.argmax(-1)), rel=1e-5)  # targets [1, 2]
+    assert float(parts["loss"]) == pytest.approx(
+        0.5 * _ce(S, Y) + 0.5 * _ce(S, torch.tensor([1, 2])), rel=1e-5
+    )
+
+
+def test_token_loss_splits_heads():
+    cls, dist = S, S.flip(-1)
+    parts = make_loss(DistillConfig(loss="token", alpha=0.5), 0.0)((cls, dist), T, Y)
+    assert float(parts["task_loss"]) == pytest.approx(_ce(cls, Y), rel=1e-5)
+    assert float(parts["kd_loss"]) == pytest.approx(_ce(dist, T.argmax(-1)), rel=1e-5)
+    with pytest.raises(ConfigError, match="distillation token"):
+        make_loss(DistillConfig(loss="token"), 0.0)(S, T, Y)
+
+
+def test_none_loss_and_label_smoothing():
+    parts = make_loss(None, label_smoothing=0.1)(S, None, Y)
+    assert float(parts["loss"]) == pytest.approx(float(F.cross_entropy(S, Y, label_smoothing=0.1)), rel=1e-5)
+    assert float(parts["kd_loss"]) == 0.0

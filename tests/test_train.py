@@ -1,0 +1,258 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimvit import models
+from slimvit.config import DistillConfig, TrainConfig
+from slimvit.data import Data, DatasetIndex, Sample
+from slimvit.errors import ModelError
+from slimvit.io import read_jsonl
+from slimvit.train import fit
+
+CLASSES = ["a", "b", "c"]
+TINY_VIT = {"depth": 2, "embed_dim": 48, "num_heads": 3}
+
+
+def synthetic_data(n_per_class: int = 24, size: int = 32, seed: int = 0) -> Data:
+    """Three visually distinct classes (dark, bright, striped) so a tiny model can learn them."""
+    rng = np.random.default_rng(seed)
+    images, labels, samples = [], [], []
+    for c in range(3):
+        for i in range(n_per_class):
+            img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            if c == 1:
+                img += 150
+            if c == 2:
+                img[:, ::4] = 255
+            images.append(img)
+            labels.append(c)
+            samples.append(Sample(f"{CLASSES[c]}/{i}.png", c))
+    idx = np.arange(len(labels))
+    split = {"train": [], "val": [], "test": []}
+    for c in range(3):
+        members = idx[np.asarray(labels) == c].tolist()
+        split["train"] += members[: int(0.6 * n_per_class)]
+        split["val"] += members[int(0.6 * n_per_class) : int(0.8 * n_per_class)]
+        split["test"] += members[int(0.8 * n_per_class) :]
+    index = DatasetIndex(Path("."), "synthetic", CLASSES, samples, [str(i) for i in idx])
+    return Data(index, split, np.stack(images), np.asarray(labels, dtype=np.int64), size)
+
+
+def tiny_student(size=32):
+    spec = models.make_spec("vit_tiny_patch16_224", 3, CLASSES, size, "conv", TINY_VIT)
+    torch.manual_seed(0)
+    return models.build(spec), spec
+
+
+FAST = TrainConfig(epochs=2, batch_size=16, lr=2e-3, warmup_epochs=0, crop_padding=2, threads=2)
+
+
+def test_loss_decreases_and_artifacts(tmp_path):
+    data = synthetic_data()
+    model, spec = tiny_student()
+    model, summary = fit(model, spec, data, FAST, tmp_path / "s", epochs=4, lr=2e-3)
+    rows = read_jsonl(tmp_path / "s" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert summary["best_val_acc"] == max(r["val_acc"] for r in rows)
+    assert summary["best_val_acc"] > 0.6  # three easy classes
+    for f in (
+        "model.safetensors",
+        "model.json",
+        "train.json",
+        "last/model.safetensors",
+        "last/train_state.pt",
+    ):
+        assert (tmp_path / "s" / f).exists(), f
+
+
+def test_checkpoint_round_trip_identical_outputs(tmp_path):
+    data = synthetic_data(n_per_class=8)
+    model, spec = tiny_student()
+    model, _ = fit(model, spec, data, FAST, tmp_path / "s", epochs=1, lr=1e-3)
+    loaded, spec2 = models.load(tmp_path / "s")
+    assert spec2["classes"] == CLASSES and spec2["stem"] == "conv"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_resume_continues_epoch_count_and_matches_uninterrupted(tmp_path):
+    data = synthetic_data(n_per_class=8)
+    cfg = dataclasses.replace(FAST, ema=False)
+    m_full, spec = tiny_student()
+    m_full, _ = fit(m_full, spec, data, cfg, tmp_path / "full", epochs=3, lr=1e-3)
+
+    # Interrupt: a hook raises right after epoch 2's checkpoint, as Ctrl-C between epochs would.
+    m_c, _ = tiny_student()
+    calls = {"n": 0}
+    import slimvit.train as train_mod
+
+    real_save = train_mod._save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    train_mod._save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(m_c, spec, data, cfg, tmp_path / "int", epochs=3, lr=1e-3)
+    finally:
+        train_mod._save_checkpoint = real_save
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "int" / "metrics.jsonl")] == [1, 2]
+    models.load(tmp_path / "int" / "last")  # the last checkpoint stays loadable
+    m_d, _ = tiny_student()
+    m_d, summary = fit(m_d, spec, data, cfg, tmp_path / "int", epochs=3, lr=1e-3, resume=True)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "int" / "metrics.jsonl")] == [1, 2, 3]
+    full_rows = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    res_rows = read_jsonl(tmp_path / "int" / "metrics.jsonl")
+    assert res_rows[-1]["train_loss"] == pytest.approx(full_rows[-1]["train_loss"], rel=1e-4)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m_d(x), m_full(x), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_without_checkpoint_or_corrupt(tmp_path):
+    data = synthetic_data(n_per_class=8)
+    model, spec = tiny_student()
+    with pytest.raises(ModelError, match="no checkpoint to resume"):
+        fit(model, spec, data, FAST, tmp_path / "none", epochs=1, lr=1e-3, resume=True)
+    fit(model, spec, data, FAST, tmp_path / "s", epochs=1, lr=1e-3)
+    (tmp_path / "s" / "last" / "train_state.pt").write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="corrupt"):
+        fit(model, spec, data, FAST, tmp_path / "s", epochs=1, lr=1e-3, resume=True)
+
+
+def test_distillation_needs_teacher_and_runs(tmp_path):
+    data = synthetic_data(n_per_class=8)
+    student, spec = tiny_student()
+    with pytest.raises(ModelError, match="needs a teacher"):
+        fit(
+            student,
+            spec,
+            data,
+            FAST,
+            tmp_path / "x",
+            epochs=1,
+            lr=1e-3,
+            distill_cfg=DistillConfig(loss="soft"),
+        )
+    t_spec = models.make_spec("resnet10t", 3, CLASSES, 32)
+    teacher = models.build(t_spec).eval()
+    _, summary = fit(
+        student,
+        spec,
+        data,
+        FAST,
+        tmp_path / "kd",
+        epochs=1,
+        lr=1e-3,
+        teacher=teacher,
+        distill_cfg=DistillConfig(loss="soft"),
+    )
+    row = read_jsonl(tmp_path / "kd" / "metrics.jsonl")[0]
+    assert summary["distill"] == "soft" and row["kd_loss"] > 0
+
+
+def test_distillation_token_student(tmp_path):
+    data = synthetic_data(n_per_class=8)
+    spec = models.make_spec("deit_tiny_distilled_patch16_224", 3, CLASSES, 32, "conv", TINY_VIT)
+    student = models.build(spec)
+    teacher = models.build(models.make_spec("resnet10t", 3, CLASSES, 32)).eval()
+    student, _ = fit(
+        student,
+        spec,
+        data,
+        FAST,
+        tmp_path / "tok",
+        epochs=1,
+        lr=1e-3,
+        teacher=teacher,
+        distill_cfg=DistillConfig(loss="token"),
+    )
+    out = student(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 3)  # eval: the two heads averaged
+
+
+def test_local_weights_file_and_offline_pretrained(tmp_path, monkeypatch):
+    spec = models.make_spec("resnet10t", 3, CLASSES, 32)
+    ref = models.build(spec)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    for f in ("w.safetensors", "w.pth"):
+        m = models.create(spec, weights=str(tmp_path / f))
+        assert all(
+            torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values(), strict=True)
+        )
+    wrong = models.make_spec("resnet10t", 5, list("abcde"), 32)
+    with pytest.raises(ModelError, match=r"does not fit the architecture.*fc.weight"):
+        models.create(wrong, weights=str(tmp_path / "w.safetensors"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="weights: FILE"):
+        models.create(spec, pretrained=True)
+
+
+def test_unknown_model_name_suggests():
+    with pytest.raises(ModelError, match="vit_tiny_patch16_224"):
+        models.make_spec("vit_tiny_patch16_22", 3, CLASSES, 32)
+
+
+DIST_SCRIPT = """
+import hashlib, json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_train import synthetic_data, tiny_student, FAST
+from slimvit.train import fit
+data = synthetic_data(n_per_class=8)
+model, spec = tiny_student()
+model, summary = fit(model, spec, data, FAST, {out!r}, epochs=2, lr=1e-3)
+flat = torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+digests = [None] * dist.get_world_size()
+dist.all_gather_object(digests, digest)
+if dist.get_rank() == 0:
+    open({result!r}, "w").write(json.dumps({{"digests": digests, "world": dist.get_world_size(),
+                                            "processes": summary["processes"]}}))
+"""
+
+
+def test_two_process_cpu_training(tmp_path):
+    script = tmp_path / "dist_train.py"
+    out, result = tmp_path / "run", tmp_path / "result.json"
+    script.write_text(DIST_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), result=str(result)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(result.read_text())
+    assert res["world"] == 2 and res["processes"] == 2
+    assert res["digests"][0] == res["digests"][1]  # ranks hold identical weights
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]  # written once (rank 0), not once per rank
+    leftovers = [p.name for p in out.rglob("*.tmp")]
+    assert not leftovers
