@@ -29,7 +29,7 @@ import numpy as np
 
 from slimvit.config import DataConfig
 from slimvit.errors import DataError
-from slimvit.io import atomic_write_json, read_json
+from slimvit.io import atomic_write_json, is_main_process, read_json
 from slimvit.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 
 log = logging.getLogger(__name__)
@@ -243,8 +243,8 @@ def load_or_create_split(index: DatasetIndex, cfg: DataConfig, run_dir: Path | N
                 "use another --out or delete split.json to make a new split"
             )
         return split
-    split = make_split(index, cfg.split, cfg.seed)
-    if path is not None:
+    split = make_split(index, cfg.split, cfg.seed)  # deterministic: every rank computes the same
+    if path is not None and is_main_process():
         atomic_write_json(
             path,
             {

@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun / accelerate launch), or a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""

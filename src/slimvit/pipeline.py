@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimvit.errors import ConfigError, SlimvitError
-from slimvit.io import atomic_write_json, read_json
+from slimvit.io import atomic_write_json, is_main_process, read_json
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def _run_data(cfg, run_dir: Path, data, **_):
     from slimvit.data import describe
 
     info = describe(data)
-    atomic_write_json(run_dir / "data.json", info)
+    if is_main_process():
+        atomic_write_json(run_dir / "data.json", info)
     return {"images": info["images"], "split": info["split"]}
 
 
@@ -136,7 +137,8 @@ class Manifest:
         return self.data["stages"].setdefault(name, {})
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.data)
+        if is_main_process():
+            atomic_write_json(self.path, self.data)
 
     def outputs_exist(self, stage: Stage) -> bool:
         return all((self.run_dir / o).exists() for o in stage.outputs)

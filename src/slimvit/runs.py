@@ -6,6 +6,7 @@ from pathlib import Path
 
 from slimvit.config import Config, read_config, save_config
 from slimvit.errors import ConfigError
+from slimvit.io import is_main_process
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -46,5 +47,6 @@ def prepare_run_dir(cfg: Config, out: str | Path, force: bool = False) -> Path:
                 "use another --out, or add --force to redo the affected stages with the new config"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, path)
+    if is_main_process():
+        save_config(cfg, path)
     return run_dir

@@ -13,6 +13,7 @@ epoch with the same data order and augmentations: both are seeded from (seed, ep
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import sys
@@ -28,7 +29,7 @@ from slimvit.config import DistillConfig, TrainConfig
 from slimvit.data import Data, EvalDataset, TrainDataset
 from slimvit.distill import cross_entropy, make_loss
 from slimvit.errors import ConfigError, ModelError
-from slimvit.io import append_jsonl, atomic_path, atomic_write_json, read_jsonl
+from slimvit.io import append_jsonl, atomic_path, atomic_write_json, is_main_process, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def fit(
     if acc.is_main_process and start_epoch:
         kept = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r.get("epoch", 0) <= start_epoch]
         with atomic_path(out_dir / "metrics.jsonl") as tmp:
-            tmp.write_text("".join(__import__("json").dumps(r) + "\n" for r in kept))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     mem_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=mem_format)
@@ -401,7 +402,8 @@ def train_role(cfg, run_dir: Path, role: str, data: Data | None = None, resume: 
         desc=role,
     )
     metrics = evaluate_model(model, data, spec, "test")
-    atomic_write_json(run_dir / role / "eval.json", metrics)
+    if is_main_process():
+        atomic_write_json(run_dir / role / "eval.json", metrics)
     log.info(
         "%s: test accuracy %.4f, macro-F1 %.4f (best epoch %d)",
         role,
