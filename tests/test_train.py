@@ -258,3 +258,19 @@ def test_two_process_cpu_training(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]  # written once (rank 0), not once per rank
     leftovers = [p.name for p in out.rglob("*.tmp")]
     assert not leftovers
+
+
+def test_teacher_sees_its_own_normalisation(tmp_path):
+    """A teacher with ImageNet mean/std fed a student's 0.5/0.5 batch must produce its own logits."""
+    from slimvit.train import Renormalize
+
+    t_spec = models.make_spec("resnet10t", 3, CLASSES, 32)
+    s_spec = models.make_spec("vit_tiny_patch16_224", 3, CLASSES, 32, "conv", TINY_VIT)
+    assert t_spec["std"] != s_spec["std"]
+    teacher = models.build(t_spec).eval()
+    img = torch.rand(2, 3, 32, 32)
+    as_teacher = (img - torch.tensor(t_spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(t_spec["std"]).view(1, 3, 1, 1)
+    as_student = (img - torch.tensor(s_spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(s_spec["std"]).view(1, 3, 1, 1)
+    wrapped = Renormalize(teacher, s_spec["mean"], s_spec["std"], t_spec["mean"], t_spec["std"])
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(as_student), teacher(as_teacher), rtol=1e-4, atol=1e-5)

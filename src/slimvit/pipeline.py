@@ -224,7 +224,7 @@ def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
             manifest.reset(s)
         manifest.save()
     t_start = time.perf_counter()
-    data = load_data(cfg.data, run_dir)
+    data = None  # decoded only if some stage still has to run
     for i, stage in enumerate(stages, 1):
         if manifest.is_done(stage):
             log.info("[%d/%d] %s: done, skipped", i, len(stages), stage.name)
@@ -232,6 +232,7 @@ def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
             entry.setdefault("status", "done")
             continue
         resume = "auto" if stage.trains else False
+        data = data or load_data(cfg.data, run_dir)
         log.info(
             "[%d/%d] %s: running (elapsed %s)",
             i,

@@ -352,7 +352,28 @@ def _role_spec(cfg, role: str, data: Data) -> tuple[dict, bool, str | None]:
     return spec, m.student_pretrained, m.student_weights
 
 
-def load_teacher(run_dir: Path, classes: list[str]) -> nn.Module:
+class Renormalize(nn.Module):
+    """Feed a model inputs normalised for another one: x_dst = (x_src * std_src + mean_src - mean_dst) / std_dst.
+
+    The teacher and the student may come with different mean/std (ImageNet's for a ResNet, 0.5 for
+    timm's ViTs); the student's batch must be mapped back before the teacher sees it, or a
+    BatchNorm teacher sees a 2x rescaled input and its logits are noise.
+    """
+
+    def __init__(self, model: nn.Module, src_mean, src_std, dst_mean, dst_std) -> None:
+        super().__init__()
+        self.model = model
+        src_mean, src_std, dst_mean, dst_std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                                                for v in (src_mean, src_std, dst_mean, dst_std))
+        self.register_buffer("scale", src_std / dst_std, persistent=False)
+        self.register_buffer("shift", (src_mean - dst_mean) / dst_std, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.scale + self.shift)
+
+
+def load_teacher(run_dir: Path, classes: list[str], input_spec: dict | None = None) -> nn.Module:
+    """The trained teacher in eval mode; with `input_spec`, it accepts inputs normalised for that model."""
     path = Path(run_dir) / "teacher"
     if not (path / "train.json").exists():
         raise ModelError(f"no trained teacher in '{path}'; run `slimvit teacher` (or `slimvit run`) first")
@@ -362,6 +383,8 @@ def load_teacher(run_dir: Path, classes: list[str]) -> nn.Module:
             f"the teacher in '{path}' predicts {spec['num_classes']} classes {spec['classes']}, "
             f"the data has {len(classes)} {classes}; retrain the teacher on this dataset (slimvit teacher --force)"
         )
+    if input_spec is not None and (input_spec["mean"], input_spec["std"]) != (spec["mean"], spec["std"]):
+        teacher = Renormalize(teacher, input_spec["mean"], input_spec["std"], spec["mean"], spec["std"]).eval()
     return teacher
 
 
@@ -377,7 +400,7 @@ def train_role(cfg, run_dir: Path, role: str, data: Data | None = None, resume: 
     model = models.create(spec, pretrained=pretrained, weights=weights)
     teacher, distill_cfg = None, None
     if role == "student" and cfg.distill.loss != "none":
-        teacher, distill_cfg = load_teacher(run_dir, data.classes), cfg.distill
+        teacher, distill_cfg = load_teacher(run_dir, data.classes, input_spec=spec), cfg.distill
     t = cfg.train
     epochs, lr = (t.teacher_epochs, t.teacher_lr) if role == "teacher" else (t.epochs, t.lr)
     log.info(

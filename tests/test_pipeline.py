@@ -1,0 +1,108 @@
+"""The `smoke` preset end to end on the real NEU-DET copy, then skip / force / resume behaviour."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slimvit import pipeline
+from slimvit.config import load_config
+from slimvit.errors import ConfigError
+from slimvit.runs import prepare_run_dir
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "slimvit", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(neu_det, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    t0 = time.perf_counter()
+    r = _cli("run", "--preset", "smoke", "--data", str(neu_det), "--out", str(out))
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out, seconds, r
+
+
+def test_smoke_end_to_end(smoke_run):
+    out, seconds, _ = smoke_run
+    assert seconds < 180, f"smoke pipeline took {seconds:.0f}s"
+    report = (out / "REPORT.md").read_text()
+    for section in ("Environment", "Dataset", "Stage", "Distillation", "Pruning", "Conclusions"):
+        assert section.lower() in report.lower(), section
+    plots = sorted((out / "plots").glob("*.png"))
+    assert len(plots) >= 4
+    for p in plots:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
+        assert f"plots/{p.name}" in report  # every plot is shown in the report
+    bench = json.loads((out / "bench.json").read_text())
+    rows = bench["rows"]
+    assert sum(r["reference"] for r in rows) == 1 and sum(r["deployed"] for r in rows) == 1
+    have = {(r["stage"], r["runtime"], r["precision"]) for r in rows}
+    for need in [("teacher", "pytorch", "fp32"), ("student", "pytorch", "fp32"), ("pruned", "pytorch", "fp32"),
+                 ("pruned", "onnxruntime", "fp32"), ("pruned", "onnxruntime", "fp16"),
+                 ("pruned", "onnxruntime", "int8-dynamic"), ("pruned", "onnxruntime", "int8-static")]:
+        assert need in have, need
+    for r in rows:
+        assert r["file"] and (out / r["file"]).exists()
+        assert 0 <= r["accuracy"] <= 1 and r["latency_ms_p50"] > 0 and r["size_mb"] > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+    assert (out / "deploy" / "model.onnx").exists()
+
+
+def test_second_run_skips_every_stage(smoke_run):
+    out, _, _ = smoke_run
+    before = (out / "bench.json").stat().st_mtime_ns
+    r = _cli("run", "--preset", "smoke", "--out", str(out), "--data", json.loads((out / "data.json").read_text())["root"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    skipped = [line for line in r.stderr.splitlines() if "done, skipped" in line]
+    assert len(skipped) == len(pipeline.enabled_stages(load_config("smoke")))
+    assert "running" not in r.stderr
+    assert (out / "bench.json").stat().st_mtime_ns == before
+
+
+def test_changed_config_is_refused(smoke_run):
+    out, _, _ = smoke_run
+    cfg = load_config("smoke", overrides=["train.epochs=3"])
+    with pytest.raises(ConfigError, match=r"different config \(train.epochs: 1 -> 3\)"):
+        prepare_run_dir(cfg, out)
+
+
+def test_failed_stage_is_recorded_and_resumed(smoke_run, tmp_path, monkeypatch):
+    """A stage failing mid-run is marked failed; the next run starts there and skips the rest."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_run[0], out)
+    cfg = load_config("smoke", overrides=[f"data.path={json.loads((out / 'data.json').read_text())['root']}"])
+    original = pipeline.RUNNERS["quantize"]
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setitem(pipeline.RUNNERS, "quantize", broken)
+    with pytest.raises(RuntimeError):
+        pipeline.run_pipeline(cfg, out, force="quantize")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["quantize"]["status"] == "failed"
+    assert "disk full" in manifest["stages"]["quantize"]["error"]
+    assert manifest["stages"]["export"]["status"] == "done"
+
+    calls = []
+    monkeypatch.setitem(pipeline.RUNNERS, "quantize", lambda *a, **k: calls.append("q") or original(*a, **k))
+    for name in ("teacher", "distill", "ablation", "prune", "export"):
+        monkeypatch.setitem(pipeline.RUNNERS, name, lambda *a, n=name, **k: pytest.fail(f"{n} re-ran"))
+    assert pipeline.run_pipeline(cfg, out) == 0
+    assert calls == ["q"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+
+
+def test_stage_command_without_prerequisite(tmp_path, neu_det):
+    r = _cli("prune", "--preset", "smoke", "--data", str(neu_det), "--out", str(tmp_path / "r"))
+    assert r.returncode == 2
+    assert "slimvit distill" in r.stderr and "Traceback" not in r.stderr
