@@ -274,3 +274,17 @@ def test_teacher_sees_its_own_normalisation(tmp_path):
     wrapped = Renormalize(teacher, s_spec["mean"], s_spec["std"], t_spec["mean"], t_spec["std"])
     with torch.no_grad():
         torch.testing.assert_close(wrapped(as_student), teacher(as_teacher), rtol=1e-4, atol=1e-5)
+
+
+def test_select_initial_keeps_starting_weights_when_training_hurts(tmp_path):
+    """Fine-tuning with select_initial can never end below where it started on validation."""
+    data = synthetic_data()
+    model, spec = tiny_student()
+    model, _ = fit(model, spec, data, FAST, tmp_path / "s", epochs=4, lr=2e-3)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = dataclasses.replace(FAST, grad_clip=0.0, label_smoothing=0.0)
+    tuned, summary = fit(model, spec, data, bad, tmp_path / "ft", epochs=2, lr=0.9, select_initial=True)
+    rows = read_jsonl(tmp_path / "ft" / "metrics.jsonl")
+    assert all(r["val_acc"] < summary["best_val_acc"] for r in rows)  # lr 0.9 wrecks the model
+    assert summary["best_epoch"] == 0
+    assert all(torch.equal(tuned.state_dict()[k], start[k]) for k in start)

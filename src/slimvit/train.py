@@ -124,6 +124,7 @@ def fit(
     distill_cfg: DistillConfig | None = None,
     resume: bool | str = False,
     desc: str = "train",
+    select_initial: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Train `model` and keep the best epoch by validation accuracy (ties: lower val loss).
 
@@ -132,6 +133,8 @@ def fit(
         out_dir: stage folder; receives model.safetensors/json (best), last/, metrics.jsonl, train.json.
         teacher: eval-mode teacher for distillation; required unless the loss is `none`.
         resume: True continues from out_dir/last (error if absent), "auto" continues if present.
+        select_initial: the weights `model` starts with compete as "epoch 0" for the best checkpoint
+            (fine-tuning: training cannot end worse on validation than where it started).
 
     Returns:
         The model with the best weights loaded (in eval mode) and the summary written to train.json.
@@ -199,6 +202,12 @@ def fit(
     mem_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=mem_format)
     model, optimizer = acc.prepare(model, optimizer)
+    if select_initial and start_epoch == 0:
+        val_acc, val_loss = _validate(acc.unwrap_model(model), val_ds, 256, device, tcfg.precision)
+        best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": 0}
+        if acc.is_main_process:
+            models.save(acc.unwrap_model(model), spec, out_dir)
+        log.info("%s 0/%d  (initial weights)  val acc %.4f  val loss %.4f", desc, epochs, val_acc, val_loss)
     if teacher is not None and loss_name != "none":
         teacher = teacher.to(device, memory_format=mem_format).eval()
     loss_fn = make_loss(distill_cfg if loss_name != "none" else None, tcfg.label_smoothing)

@@ -1,0 +1,319 @@
+"""`slimvit bench`: size, params, MACs, accuracy, latency and throughput of every artifact of a run.
+
+All variants are measured in one process with the same thread count, after a warm-up, in
+interleaved rounds (each round times every variant once), so a noisy neighbour or a clock change
+hits every variant alike; the reported latency is the median (and p90) over all rounds. Inputs
+are made before the timed region. Accuracy is measured again here on the full test split, for
+PyTorch and ONNX Runtime alike, through the same numpy preprocessing that `slimvit predict` uses.
+
+The deployed model is the fastest pruned ONNX variant whose test accuracy is within
+`quantize.accuracy_tolerance` points of the pruned FP32 ONNX model; it is copied to
+`deploy/model.onnx`, and `slimvit predict` is run on the test images with it as a final check.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slimvit.errors import ModelError
+from slimvit.io import atomic_path, atomic_write_json, atomic_write_text, is_main_process, read_json
+
+log = logging.getLogger(__name__)
+
+ROW_KEYS = (
+    "stage",
+    "runtime",
+    "precision",
+    "reference",
+    "deployed",
+    "file",
+    "size_mb",
+    "params",
+    "macs",
+    "accuracy",
+    "macro_f1",
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "throughput_ips",
+    "gmacs_per_s",
+)
+
+
+@dataclass
+class Variant:
+    """One artifact to measure: how to run it at batch 1 and batch B, and what it is."""
+
+    stage: str
+    runtime: str
+    precision: str
+    file: str
+    params: int
+    macs: int
+    predict: Callable[[np.ndarray], np.ndarray]
+    """float32 (N, 3, H, W) -> logits (N, classes)."""
+    reference: bool = False
+    times: list[float] = field(default_factory=list)
+    batch_times: list[float] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}/{self.runtime}/{self.precision}"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _torch_variant(run_dir: Path, stage: str, threads: int, reference: bool = False) -> Variant:
+    import torch
+
+    from slimvit import models
+    from slimvit.prune import count_macs_params
+
+    model, spec = models.load(run_dir / stage)
+    macs, params = count_macs_params(model, spec["input_size"])
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(x))
+            if isinstance(out, (tuple, list)):
+                out = (out[0] + out[1]) / 2
+            return out.numpy()
+
+    return Variant(
+        stage, "pytorch", "fp32", f"{stage}/model.safetensors", params, macs, predict, reference=reference
+    )
+
+
+def _onnx_variant(run_dir: Path, rel: str, stage: str, precision: str, params: int, macs: int, threads: int):
+    from slimvit import runtime
+
+    sess = runtime.session(run_dir / rel, threads)
+    name = sess.get_inputs()[0].name
+    return Variant(stage, "onnxruntime", precision, rel, params, macs, lambda x: sess.run(None, {name: x})[0])
+
+
+def collect_variants(run_dir: Path, threads: int) -> list[Variant]:
+    """Every artifact of the run: PyTorch teacher/student/pruned, their ONNX exports, the quantized variants."""
+    run_dir = Path(run_dir)
+    for need, cmd in (("onnx/export.json", "slimvit export"), ("onnx/quantize.json", "slimvit quantize")):
+        if not (run_dir / need).exists():
+            raise ModelError(f"no '{run_dir / need}'; run `{cmd}` (or `slimvit run`) first")
+    out = [_torch_variant(run_dir, s, threads, reference=(s == "student")) for s in ("teacher", "student", "pruned")]
+    sizes = {v.stage: (v.params, v.macs) for v in out}
+    exported = read_json(run_dir / "onnx" / "export.json")
+    for stage, info in exported.items():
+        out.append(_onnx_variant(run_dir, info["file"], stage, "fp32", *sizes[stage], threads))
+    for mode, info in read_json(run_dir / "onnx" / "quantize.json").items():
+        if mode != "fp32":
+            out.append(_onnx_variant(run_dir, info["file"], "pruned", mode, *sizes["pruned"], threads))
+    return out
+
+
+def measure(variants: list[Variant], input_size, bcfg, progress: bool = True) -> None:
+    """Batch-1 latency and batch-B throughput of every variant, in interleaved rounds."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from slimvit.timing import time_calls
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(bcfg.threads)
+    rng = np.random.default_rng(0)
+    x1 = rng.standard_normal((1, *input_size), dtype=np.float32)
+    xb = rng.standard_normal((bcfg.throughput_batch, *input_size), dtype=np.float32)
+    per_round = max(1, -(-bcfg.runs // bcfg.rounds))
+    try:
+        for v in variants:
+            time_calls(lambda v=v: v.predict(x1), 0, bcfg.warmup)
+            v.predict(xb)
+        bar = tqdm(range(bcfg.rounds), desc="bench rounds", disable=not progress, leave=False)
+        for _ in bar:
+            for v in variants:
+                v.times += time_calls(lambda v=v: v.predict(x1), per_round).tolist()
+                v.batch_times += time_calls(lambda v=v: v.predict(xb), bcfg.throughput_runs).tolist()
+                time.sleep(0.02)  # let the previous runtime's spinning threads go idle
+    finally:
+        torch.set_num_threads(prev)
+
+
+def row(v: Variant, metrics: dict, size_mb: float, batch: int) -> dict:
+    t = np.asarray(v.times)
+    p50 = float(np.median(t))
+    return {
+        "stage": v.stage,
+        "runtime": v.runtime,
+        "precision": v.precision,
+        "reference": v.reference,
+        "deployed": False,
+        "file": v.file,
+        "size_mb": size_mb,
+        "params": v.params,
+        "macs": v.macs,
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "latency_ms_p50": p50,
+        "latency_ms_p90": float(np.percentile(t, 90)),
+        "latency_runs": len(t),
+        "throughput_ips": batch / (float(np.median(v.batch_times)) / 1e3),
+        "gmacs_per_s": v.macs / (p50 / 1e3) / 1e9,
+    }
+
+
+def choose_deployed(rows: list[dict], tolerance_points: float) -> tuple[dict, str]:
+    """The fastest pruned ONNX variant within `tolerance_points` accuracy of the pruned FP32 ONNX model."""
+    cands = [r for r in rows if r["stage"] == "pruned" and r["runtime"] == "onnxruntime"]
+    base = next(r for r in cands if r["precision"] == "fp32")
+    ok = [r for r in cands if r["accuracy"] >= base["accuracy"] - tolerance_points / 100 - 1e-9]
+    best = min(ok, key=lambda r: r["latency_ms_p50"])
+    others = ", ".join(
+        f"{r['precision']} {r['latency_ms_p50']:.2f} ms / {100 * r['accuracy']:.2f}%"
+        + ("" if r in ok else " (outside the accuracy bound)")
+        for r in cands
+        if r is not best
+    )
+    why = (
+        f"fastest pruned ONNX variant within {tolerance_points:g} accuracy points of the pruned FP32 model "
+        f"({100 * base['accuracy']:.2f}%): {best['precision']} {best['latency_ms_p50']:.2f} ms / "
+        f"{100 * best['accuracy']:.2f}%; others: {others}"
+    )
+    return best, why
+
+
+def bench_table(rows: list[dict]) -> str:
+    ref = next(r for r in rows if r["reference"])
+    lines = [
+        "| stage | runtime | precision | params (M) | size MB | MACs (M) | accuracy % | macro-F1 | "
+        "p50 ms | p90 ms | x reference | images/s | GMAC/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        tag = " (reference)" if r["reference"] else " **(deployed)**" if r["deployed"] else ""
+        lines.append(
+            f"| {r['stage']}{tag} | {r['runtime']} | {r['precision']} | {r['params'] / 1e6:.2f} | "
+            f"{r['size_mb']:.2f} | {r['macs'] / 1e6:.0f} | {100 * r['accuracy']:.2f} | {r['macro_f1']:.4f} | "
+            f"{r['latency_ms_p50']:.2f} | {r['latency_ms_p90']:.2f} | "
+            f"{r['latency_ms_p50'] / ref['latency_ms_p50']:.2f} | {r['throughput_ips']:.0f} | "
+            f"{r['gmacs_per_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def predict_check(model_path: Path, data) -> dict:
+    """Run the edge path (`slimvit predict`) on the test image files; its accuracy must match bench's."""
+    from slimvit.predict import predict_files
+
+    paths = data.paths("test")
+    _, labels = data.arrays("test")
+    results, failed = predict_files(model_path, paths, threads=2)
+    by_path = {r["path"]: r["class"] for r in results}
+    pred = [by_path.get(str(p)) for p in paths]
+    correct = sum(p == data.classes[y] for p, y in zip(pred, labels, strict=True))
+    return {"n": len(paths), "failed": len(failed), "accuracy": correct / max(1, len(paths))}
+
+
+def run_bench(cfg, run_dir: str | Path, data=None) -> dict:
+    """Measure every artifact, write bench.json/bench.md, and deploy the chosen model to deploy/."""
+    from slimvit import models
+    from slimvit.data import load_data
+    from slimvit.evaluate import metrics_from_logits
+    from slimvit.preprocess import normalize
+
+    run_dir = Path(run_dir)
+    bcfg = cfg.bench
+    variants = collect_variants(run_dir, bcfg.threads)
+    data = data or load_data(cfg.data, run_dir)
+    spec = models.read_spec(run_dir / "student")
+    images, labels = data.arrays("test")
+    x_by_norm: dict[tuple, np.ndarray] = {}
+    metrics = {}
+    for v in variants:
+        s = models.read_spec(run_dir / v.stage)
+        norm = (tuple(s["mean"]), tuple(s["std"]))
+        if norm not in x_by_norm:
+            x_by_norm[norm] = normalize(images, *norm)
+        x = x_by_norm[norm]
+        logits = np.concatenate([v.predict(x[i : i + 64]) for i in range(0, len(x), 64)])
+        metrics[v.key] = metrics_from_logits(logits, labels, data.classes)
+    log.info("bench: timing %d variants, %d threads, %d rounds", len(variants), bcfg.threads, bcfg.rounds)
+    t0 = time.perf_counter()
+    measure(variants, spec["input_size"], bcfg)
+    rows = [
+        row(v, metrics[v.key], (run_dir / v.file).stat().st_size / 1e6, bcfg.throughput_batch) for v in variants
+    ]
+    deployed, why = choose_deployed(rows, cfg.quantize.accuracy_tolerance)
+    deployed["deployed"] = True
+    out = {
+        "threads": bcfg.threads,
+        "cpu": cpu_name(),
+        "cores": _cores(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": {
+            "warmup": bcfg.warmup,
+            "runs": bcfg.runs,
+            "rounds": bcfg.rounds,
+            "throughput_batch": bcfg.throughput_batch,
+            "throughput_runs": bcfg.throughput_runs,
+            "seconds": time.perf_counter() - t0,
+        },
+        "versions": versions(),
+        "deployed_why": why,
+        "rows": [{k: r[k] for k in (*ROW_KEYS, "latency_runs")} for r in rows],
+        "confusion": {v.key: metrics[v.key]["confusion"] for v in variants},
+        "classes": data.classes,
+    }
+    if is_main_process():
+        dst = run_dir / "deploy" / "model.onnx"
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(run_dir / deployed["file"], tmp)
+        check = predict_check(dst, data)
+        check["agrees"] = abs(check["accuracy"] - deployed["accuracy"]) < 1e-9 and check["failed"] == 0
+        out["predict_check"] = check
+        if not check["agrees"]:
+            log.warning(
+                "slimvit predict gives %.4f on the test images, bench measured %.4f for the deployed model",
+                check["accuracy"],
+                deployed["accuracy"],
+            )
+        atomic_write_json(run_dir / "deploy" / "deploy.json", {"source": deployed["file"], "why": why})
+        atomic_write_text(run_dir / "bench.md", bench_table(rows))
+        atomic_write_json(run_dir / "bench.json", out)
+    log.info("bench (%d threads, %s):\n%s", bcfg.threads, out["cpu"], bench_table(rows))
+    log.info("deployed: %s", why)
+    return {
+        "deployed": deployed["file"],
+        "deployed_latency_ms": deployed["latency_ms_p50"],
+        "deployed_accuracy": deployed["accuracy"],
+    }
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "timm", "torch-pruning", "onnx", "onnxruntime", "accelerate", "numpy", "slimvit"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "-"
+    return out

@@ -1,0 +1,1006 @@
+"""Structured pruning of a timm ViT with Torch-Pruning's dependency graph, and the `prune` stage.
+
+What is pruned, per transformer block: the MLP hidden channels, the attention head dimensions and,
+where the ratio allows, whole heads (``floor(ratio * num_heads)`` of them: ViT-Tiny's 3 heads lose
+one head only from ratio 1/3 on); optionally the embedding width, i.e. the residual stream from the
+stem's last convolution through every norm, token and position embedding to the classifier's
+input. The classifier head(s) keep their outputs, and the conv stem's inner convolutions stay.
+
+Torch-Pruning's :class:`~torch_pruning.DependencyGraph` finds every tensor coupled to a channel
+(q, k and v rows behind one attention output dim; all residual-stream users of an embedding
+channel) and removes them together; its importance criteria score the channels. The widths
+themselves are planned here rather than by ``MetaPruner``, so that the whole-head / head-dim split
+and ``round_to`` apply exactly: every pruned width (embedding, MLP hidden, head dim) is a multiple
+of ``round_to``, and each kept head keeps its own best dims.
+
+After pruning the model is still a plain timm ``VisionTransformer``: each ``Attention`` gets
+``num_heads``/``head_dim``/``attn_dim``/``scale`` matching its new weights, so timm's own forward
+(fused ``scaled_dot_product_attention``) runs unchanged, and no timm class is patched. The
+artifact records the widths in ``model.json``; :func:`apply_widths` reshapes a freshly built model
+to them so the weights load (``models.load`` calls it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimvit import models
+from slimvit.config import PruneConfig
+from slimvit.errors import ConfigError, ModelError
+from slimvit.io import atomic_write_json, atomic_write_text, is_main_process, read_json
+
+log = logging.getLogger(__name__)
+
+WIDTHS_FORMAT = 1
+BLOCK_KEYS = ("num_heads", "head_dim", "attn_dim", "mlp_hidden")
+
+
+# --------------------------------------------------------------------------- importance criteria
+
+
+@dataclass(frozen=True)
+class Criterion:
+    make: Callable[[], Any]
+    """Returns a Torch-Pruning importance: group -> one score per channel of the group's root."""
+    needs_gradients: bool = False
+    """Scores read `.grad`: the loss is back-propagated on training batches before each step."""
+
+
+IMPORTANCES: dict[str, Criterion] = {}
+
+
+def register_importance(name: str, needs_gradients: bool = False):
+    def deco(fn: Callable[[], Any]):
+        IMPORTANCES[name] = Criterion(fn, needs_gradients)
+        return fn
+
+    return deco
+
+
+@register_importance("taylor", needs_gradients=True)
+def _taylor():
+    """First-order Taylor |w * dL/dw| summed over the coupled group (Molchanov et al. 2019)."""
+    import torch_pruning as tp
+
+    return tp.importance.GroupTaylorImportance()
+
+
+@register_importance("l2")
+def _l2():
+    """Group L2 norm of the coupled weights."""
+    import torch_pruning as tp
+
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+@register_importance("random")
+def _random():
+    """Random scores: the baseline a real criterion must beat."""
+    import torch_pruning as tp
+
+    return tp.importance.RandomImportance()
+
+
+def criterion(name: str) -> Criterion:
+    if name not in IMPORTANCES:
+        raise ConfigError(f"prune.importance={name!r} is not one of {list(IMPORTANCES)}")
+    return IMPORTANCES[name]
+
+
+def check_ratio(ratio: Any) -> float:
+    """A pruning ratio in (0, 1), or ConfigError."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ConfigError(f"pruning ratio {ratio!r} must be a number in (0, 1), e.g. 0.2")
+    return float(ratio)
+
+
+# --------------------------------------------------------------------------- ViT structure
+
+
+@dataclass
+class VitParts:
+    """The prunable pieces of a timm VisionTransformer."""
+
+    stem_out: nn.Conv2d
+    """The convolution whose output channels are the embedding (residual stream)."""
+    blocks: list[tuple[str, nn.Module]]
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.Identity))
+
+
+def vit_parts(model: nn.Module) -> VitParts:
+    """Check that `model` is a ViT this module can prune; the error names the first layer that is not."""
+    from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    def refuse(layer: str, what: str) -> ModelError:
+        return ModelError(
+            f"cannot prune layer '{layer}': {what}. Pruning supports timm VisionTransformer/DeiT models "
+            "with standard blocks (Attention without q/k norm or gating, Mlp, LayerNorm)"
+        )
+
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(
+            f"cannot prune a {type(model).__name__}: pruning supports timm VisionTransformer/DeiT students"
+        )
+    if getattr(model, "attn_pool", None) is not None:
+        raise refuse("attn_pool", f"attention pooling (global_pool={model.global_pool!r})")
+    pe = model.patch_embed
+    if isinstance(pe, models.ConvStem):
+        stem_out = pe.proj[-1]
+    elif isinstance(pe, PatchEmbed):
+        stem_out = pe.proj
+    else:
+        raise refuse("patch_embed", f"unknown token stem {type(pe).__name__}")
+    if not isinstance(stem_out, nn.Conv2d):
+        raise refuse("patch_embed", f"the last stem layer is a {type(stem_out).__name__}, not a Conv2d")
+    for name in ("norm_pre", "norm", "fc_norm"):
+        if not _is_norm(getattr(model, name, nn.Identity())):
+            raise refuse(name, f"{type(getattr(model, name)).__name__} is not a LayerNorm")
+    if not _is_norm(getattr(pe, "norm", nn.Identity())):
+        raise refuse("patch_embed.norm", "not a LayerNorm")
+    for name in ("head", "head_dist"):
+        head = getattr(model, name, None)
+        if head is not None and not isinstance(head, (nn.Linear, nn.Identity)):
+            raise refuse(name, f"{type(head).__name__} is not a Linear classifier")
+    blocks = []
+    for i, blk in enumerate(model.blocks):
+        name = f"blocks.{i}"
+        if type(blk) is not Block:
+            raise refuse(name, f"{type(blk).__name__} is not timm's Block")
+        a = blk.attn
+        if type(a) is not Attention:
+            raise refuse(f"{name}.attn", f"{type(a).__name__} is not timm's Attention")
+        if not (
+            isinstance(a.q_norm, nn.Identity)
+            and isinstance(a.k_norm, nn.Identity)
+            and isinstance(a.norm, nn.Identity)
+            and getattr(a, "gate", None) is None
+        ):
+            raise refuse(f"{name}.attn", "attention with q/k norm, scale norm or gating")
+        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc1, nn.Linear) or not _is_norm(blk.mlp.norm):
+            raise refuse(f"{name}.mlp", f"{type(blk.mlp).__name__} is not a plain Linear Mlp")
+        for sub in ("norm1", "norm2"):
+            if not isinstance(getattr(blk, sub), nn.LayerNorm):
+                raise refuse(f"{name}.{sub}", f"{type(getattr(blk, sub)).__name__} is not a LayerNorm")
+        for sub in ("ls1", "ls2"):
+            if not isinstance(getattr(blk, sub), (LayerScale, nn.Identity)):
+                raise refuse(f"{name}.{sub}", f"{type(getattr(blk, sub)).__name__} is not a LayerScale")
+        blocks.append((name, blk))
+    return VitParts(stem_out, blocks)
+
+
+def read_widths(model: nn.Module) -> dict:
+    """The current widths of a ViT as a JSON-able dict (what `model.json` stores under "widths")."""
+    parts = vit_parts(model)
+    blocks = {}
+    for name, blk in parts.blocks:
+        a = blk.attn
+        check_attention(a, name)
+        blocks[name] = {
+            "num_heads": int(a.num_heads),
+            "head_dim": int(a.head_dim),
+            "attn_dim": int(a.attn_dim),
+            "mlp_hidden": int(blk.mlp.fc1.out_features),
+        }
+    return {"format": WIDTHS_FORMAT, "embed_dim": int(parts.stem_out.out_channels), "blocks": blocks}
+
+
+def check_attention(attn: nn.Module, name: str = "attn") -> None:
+    """Raise ModelError unless the Attention's attributes agree with its weights."""
+    ok = (
+        attn.attn_dim == attn.num_heads * attn.head_dim
+        and attn.qkv.out_features == 3 * attn.attn_dim
+        and attn.proj.in_features == attn.attn_dim
+        and math.isclose(attn.scale, attn.head_dim**-0.5, rel_tol=1e-6)
+    )
+    if not ok:
+        raise ModelError(
+            f"'{name}' is inconsistent: num_heads={attn.num_heads}, head_dim={attn.head_dim}, "
+            f"attn_dim={attn.attn_dim}, qkv out={attn.qkv.out_features}, proj in={attn.proj.in_features}"
+        )
+
+
+# --------------------------------------------------------------------------- widths -> modules
+
+
+def _widths_error(msg: str) -> ModelError:
+    return ModelError(
+        f"pruned widths in model.json do not fit the model: {msg}. The artifact's model.json and "
+        "weights must come from the same `slimvit prune` run; re-run it to rewrite them"
+    )
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def validate_widths(widths: Any, model: nn.Module) -> dict:
+    """Check `widths` against the (unpruned or less pruned) `model`; return them or raise ModelError."""
+    if not isinstance(widths, dict):
+        raise _widths_error(f"expected a mapping, got {type(widths).__name__}")
+    unknown = sorted(set(widths) - {"format", "embed_dim", "blocks"})
+    if unknown:
+        raise _widths_error(f"unknown key '{unknown[0]}' (known: format, embed_dim, blocks)")
+    if widths.get("format") != WIDTHS_FORMAT:
+        raise _widths_error(f"format {widths.get('format')!r}, this version reads format {WIDTHS_FORMAT}")
+    cur = read_widths(model)
+    e = widths.get("embed_dim")
+    if not _positive_int(e) or e > cur["embed_dim"]:
+        raise _widths_error(f"embed_dim={e!r} must be an integer in [1, {cur['embed_dim']}]")
+    blocks = widths.get("blocks")
+    if not isinstance(blocks, dict):
+        raise _widths_error("'blocks' must map block names (blocks.0, ...) to their widths")
+    extra = [k for k in blocks if k not in cur["blocks"]]
+    if extra:
+        raise _widths_error(
+            f"unknown layer '{extra[0]}'; the model has {', '.join(cur['blocks']) or 'no blocks'}"
+        )
+    missing = [k for k in cur["blocks"] if k not in blocks]
+    if missing:
+        raise _widths_error(f"no widths for layer '{missing[0]}'")
+    for name, bw in blocks.items():
+        if not isinstance(bw, dict) or set(bw) != set(BLOCK_KEYS):
+            raise _widths_error(f"'{name}' must have exactly the keys {', '.join(BLOCK_KEYS)}")
+        bad = [k for k in BLOCK_KEYS if not _positive_int(bw[k])]
+        if bad:
+            raise _widths_error(f"{name}.{bad[0]}={bw[bad[0]]!r} must be a positive integer")
+        if bw["attn_dim"] != bw["num_heads"] * bw["head_dim"]:
+            raise _widths_error(
+                f"{name}: attn_dim={bw['attn_dim']} is not num_heads x head_dim = "
+                f"{bw['num_heads']} x {bw['head_dim']}"
+            )
+        for k in ("num_heads", "head_dim", "mlp_hidden"):
+            if bw[k] > cur["blocks"][name][k]:
+                raise _widths_error(
+                    f"{name}.{k}={bw[k]} is larger than the model's {cur['blocks'][name][k]} "
+                    "(widths only shrink)"
+                )
+    return widths
+
+
+def _narrow(owner: nn.Module, attr: str, dim: int, size: int) -> None:
+    """Keep the first `size` entries of parameter `owner.attr` along `dim`."""
+    p = getattr(owner, attr, None)
+    if p is None or p.shape[dim] == size:
+        return
+    setattr(owner, attr, nn.Parameter(p.data.narrow(dim, 0, size).clone(), requires_grad=p.requires_grad))
+
+
+def _resize_linear(m: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> None:
+    if out_features is not None:
+        _narrow(m, "weight", 0, out_features)
+        _narrow(m, "bias", 0, out_features)
+        m.out_features = out_features
+    if in_features is not None:
+        _narrow(m, "weight", 1, in_features)
+        m.in_features = in_features
+
+
+def _resize_norm(m: nn.Module, size: int) -> None:
+    if isinstance(m, nn.LayerNorm):
+        _narrow(m, "weight", 0, size)
+        _narrow(m, "bias", 0, size)
+        m.normalized_shape = (size,)
+
+
+def _resize_embedding(model: nn.Module, parts: VitParts, e: int) -> None:
+    conv = parts.stem_out
+    _narrow(conv, "weight", 0, e)
+    _narrow(conv, "bias", 0, e)
+    conv.out_channels = e
+    _resize_norm(getattr(model.patch_embed, "norm", nn.Identity()), e)
+    for tok in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+        _narrow(model, tok, 2, e)
+    for name in ("norm_pre", "norm", "fc_norm"):
+        _resize_norm(getattr(model, name, nn.Identity()), e)
+    for _, blk in parts.blocks:
+        _resize_norm(blk.norm1, e)
+        _resize_norm(blk.norm2, e)
+        for ls in (blk.ls1, blk.ls2):
+            if hasattr(ls, "gamma"):
+                _narrow(ls, "gamma", 0, e)
+        _resize_linear(blk.attn.qkv, in_features=e)
+        _resize_linear(blk.attn.proj, out_features=e)
+        _resize_linear(blk.mlp.fc1, in_features=e)
+        _resize_linear(blk.mlp.fc2, out_features=e)
+    for name in ("head", "head_dist"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            _resize_linear(head, in_features=e)
+    _set_embed_dim(model, e)
+
+
+def _set_embed_dim(model: nn.Module, e: int) -> None:
+    for attr in ("embed_dim", "num_features", "head_hidden_size"):
+        if hasattr(model, attr):
+            setattr(model, attr, e)
+
+
+def _set_heads(attn: nn.Module, num_heads: int, head_dim: int) -> None:
+    """Make the Attention's attributes describe `num_heads` x `head_dim` (timm keeps all four)."""
+    attn.num_heads = num_heads
+    attn.head_dim = head_dim
+    attn.attn_dim = num_heads * head_dim
+    attn.scale = head_dim**-0.5
+
+
+def apply_widths(model: nn.Module, widths: dict) -> nn.Module:
+    """Reshape a freshly built (unpruned) ViT in place to the pruned `widths`, so its weights load.
+
+    Every parameter keeps its leading entries along the pruned dimension; the real values come
+    from the artifact's state dict. Raises ModelError for widths that do not fit the model.
+    """
+    validate_widths(widths, model)
+    parts = vit_parts(model)
+    if widths["embed_dim"] != parts.stem_out.out_channels:
+        _resize_embedding(model, parts, widths["embed_dim"])
+    for name, blk in parts.blocks:
+        bw = widths["blocks"][name]
+        _resize_linear(blk.attn.qkv, out_features=3 * bw["attn_dim"])
+        _resize_linear(blk.attn.proj, in_features=bw["attn_dim"])
+        _set_heads(blk.attn, bw["num_heads"], bw["head_dim"])
+        _resize_linear(blk.mlp.fc1, out_features=bw["mlp_hidden"])
+        _resize_linear(blk.mlp.fc2, in_features=bw["mlp_hidden"])
+    return model
+
+
+# --------------------------------------------------------------------------- planning the widths
+
+
+def _round_keep(x: float, current: int, round_to: int) -> int:
+    """Channels to keep: `x` rounded down to a multiple of `round_to`, at least one multiple, at most `current`.
+
+    A width of `round_to` or less cannot shrink while staying a multiple of it, so it is kept.
+    """
+    if current <= round_to:
+        return current
+    return min(current, max(round_to, int(math.floor(x / round_to + 1e-9)) * round_to))
+
+
+def uniform_widths(initial: dict, current: dict, frac: float, pcfg: PruneConfig) -> dict:
+    """Target widths removing `frac` of every group of `initial`, never wider than `current`.
+
+    Whole heads: ``floor(frac_final * num_heads)`` of them (decided at the first step, at least one
+    head stays); head dims then make up the rest of the attention width.
+    """
+    r = pcfg.round_to
+    e0, e_cur = initial["embed_dim"], current["embed_dim"]
+    out = {
+        "format": WIDTHS_FORMAT,
+        "embed_dim": _round_keep(e0 * (1 - frac), e_cur, r) if pcfg.prune_embed else e_cur,
+        "blocks": {},
+    }
+    for name, b0 in initial["blocks"].items():
+        bc = current["blocks"][name]
+        heads = bc["num_heads"]
+        d = _round_keep(b0["attn_dim"] * (1 - frac) / heads, bc["head_dim"], r)
+        out["blocks"][name] = {
+            "num_heads": heads,
+            "head_dim": d,
+            "attn_dim": heads * d,
+            "mlp_hidden": _round_keep(b0["mlp_hidden"] * (1 - frac), bc["mlp_hidden"], r),
+        }
+    return out
+
+
+def heads_to_remove(num_heads: int, ratio: float, prune_heads: bool) -> int:
+    """Whole heads a block loses at `ratio`: floor(ratio * num_heads), keeping at least one."""
+    if not prune_heads:
+        return 0
+    return max(0, min(num_heads - 1, int(math.floor(ratio * num_heads + 1e-9))))
+
+
+def _global_keep(scores: dict[str, torch.Tensor], uniform: dict[str, int], current: dict[str, int], r: int):
+    """Keep counts from one threshold over all groups' normalised scores, with the uniform total budget."""
+    allv = torch.cat([s.float().flatten() for s in scores.values()])
+    budget = sum(uniform.values())
+    if budget >= len(allv):
+        return dict(current)
+    thr = torch.topk(allv, budget).values[-1]
+    return {k: _round_keep(int((s >= thr).sum()), current[k], r) for k, s in scores.items()}
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+@contextlib.contextmanager
+def _tracking(model: nn.Module) -> Iterator[Callable[[], str]]:
+    """Yield a function naming the innermost module running now (the culprit when a forward raises)."""
+    stack: list[str] = []
+
+    def enter(label: str):
+        def hook(_module, _inputs) -> None:
+            stack.append(label)
+
+        return hook
+
+    def leave(_module, _inputs, _output) -> None:  # must return None: a value would replace the output
+        if stack:
+            stack.pop()
+
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(enter(name or type(model).__name__)))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        yield lambda: stack[-1] if stack else type(model).__name__
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _unwrapped_parameters(model: nn.Module, parts: VitParts) -> list[tuple[nn.Parameter, int]]:
+    """Parameters outside Linear/Conv/Norm layers, with the dimension that holds the embedding."""
+    out = [(getattr(model, t, None), 2) for t in ("cls_token", "reg_token", "dist_token", "pos_embed")]
+    for _, blk in parts.blocks:
+        out += [(ls.gamma, 0) for ls in (blk.ls1, blk.ls2) if hasattr(ls, "gamma")]
+    return [(p, d) for p, d in out if isinstance(p, nn.Parameter)]
+
+
+def _build_graph(model: nn.Module, parts: VitParts, example_inputs: torch.Tensor):
+    import torch_pruning as tp
+
+    unwrapped = _unwrapped_parameters(model, parts)
+    with _tracking(model) as where:
+        try:
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, unwrapped_parameters=unwrapped
+            )
+        except Exception as e:
+            raise ModelError(
+                f"Torch-Pruning cannot trace the model at layer '{where()}' ({type(e).__name__}: {e}); "
+                "prune a standard timm ViT or DeiT student"
+            ) from e
+
+
+def _accumulate_gradients(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Sum the cross-entropy gradients of `batches` into `.grad` (what Taylor importance reads)."""
+    model.zero_grad(set_to_none=True)
+    for x, y in batches:
+        out = model(x)
+        if isinstance(out, (tuple, list)):
+            out = (out[0] + out[1]) / 2
+        F.cross_entropy(out, y).backward()
+
+
+def _attention_keep(scores: torch.Tensor, drop_heads: int, head_dim: int) -> tuple[list[int], list[int]]:
+    """Heads to keep and the flat attention dims (head * d + j) to remove.
+
+    scores: (num_heads, d). The lowest-scoring heads go whole; each kept head keeps its own
+    `head_dim` best dims (all heads must end up with the same head_dim).
+    """
+    h, d = scores.shape
+    order = torch.argsort(scores.float().mean(1))
+    kept = sorted(int(i) for i in order[drop_heads:])
+    drop = [int(i) * d + j for i in order[:drop_heads] for j in range(d)]
+    for i in kept:
+        best = torch.argsort(scores[i].float(), descending=True)
+        drop += [i * d + int(j) for j in best[head_dim:]]
+    return kept, sorted(drop)
+
+
+def _prune_step(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    imp: Any,
+    pcfg: PruneConfig,
+    target: dict,
+    drop_heads: dict[str, int],
+) -> None:
+    import torch_pruning as tp
+
+    parts = vit_parts(model)
+    cur = read_widths(model)
+    dg = _build_graph(model, parts, example_inputs)
+    names = {m: n for n, m in model.named_modules()}
+
+    def score(root: nn.Module, fn: Callable, n: int) -> torch.Tensor:
+        s = imp(dg.get_pruning_group(root, fn, list(range(n))))
+        return s.detach().float().cpu()
+
+    # 1. Score every channel of every group before anything changes shape.
+    s_embed = None
+    if target["embed_dim"] < cur["embed_dim"] or pcfg.global_pruning and pcfg.prune_embed:
+        s_embed = score(parts.stem_out, tp.prune_conv_out_channels, cur["embed_dim"])
+    s_attn, s_mlp = {}, {}
+    for name, blk in parts.blocks:
+        bc = cur["blocks"][name]
+        s_attn[name] = score(blk.attn.proj, tp.prune_linear_in_channels, bc["attn_dim"]).view(
+            bc["num_heads"], bc["head_dim"]
+        )
+        s_mlp[name] = score(blk.mlp.fc1, tp.prune_linear_out_channels, bc["mlp_hidden"])
+
+    # 2. Global ranking: one threshold over all groups decides how many channels each keeps.
+    if pcfg.global_pruning:
+        target = _apply_global(target, cur, s_embed, s_attn, s_mlp, drop_heads, pcfg.round_to)
+
+    # 3. Remove the chosen channels, each group through the dependency graph.
+    plans: list[tuple[nn.Module, Callable, list[int]]] = []
+    heads_after = {}
+    for name, blk in parts.blocks:
+        bc, bt = cur["blocks"][name], target["blocks"][name]
+        kept, drop = _attention_keep(s_attn[name], drop_heads.get(name, 0), bt["head_dim"])
+        heads_after[name] = (len(kept), bc["head_dim"])
+        plans.append((blk.attn.proj, tp.prune_linear_in_channels, drop))
+        n_mlp = bc["mlp_hidden"] - bt["mlp_hidden"]
+        plans.append((blk.mlp.fc1, tp.prune_linear_out_channels, _lowest(s_mlp[name], n_mlp)))
+    if s_embed is not None:
+        n_embed = cur["embed_dim"] - target["embed_dim"]
+        plans.append((parts.stem_out, tp.prune_conv_out_channels, _lowest(s_embed, n_embed)))
+    for root, fn, idxs in plans:
+        if idxs:
+            group = dg.get_pruning_group(root, fn, idxs)
+            if not dg.check_pruning_group(group):
+                raise ModelError(
+                    f"Torch-Pruning refuses to prune layer '{names.get(root, root)}' (it would empty it)"
+                )
+            group.prune()
+
+    # 4. Tell each Attention about its new shape, and the model about its new width.
+    for name, blk in parts.blocks:
+        num_heads, old_dim = heads_after[name]
+        a = blk.attn
+        new_dim = a.qkv.out_features // (3 * num_heads)
+        if new_dim != old_dim:
+            # SDPA scales q.k by 1/sqrt(new head_dim); rescale q so the logits keep the scale they
+            # were trained with, 1/sqrt(old head_dim).
+            with torch.no_grad():
+                a.qkv.weight[: num_heads * new_dim] *= math.sqrt(new_dim / old_dim)
+                if a.qkv.bias is not None:
+                    a.qkv.bias[: num_heads * new_dim] *= math.sqrt(new_dim / old_dim)
+        _set_heads(a, num_heads, new_dim)
+        check_attention(a, f"{name}.attn")
+    _set_embed_dim(model, parts.stem_out.out_channels)
+
+
+def _lowest(scores: torch.Tensor, n: int) -> list[int]:
+    return sorted(int(i) for i in torch.argsort(scores)[:n]) if n > 0 else []
+
+
+def _apply_global(target, cur, s_embed, s_attn, s_mlp, drop_heads, r) -> dict:
+    scores, uniform, current = {}, {}, {}
+    if s_embed is not None:
+        scores["embed"], uniform["embed"], current["embed"] = s_embed, target["embed_dim"], cur["embed_dim"]
+    for name, s in s_attn.items():
+        # Slot j of a head = its j-th best dim; a slot's score is averaged over the heads that stay.
+        head_order = torch.argsort(s.mean(1))
+        stay = s[head_order[drop_heads.get(name, 0) :]]
+        slots = torch.sort(stay, dim=1, descending=True).values.mean(0)
+        scores[f"{name}.attn"] = slots
+        uniform[f"{name}.attn"] = target["blocks"][name]["head_dim"]
+        current[f"{name}.attn"] = cur["blocks"][name]["head_dim"]
+        scores[f"{name}.mlp"] = s_mlp[name]
+        uniform[f"{name}.mlp"] = target["blocks"][name]["mlp_hidden"]
+        current[f"{name}.mlp"] = cur["blocks"][name]["mlp_hidden"]
+    keep = _global_keep(scores, uniform, current, r)
+    out = {"format": WIDTHS_FORMAT, "embed_dim": keep.get("embed", cur["embed_dim"]), "blocks": {}}
+    for name, bt in target["blocks"].items():
+        d = keep[f"{name}.attn"]
+        out["blocks"][name] = dict(
+            bt, head_dim=d, attn_dim=bt["num_heads"] * d, mlp_hidden=keep[f"{name}.mlp"]
+        )
+    return out
+
+
+def prune_model(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    pcfg: PruneConfig,
+    *,
+    ratio: float | None = None,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict:
+    """Prune `model` in place by `ratio` (default `pcfg.ratio`) and return its new widths.
+
+    Args:
+        example_inputs: a (1, 3, H, W) tensor for tracing.
+        batches: (images, labels) training batches; needed by criteria that read gradients (taylor).
+    """
+    ratio = check_ratio(pcfg.ratio if ratio is None else ratio)
+    crit = criterion(pcfg.importance)
+    if crit.needs_gradients and not batches:
+        raise ConfigError(f"prune.importance={pcfg.importance!r} needs training batches for its gradients")
+    initial = read_widths(model)  # also checks that the model is a ViT we can prune
+    was_training = model.training
+    model.eval()  # BatchNorm statistics of the stem stay fixed; dropout off while scoring
+    with torch.no_grad():
+        out_before = model(example_inputs)
+    imp = crit.make()
+    drop_heads = {
+        name: heads_to_remove(b["num_heads"], ratio, pcfg.prune_heads)
+        for name, b in initial["blocks"].items()
+    }
+    for step in range(1, pcfg.iterative_steps + 1):
+        frac = ratio * step / pcfg.iterative_steps
+        heads = drop_heads if step == 1 else {}
+        current = read_widths(model)
+        after_heads = {
+            **current,
+            "blocks": {
+                n: dict(b, num_heads=b["num_heads"] - heads.get(n, 0)) for n, b in current["blocks"].items()
+            },
+        }
+        target = uniform_widths(initial, after_heads, frac, pcfg)
+        if crit.needs_gradients:
+            _accumulate_gradients(model, batches)
+        _prune_step(model, example_inputs, imp, pcfg, target, heads)
+        model.zero_grad(set_to_none=True)
+        log.info("prune step %d/%d: %s", step, pcfg.iterative_steps, describe_widths(read_widths(model)))
+    with _tracking(model) as where, torch.no_grad():
+        try:
+            out_after = model(example_inputs)
+        except Exception as e:
+            raise ModelError(f"the pruned model fails in layer '{where()}' ({type(e).__name__}: {e})") from e
+    if out_after.shape != out_before.shape:
+        raise ModelError(
+            f"pruning changed the output shape {tuple(out_before.shape)} -> {tuple(out_after.shape)}"
+        )
+    model.train(was_training)
+    return read_widths(model)
+
+
+def describe_widths(widths: dict) -> str:
+    """One line: embed width and the per-block heads x head_dim / MLP hidden (ranges if they vary)."""
+    b = list(widths["blocks"].values())
+
+    def span(key: str) -> str:
+        lo, hi = min(x[key] for x in b), max(x[key] for x in b)
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
+    return f"embed {widths['embed_dim']}, heads {span('num_heads')} x {span('head_dim')}, mlp {span('mlp_hidden')}"
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def count_macs_params(model: nn.Module, input_size: Sequence[int]) -> tuple[int, int]:
+    """MACs and parameters of one batch-1 forward (Torch-Pruning's counter, eval mode)."""
+    import torch_pruning as tp
+
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, torch.randn(1, *input_size))
+    model.train(was)
+    return int(macs), int(params)
+
+
+def compare_latency(named: dict[str, nn.Module], input_size: Sequence[int], bcfg) -> dict[str, dict]:
+    """Batch-1 FP32 eager latency of several models, timed in interleaved rounds (p50/p90 ms)."""
+    from slimvit.timing import set_torch_threads, time_calls
+
+    prev = torch.get_num_threads()
+    set_torch_threads(bcfg.threads)
+    x = torch.randn(1, *input_size)
+    per_round = max(1, bcfg.runs // bcfg.rounds)
+    times: dict[str, list[np.ndarray]] = {k: [] for k in named}
+    try:
+        with torch.inference_mode():
+            for m in named.values():
+                m.eval()
+                time_calls(lambda m=m: m(x), 0, bcfg.warmup)
+            for _ in range(bcfg.rounds):
+                for k, m in named.items():
+                    times[k].append(time_calls(lambda m=m: m(x), per_round))
+    finally:
+        torch.set_num_threads(prev)
+    out = {}
+    for k, ts in times.items():
+        t = np.concatenate(ts)
+        out[k] = {
+            "p50": float(np.median(t)),
+            "p90": float(np.percentile(t, 90)),
+            "runs": len(t),
+            "threads": bcfg.threads,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _taylor_batches(data, spec: dict, n_batches: int, batch_size: int, seed: int):
+    from slimvit.data import to_tensor_batch
+
+    images, labels = data.arrays("train")
+    order = np.random.default_rng(seed).permutation(len(labels))
+    out = []
+    for i in range(n_batches):
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        if len(idx) == 0:
+            break
+        x = to_tensor_batch(images[idx], spec["mean"], spec["std"])
+        out.append((x, torch.from_numpy(labels[idx])))
+    return out
+
+
+def _require_student(run_dir: Path) -> Path:
+    path = Path(run_dir) / "student"
+    if not (path / "train.json").exists() or not (path / "model.json").exists():
+        raise ModelError(f"no distilled student in '{path}'; run `slimvit distill` (or `slimvit run`) first")
+    return path
+
+
+def load_student(run_dir: Path, classes: list[str]) -> tuple[nn.Module, dict]:
+    """The distilled student of a run, checked against the data's classes."""
+    path = _require_student(run_dir)
+    model, spec = models.load(path)
+    if spec["classes"] != list(classes):
+        raise ModelError(
+            f"the student in '{path}' predicts classes {spec['classes']}, the data has {list(classes)}; "
+            "re-run `slimvit distill --force` on this dataset"
+        )
+    return model, spec
+
+
+def _settings(pcfg: PruneConfig, ratio: float) -> dict:
+    return {
+        "ratio": ratio,
+        "importance": pcfg.importance,
+        "global_pruning": pcfg.global_pruning,
+        "iterative_steps": pcfg.iterative_steps,
+        "round_to": pcfg.round_to,
+        "prune_heads": pcfg.prune_heads,
+        "prune_embed": pcfg.prune_embed,
+        "taylor_batches": pcfg.taylor_batches if criterion(pcfg.importance).needs_gradients else 0,
+    }
+
+
+def _prune_or_resume(cfg, student: nn.Module, spec: dict, data, out: Path, ratio: float, resume) -> tuple:
+    """The pruned, not yet fine-tuned model: made now (and saved in out/init/), or read back on resume."""
+    init = out / "init"
+    settings = _settings(cfg.prune, ratio)
+    if resume and (init / "pruning.json").exists():
+        info = read_json(init / "pruning.json")
+        if info.get("settings") != settings:
+            raise ConfigError(
+                f"'{init}' was pruned with {info.get('settings')}, not {settings}; "
+                "run without --resume (or with --force) to prune again"
+            )
+        model, pspec = models.load(init)
+        log.info("prune: resuming from the pruned model in %s", init)
+        return model, pspec, info, True
+    if resume is True:
+        raise ModelError(f"nothing to resume in '{out}'; run `slimvit prune` without --resume")
+    if is_main_process():
+        shutil.rmtree(out, ignore_errors=True)  # a fresh start: no stale checkpoint of another shape
+    torch.manual_seed(cfg.train.seed)  # the random criterion draws from torch's RNG
+    model = student
+    batches = None
+    if criterion(cfg.prune.importance).needs_gradients:
+        batches = _taylor_batches(data, spec, cfg.prune.taylor_batches, cfg.train.batch_size, cfg.train.seed)
+    t0 = time.perf_counter()
+    widths = prune_model(model, torch.randn(1, *spec["input_size"]), cfg.prune, ratio=ratio, batches=batches)
+    pspec = dict(spec, widths=widths)
+    from slimvit.evaluate import evaluate_model
+
+    info = {
+        "settings": settings,
+        "seconds": time.perf_counter() - t0,
+        "val_acc_pruned": evaluate_model(model, data, pspec, "val")["accuracy"],
+    }
+    if is_main_process():
+        models.save(model, pspec, init)
+        atomic_write_json(init / "pruning.json", info)
+    return model, pspec, info, False
+
+
+def run_prune(
+    cfg,
+    run_dir: str | Path,
+    data=None,
+    resume: bool | str = False,
+    ratio: float | None = None,
+    out_name: str = "pruned",
+    epochs: int | None = None,
+) -> dict:
+    """Prune the distilled student, fine-tune it with distillation, evaluate, and write prune.json.
+
+    Args:
+        resume: True continues an interrupted fine-tune (error if there is none), "auto" continues
+            one if present, False starts over.
+        ratio: pruning ratio; default `cfg.prune.ratio`.
+        out_name: output folder inside `run_dir` (the sweep uses sweep/r<ratio>).
+        epochs: fine-tuning epochs; default `cfg.prune.finetune_epochs`.
+
+    Returns:
+        A compact summary (ratio, params/MACs/latency before and after, val/test accuracy).
+    """
+    from slimvit.data import load_data
+    from slimvit.evaluate import evaluate_model
+    from slimvit.train import fit, load_teacher
+
+    ratio = check_ratio(cfg.prune.ratio if ratio is None else ratio)
+    epochs = cfg.prune.finetune_epochs if epochs is None else int(epochs)
+    if epochs < 0:
+        raise ConfigError(f"fine-tuning epochs={epochs} must be >= 0")
+    run_dir = Path(run_dir)
+    out = run_dir / out_name
+    student_dir = run_dir / "student"
+    if not (student_dir / "train.json").exists():
+        raise ModelError(
+            f"no distilled student in '{student_dir}'; run `slimvit distill` (or `slimvit run`) first"
+        )
+    data = data or load_data(cfg.data, run_dir)
+    student, spec = load_student(run_dir, data.classes)
+    widths_before = read_widths(student)
+    macs_before, params_before = count_macs_params(student, spec["input_size"])
+    reference = copy.deepcopy(student)  # pruning works in place; keep the student for the latency comparison
+    model, pspec, info, resumed = _prune_or_resume(cfg, student, spec, data, out, ratio, resume)
+    macs_after, params_after = count_macs_params(model, pspec["input_size"])
+    log.info(
+        "prune r=%.2f: params %.2fM -> %.2fM (%.2fx), MACs %.1fM -> %.1fM (%.2fx); %s",
+        ratio,
+        params_before / 1e6,
+        params_after / 1e6,
+        params_after / params_before,
+        macs_before / 1e6,
+        macs_after / 1e6,
+        macs_after / macs_before,
+        describe_widths(pspec["widths"]),
+    )
+
+    teacher, distill_cfg = None, None
+    if epochs > 0 and cfg.distill.loss != "none":
+        teacher, distill_cfg = load_teacher(run_dir, data.classes), cfg.distill
+    if epochs > 0:
+        model, summary = fit(
+            model,
+            pspec,
+            data,
+            cfg.train,
+            out,
+            epochs=epochs,
+            lr=cfg.prune.finetune_lr,
+            teacher=teacher,
+            distill_cfg=distill_cfg,
+            resume="auto" if resumed else False,
+            desc=f"finetune r={ratio:g}",
+            select_initial=True,
+        )
+        val_acc = summary["best_val_acc"]
+    else:
+        if is_main_process():
+            models.save(model, pspec, out)
+        summary = {"epochs": 0}
+        val_acc = info["val_acc_pruned"]
+
+    test = evaluate_model(model, data, pspec, "test")
+    latency = compare_latency({"before": reference, "after": model}, pspec["input_size"], cfg.bench)
+    result = {
+        **info["settings"],
+        "params_before": params_before,
+        "params_after": params_after,
+        "params_ratio": params_after / params_before,
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "macs_ratio": macs_after / macs_before,
+        "latency_ms_before": latency["before"],
+        "latency_ms_after": latency["after"],
+        "latency_ratio": latency["after"]["p50"] / latency["before"]["p50"],
+        "prune_seconds": info["seconds"],
+        "val_acc_pruned": info["val_acc_pruned"],
+        "val_acc": val_acc,
+        "test_acc": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "finetune": {**summary, "epochs": epochs, "lr": cfg.prune.finetune_lr, "distill": cfg.distill.loss},
+        "widths_before": widths_before,
+        "widths_after": pspec["widths"],
+    }
+    if is_main_process():
+        atomic_write_json(out / "eval.json", test)
+        atomic_write_json(out / "prune.json", result)
+    log.info(
+        "prune r=%.2f: latency %.2f -> %.2f ms (%.2fx), val acc %.4f (%.4f before fine-tuning), test acc %.4f",
+        ratio,
+        latency["before"]["p50"],
+        latency["after"]["p50"],
+        result["latency_ratio"],
+        val_acc,
+        info["val_acc_pruned"],
+        test["accuracy"],
+    )
+    return _summary(result)
+
+
+def _summary(result: dict) -> dict:
+    keys = ("ratio", "params_before", "params_after", "macs_before", "macs_after", "latency_ratio")
+    return {
+        **{k: result[k] for k in keys},
+        "latency_ms_before": result["latency_ms_before"]["p50"],
+        "latency_ms_after": result["latency_ms_after"]["p50"],
+        "val_acc": result["val_acc"],
+        "test_acc": result["test_acc"],
+    }
+
+
+def sweep_dir_name(ratio: float) -> str:
+    return f"sweep/r{ratio:g}"
+
+
+def run_sweep(cfg, run_dir: str | Path, ratios: Sequence[float], data=None) -> list[dict]:
+    """Prune + fine-tune (`prune.sweep_epochs`) at each ratio; write prune_sweep.json and .md.
+
+    Ratios already done (prune.json and eval.json present) are read back, not redone.
+    """
+    from slimvit.data import load_data
+
+    ratios = [check_ratio(r) for r in ratios]
+    if not ratios:
+        raise ConfigError("no ratios to sweep; pass --sweep 0.1,0.2,0.3,0.5 or set prune.sweep")
+    run_dir = Path(run_dir)
+    rows = []
+    for r in sorted(set(ratios)):
+        out = run_dir / sweep_dir_name(r)
+        if (out / "prune.json").exists() and (out / "eval.json").exists():
+            log.info("sweep r=%g: done, skipped", r)
+            rows.append(_summary(read_json(out / "prune.json")))
+            continue
+        data = data or load_data(cfg.data, run_dir)
+        rows.append(
+            run_prune(
+                cfg,
+                run_dir,
+                data,
+                resume="auto",
+                ratio=r,
+                out_name=sweep_dir_name(r),
+                epochs=cfg.prune.sweep_epochs,
+            )
+        )
+    baseline = _baseline(run_dir, rows)
+    if is_main_process():
+        atomic_write_json(run_dir / "prune_sweep.json", {"baseline": baseline, "points": rows})
+        atomic_write_text(run_dir / "prune_sweep.md", sweep_table(baseline, rows))
+    return rows
+
+
+def _baseline(run_dir: Path, rows: list[dict]) -> dict:
+    """The unpruned student's row: sizes and latency from the sweep's own before-measurements."""
+    student = run_dir / "student"
+    train = read_json(student / "train.json") if (student / "train.json").exists() else {}
+    ev = read_json(student / "eval.json") if (student / "eval.json").exists() else {}
+    first = rows[0]
+    return {
+        "ratio": 0.0,
+        "params": first["params_before"],
+        "macs": first["macs_before"],
+        "latency_ms": float(np.median([r["latency_ms_before"] for r in rows])),
+        "val_acc": train.get("best_val_acc"),
+        "test_acc": ev.get("accuracy"),
+    }
+
+
+def sweep_table(baseline: dict, rows: list[dict]) -> str:
+    def pct(x) -> str:
+        return "-" if x is None else f"{100 * x:.2f}"
+
+    lines = [
+        "| ratio | params (M) | MACs (M) | FP32 latency ms (p50) | val acc % | test acc % |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| 0 (student) | {baseline['params'] / 1e6:.3f} | {baseline['macs'] / 1e6:.1f} | "
+        f"{baseline['latency_ms']:.2f} | {pct(baseline['val_acc'])} | {pct(baseline['test_acc'])} |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['ratio']:g} | {r['params_after'] / 1e6:.3f} | {r['macs_after'] / 1e6:.1f} | "
+            f"{r['latency_ms_after']:.2f} | {pct(r['val_acc'])} | {pct(r['test_acc'])} |"
+        )
+    return "\n".join(lines) + "\n"

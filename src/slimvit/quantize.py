@@ -1,0 +1,330 @@
+"""INT8 (dynamic, static QDQ) and FP16 variants of the pruned ONNX model (`slimvit quantize`).
+
+Every mode is a registry entry ``(src, dst, cfg, calibration images) -> facts``; each variant is
+then run by ONNX Runtime on the full test split. What each mode does on a CPU:
+
+- ``int8-dynamic``: int8 weights; activations are quantized per batch at run time. MatMul becomes
+  ``MatMulInteger`` (fused by ORT into one int8 GEMM with float output) and the fused attention
+  becomes ``QAttention``. No calibration, so no calibration error.
+- ``int8-static``: QDQ format, per-channel int8 weights, activation ranges calibrated on training
+  images (minmax / percentile / entropy). ORT has no static int8 attention kernel, so with the
+  fused attention export the attention block stays float; static ranges save the run-time
+  min/max pass but add quantize/dequantize nodes.
+- ``fp16``: weights and compute in half, float32 inputs/outputs. Ops without an fp16 kernel in
+  ORT's CPU provider are kept in float32 (found by trying), and the casts cost time: on an x86 CPU
+  without AVX-512 FP16, FP16 shrinks the file but does not speed anything up.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from slimvit import runtime
+from slimvit.config import QuantizeConfig
+from slimvit.errors import ConfigError, ModelError
+from slimvit.io import atomic_path, atomic_write_json, is_main_process
+
+log = logging.getLogger(__name__)
+
+ModeFn = Callable[[Path, Path, QuantizeConfig, "np.ndarray | None"], dict]
+MODES: dict[str, tuple[ModeFn, bool]] = {}
+"""name -> (function, needs calibration images)."""
+
+INT8_OPS = {
+    "MatMulInteger",
+    "ConvInteger",
+    "QAttention",
+    "QLinearMatMul",
+    "QLinearConv",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+}
+PLUMBING = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast", "Shape", "Constant"}
+
+FLOAT_REASONS = {
+    "LayerNormalization": "normalisation needs the float range of its input (statistics, then a divide)",
+    "SkipLayerNormalization": "normalisation needs the float range of its input",
+    "Softmax": "exponentials over attention logits; int8 would flatten the small probabilities",
+    "Erf": "GELU's non-linearity, cheap elementwise work",
+    "Gelu": "non-linearity, cheap elementwise work",
+    "Add": "residual adds and biases: int8 would re-quantize the residual stream in every block",
+    "Mul": "elementwise scaling, cheap",
+    "Div": "elementwise, cheap",
+    "Attention": "ORT has no static int8 attention kernel (QAttention is dynamic only)",
+    "Gemm": "the classifier: six outputs, negligible work, kept exact",
+    "Conv": "not in the mode's op list (the conv stem is ~10% of the MACs; ConvInteger is slower than float conv here)",
+    "MatMul": "activation x activation product, or not in the mode's op list",
+    "Relu": "fused into the preceding op",
+}
+
+
+def register_mode(name: str, needs_calibration: bool = False):
+    def deco(fn: ModeFn) -> ModeFn:
+        MODES[name] = (fn, needs_calibration)
+        return fn
+
+    return deco
+
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def _save(model, dst: Path) -> None:
+    import onnx
+
+    with atomic_path(dst) as tmp:
+        onnx.save_model(model, str(tmp))
+
+
+# --------------------------------------------------------------------------- modes
+
+
+@register_mode("int8-dynamic")
+def quantize_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, calib=None) -> dict:
+    import onnx
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    with atomic_path(dst) as tmp:
+        ort_quantize_dynamic(
+            str(src),
+            str(tmp),
+            op_types_to_quantize=list(cfg.dynamic_op_types),
+            weight_type=QuantType.QInt8,
+            # The fused Attention op is from ORT's contrib domain, which onnx shape inference skips.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+        )
+    return {"op_types": list(cfg.dynamic_op_types), "weights": "int8 per-tensor", "activations": "int8 at run time"}
+
+
+class _Calibration:
+    """An onnxruntime CalibrationDataReader over float32 (N, 3, H, W) images, one image per call."""
+
+    def __init__(self, images: np.ndarray, input_name: str) -> None:
+        self.images, self.name, self.i = images, input_name, 0
+
+    def get_next(self):
+        if self.i >= len(self.images):
+            return None
+        self.i += 1
+        return {self.name: self.images[self.i - 1 : self.i]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+
+
+@register_mode("int8-static", needs_calibration=True)
+def quantize_static(src: Path, dst: Path, cfg: QuantizeConfig, calib: np.ndarray | None) -> dict:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if calib is None or len(calib) == 0:
+        raise ConfigError("int8-static needs calibration images")
+    act = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[cfg.static_activations]
+    with atomic_path(dst.with_suffix(".pre.onnx")) as pre:
+        # Shape inference + ORT's basic graph optimisations, as ORT recommends before calibrating.
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        with atomic_path(dst) as tmp:
+            ort_quantize_static(
+                str(pre),
+                str(tmp),
+                _Calibration(calib, _input_name(src)),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(cfg.static_op_types),
+                per_channel=cfg.per_channel,
+                activation_type=act,
+                weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[cfg.calibration]),
+                extra_options={
+                    "DefaultTensorType": onnx.TensorProto.FLOAT,
+                    "MatMulConstBOnly": True,
+                    "ActivationSymmetric": cfg.static_activations == "int8",
+                },
+            )
+    dst.with_suffix(".pre.onnx").unlink(missing_ok=True)
+    return {
+        "op_types": list(cfg.static_op_types),
+        "weights": "int8 " + ("per-channel" if cfg.per_channel else "per-tensor"),
+        "activations": f"{cfg.static_activations} calibrated ({cfg.calibration}, {len(calib)} training images)",
+        "format": "QDQ",
+    }
+
+
+_MISSING_KERNEL = re.compile(r"Could not find an implementation for (\w+)\(")
+
+
+@register_mode("fp16")
+def to_fp16(src: Path, dst: Path, cfg: QuantizeConfig, calib=None) -> dict:
+    """Half weights and compute; ops the CPU provider cannot run in fp16 stay float32 (found by trying)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    blocked: list[str] = []
+    for _ in range(16):
+        model = convert_float_to_float16(_load(src), keep_io_types=True, op_block_list=blocked or None)
+        _save(model, dst)
+        try:
+            runtime.session(dst, 1)
+            return {"weights": "fp16", "kept_float32": blocked}
+        except ModelError as e:
+            m = _MISSING_KERNEL.search(str(e))
+            if not m or m.group(1) in blocked:
+                dst.unlink(missing_ok=True)
+                raise ModelError(f"ONNX Runtime cannot run the fp16 model on this CPU ({e})") from None
+            blocked.append(m.group(1))
+            log.info("fp16: ONNX Runtime's CPU provider has no fp16 %s; keeping it in float32", m.group(1))
+    raise ModelError("fp16: too many ops without an fp16 CPU kernel")
+
+
+def _input_name(path: Path) -> str:
+    return _load(path).graph.input[0].name
+
+
+# --------------------------------------------------------------------------- what stayed float
+
+
+def op_census(path: Path) -> dict:
+    """Compute nodes of an ONNX model by type, split into int8, fp16 and float32 ones."""
+    model = _load(path)
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    fp16_values = {
+        v.name for v in list(g.value_info) + list(g.output) if v.type.tensor_type.elem_type == 10
+    } | {t.name for t in g.initializer if t.data_type == 10}
+    out = {"int8": Counter(), "fp16": Counter(), "float32": Counter()}
+    for n in g.node:
+        if n.op_type in PLUMBING:
+            continue
+        from_dq = any(
+            producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input
+        )
+        if n.op_type in INT8_OPS or from_dq:
+            out["int8"][n.op_type] += 1
+        elif any(i in fp16_values for i in n.input):
+            out["fp16"][n.op_type] += 1
+        else:
+            out["float32"][n.op_type] += 1
+    return {k: dict(v.most_common()) for k, v in out.items()}
+
+
+def float_reasons(census: dict) -> dict[str, str]:
+    return {
+        op: FLOAT_REASONS.get(op, "no int8 kernel for it in this mode")
+        for op in census.get("float32", {})
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def evaluate_onnx(path: Path, x: np.ndarray, labels: np.ndarray, classes: list[str], threads: int) -> tuple:
+    """Metrics and logits of an ONNX model on float32 inputs (same numpy metrics as PyTorch)."""
+    from slimvit.evaluate import metrics_from_logits
+
+    logits = runtime.run_logits(runtime.session(path, threads), x)
+    return metrics_from_logits(logits, labels, classes), logits
+
+
+def calibration_images(data, spec: dict, n: int, seed: int) -> np.ndarray:
+    """`n` training images (never test images), normalised for the model."""
+    from slimvit.preprocess import normalize
+
+    images, _ = data.arrays("train")
+    if len(images) < n:
+        raise ConfigError(
+            f"quantize.calibration_images={n} but the training split has only {len(images)} images; "
+            f"set --set quantize.calibration_images={len(images)} or fewer"
+        )
+    idx = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
+    return normalize(images[idx], spec["mean"], spec["std"])
+
+
+def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
+    """Build every configured variant of `onnx/pruned_fp32.onnx` and measure its test accuracy."""
+    from slimvit import models
+    from slimvit.data import load_data
+    from slimvit.preprocess import normalize
+
+    run_dir = Path(run_dir)
+    src = run_dir / "onnx" / "pruned_fp32.onnx"
+    if not src.exists() or not (run_dir / "onnx" / "export.json").exists():
+        raise ModelError(f"no exported pruned model at '{src}'; run `slimvit export` (or `slimvit run`) first")
+    unknown = [m for m in cfg.quantize.modes if m not in MODES]
+    if unknown:
+        raise ConfigError(f"quantize.modes: unknown mode '{unknown[0]}'; known: {', '.join(MODES)}")
+    data = data or load_data(cfg.data, run_dir)
+    spec = models.read_spec(run_dir / "pruned")
+    images, labels = data.arrays("test")
+    x = normalize(images, spec["mean"], spec["std"])
+    threads = cfg.bench.threads
+    base, base_logits = evaluate_onnx(src, x, labels, data.classes, threads)
+    results: dict = {
+        "fp32": {
+            "file": str(src.relative_to(run_dir)),
+            "size_mb": src.stat().st_size / 1e6,
+            "accuracy": base["accuracy"],
+            "macro_f1": base["macro_f1"],
+            "ops": op_census(src),
+        }
+    }
+    log.info("quantize: pruned fp32 ONNX test accuracy %.4f", base["accuracy"])
+    calib = None
+    for mode in cfg.quantize.modes:
+        fn, needs_calib = MODES[mode]
+        if needs_calib and calib is None:
+            calib = calibration_images(data, spec, cfg.quantize.calibration_images, cfg.train.seed)
+        dst = run_dir / "onnx" / f"pruned_{mode}.onnx"
+        t0 = time.perf_counter()
+        try:
+            info = fn(src, dst, cfg.quantize, calib)
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(
+                f"quantization mode '{mode}' failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+            ) from e
+        seconds = time.perf_counter() - t0
+        try:
+            m, logits = evaluate_onnx(dst, x, labels, data.classes, threads)
+        except ModelError as e:
+            raise ModelError(f"ONNX Runtime cannot run the {mode} model on this machine: {e}") from None
+        census = op_census(dst)
+        results[mode] = {
+            **info,
+            "file": str(dst.relative_to(run_dir)),
+            "size_mb": dst.stat().st_size / 1e6,
+            "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"],
+            "agreement_fp32": float(np.mean(logits.argmax(1) == base_logits.argmax(1))),
+            "max_abs_diff_fp32": float(np.abs(logits - base_logits).max()),
+            "ops": census,
+            "float_reasons": float_reasons(census),
+            "seconds": seconds,
+        }
+        log.info(
+            "quantize %s: %s (%.2f MB, %.2fx of fp32), test accuracy %.4f (fp32 %.4f), agreement with fp32 %.2f%%",
+            mode,
+            dst,
+            results[mode]["size_mb"],
+            results[mode]["size_mb"] / results["fp32"]["size_mb"],
+            m["accuracy"],
+            base["accuracy"],
+            100 * results[mode]["agreement_fp32"],
+        )
+    if is_main_process():
+        atomic_write_json(run_dir / "onnx" / "quantize.json", results)
+    return {k: {"size_mb": v["size_mb"], "accuracy": v["accuracy"]} for k, v in results.items()}

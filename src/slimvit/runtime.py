@@ -1,0 +1,81 @@
+"""ONNX Runtime sessions and the metadata slimvit embeds in every ONNX file.
+
+numpy + onnxruntime only (no torch): `slimvit predict` runs on an edge box through this module,
+and `bench`/`quantize` use the very same session settings, so what is measured is what ships.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimvit.errors import ModelError
+
+META_KEY = "slimvit"
+"""Key of the JSON metadata in an ONNX model's `metadata_props`."""
+META_FORMAT = "slimvit-onnx/1"
+META_FIELDS = ("classes", "input_size", "mean", "std")
+
+
+def session(path: str | Path, threads: int = 2):
+    """An ONNX Runtime CPU session with all graph optimisations and a fixed intra-op thread count."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"ONNX model '{path}' does not exist")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ModelError(f"'{path}' is not an ONNX model ONNX Runtime can run ({first})") from None
+
+
+def metadata(sess) -> dict:
+    """The slimvit metadata of a session's model, checked; ModelError if absent or incomplete."""
+    raw = sess.get_modelmeta().custom_metadata_map.get(META_KEY)
+    if raw is None:
+        raise ModelError(
+            "the ONNX model has no slimvit metadata (classes, input size, mean/std); "
+            "use a model written by `slimvit export`/`slimvit bench` (e.g. runs/<name>/deploy/model.onnx)"
+        )
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ModelError("the ONNX model's slimvit metadata is not valid JSON; re-export the model") from None
+    missing = [k for k in META_FIELDS if k not in meta]
+    if missing:
+        raise ModelError(f"the ONNX model's slimvit metadata lacks {', '.join(missing)}; re-export the model")
+    return meta
+
+
+def run_logits(sess, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits for a float32 (N, 3, H, W) array, in batches."""
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def embed_metadata(model_proto: Any, meta: dict) -> None:
+    """Write `meta` (JSON) into an onnx.ModelProto's metadata_props, replacing an older copy."""
+    keep = [p for p in model_proto.metadata_props if p.key != META_KEY]
+    del model_proto.metadata_props[:]
+    model_proto.metadata_props.extend(keep)
+    entry = model_proto.metadata_props.add()
+    entry.key = META_KEY
+    entry.value = json.dumps({"format": META_FORMAT, **meta})

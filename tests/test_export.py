@@ -1,0 +1,104 @@
+"""ONNX export: parity with PyTorch, fused attention, metadata, dynamic batch, bad input."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from slimvit import models, runtime
+from slimvit.config import PruneConfig
+from slimvit.errors import ModelError
+from slimvit.export import export_onnx, for_export, parity
+from slimvit.prune import prune_model
+
+CLASSES = ["a", "b", "c"]
+TINY = {"depth": 2, "embed_dim": 96, "num_heads": 3}
+
+
+def tiny(pruned: bool = False, name="vit_tiny_patch16_224"):
+    spec = models.make_spec(name, 3, CLASSES, 32, "conv", TINY)
+    torch.manual_seed(0)
+    model = models.build(spec).eval()
+    if pruned:
+        widths = prune_model(model, torch.randn(1, 3, 32, 32), PruneConfig(ratio=0.2, importance="l2"))
+        spec = dict(spec, widths=widths)
+    return model, spec
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_parity_and_metadata(tmp_path, fuse, pruned):
+    model, spec = tiny(pruned)
+    path = tmp_path / "m.onnx"
+    info = export_onnx(model, spec, path, stage="pruned", fuse_attention=fuse)
+    proto = onnx.load(str(path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert ("Attention" in ops) == fuse and info["fused_attention"] == (2 if fuse else 0)
+    assert info["opset"] >= 17
+    x = torch.randn(7, 3, 32, 32)  # a batch size never seen at export: the batch axis is dynamic
+    check = parity(model, path, x, threads=1)
+    assert check["agreement"] == 1.0 and check["max_abs_diff"] < 1e-4
+    sess = runtime.session(path, 1)
+    meta = runtime.metadata(sess)
+    assert meta["classes"] == CLASSES and meta["input_size"] == [3, 32, 32]
+    assert meta["mean"] == spec["mean"] and meta["stage"] == "pruned" and meta["precision"] == "fp32"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_fused_copy_matches_and_leaves_original(tmp_path):
+    model, _ = tiny(pruned=True)
+    copy, n = for_export(model)
+    assert n == 2
+    assert type(model.blocks[0].attn).__name__ == "Attention"  # the original is untouched
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_distilled_token_model_exports_averaged_heads(tmp_path):
+    model, spec = tiny(name="deit_tiny_distilled_patch16_224")
+    path = tmp_path / "d.onnx"
+    export_onnx(model, spec, path, stage="student")
+    x = torch.randn(2, 3, 32, 32)
+    check = parity(model, path, x, threads=1)
+    assert check["agreement"] == 1.0 and check["max_abs_diff"] < 1e-4
+
+
+def test_cnn_teacher_exports(tmp_path):
+    spec = models.make_spec("resnet10t", 3, CLASSES, 32)
+    model = models.build(spec).eval()
+    path = tmp_path / "t.onnx"
+    info = export_onnx(model, spec, path, stage="teacher")
+    assert info["fused_attention"] == 0
+    assert parity(model, path, torch.randn(4, 3, 32, 32), threads=1)["max_abs_diff"] < 1e-4
+
+
+def test_session_and_metadata_errors(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(ModelError, match="not an ONNX model"):
+        runtime.session(bad)
+    with pytest.raises(ModelError, match="does not exist"):
+        runtime.session(tmp_path / "missing.onnx")
+    # a valid ONNX model without slimvit metadata
+    model, spec = tiny()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, spec, path, stage="student", fuse_attention=False)
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ModelError, match="no slimvit metadata"):
+        runtime.metadata(runtime.session(tmp_path / "plain.onnx"))
+    runtime.embed_metadata(proto, {"classes": CLASSES})
+    onnx.save(proto, str(tmp_path / "partial.onnx"))
+    with pytest.raises(ModelError, match="lacks input_size"):
+        runtime.metadata(runtime.session(tmp_path / "partial.onnx"))
+    assert json.loads(proto.metadata_props[-1].value)["format"] == runtime.META_FORMAT
+
+
+def test_softmax_rows_sum_to_one():
+    p = runtime.softmax(np.array([[1000.0, 0.0], [1.0, 1.0]], dtype=np.float32))
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(p[1], [0.5, 0.5])

@@ -1,0 +1,170 @@
+"""Structured pruning of a tiny 3-head ViT: shapes, widths, ONNX, save/load, bad input."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from slimvit import models
+from slimvit.config import PruneConfig
+from slimvit.errors import ConfigError, ModelError
+from slimvit.prune import (
+    apply_widths,
+    check_attention,
+    count_macs_params,
+    heads_to_remove,
+    prune_model,
+    read_widths,
+)
+
+CLASSES = ["a", "b", "c", "d"]
+TINY = {"depth": 2, "embed_dim": 96, "num_heads": 3}  # head_dim 32, MLP 384
+
+
+def tiny_vit(stem="conv", name="vit_tiny_patch16_224", size=32):
+    spec = models.make_spec(name, len(CLASSES), CLASSES, size, stem, TINY)
+    torch.manual_seed(0)
+    return models.build(spec).eval(), spec
+
+
+def batches(size=32, n=2):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, size, size, generator=g), torch.randint(0, len(CLASSES), (8,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+@pytest.mark.parametrize("importance", ["taylor", "l2", "random"])
+def test_prune_shapes_widths_and_forward(ratio, importance):
+    model, spec = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    out_before = model(x)
+    macs0, params0 = count_macs_params(model, spec["input_size"])
+    cfg = PruneConfig(ratio=ratio, importance=importance, round_to=8)
+    widths = prune_model(model, x[:1], cfg, batches=batches())
+    out_after = model(x)
+    assert out_after.shape == out_before.shape and torch.isfinite(out_after).all()
+    assert widths == read_widths(model)
+    assert widths["embed_dim"] % 8 == 0 and widths["embed_dim"] < 96
+    for name, b in widths["blocks"].items():
+        assert b["head_dim"] % 8 == 0 and b["mlp_hidden"] % 8 == 0
+        assert b["head_dim"] < 32 and b["mlp_hidden"] < 384
+        assert b["num_heads"] == 3 - heads_to_remove(3, ratio, True)  # one whole head goes only at 0.5
+        check_attention(model.get_submodule(f"{name}.attn"), name)
+    assert model.head.out_features == len(CLASSES)  # the classifier keeps its outputs
+    macs1, params1 = count_macs_params(model, spec["input_size"])
+    assert params1 < 0.85 * params0 and macs1 < 0.85 * macs0
+    # timm's own fused attention path still runs (no patched forward)
+    assert all(blk.attn.fused_attn for blk in model.blocks)
+
+
+def test_heads_to_remove():
+    assert heads_to_remove(3, 0.2, True) == 0
+    assert heads_to_remove(3, 0.34, True) == 1
+    assert heads_to_remove(3, 0.99, True) == 2  # at least one head stays
+    assert heads_to_remove(12, 0.5, True) == 6
+    assert heads_to_remove(3, 0.5, False) == 0
+
+
+@pytest.mark.parametrize("importance", ["taylor", "l2"])
+def test_criteria_remove_dead_channels_first(importance):
+    """MLP channels with zero weights carry nothing: a real criterion removes exactly those, random does not."""
+
+    def surviving_dead(imp: str) -> int:
+        model, _ = tiny_vit()
+        fc1, fc2 = model.blocks[0].mlp.fc1, model.blocks[0].mlp.fc2
+        dead = torch.arange(0, 384, 3)[:128]  # 128 of 384 channels; ratio 0.25 removes 96
+        with torch.no_grad():
+            fc1.weight[dead] = 0
+            fc1.bias[dead] = 0
+            fc2.weight[:, dead] = 0
+        x = torch.randn(1, 3, 32, 32)
+        cfg = PruneConfig(ratio=0.25, importance=imp, prune_embed=False, prune_heads=False)
+        prune_model(model, x, cfg, batches=batches(n=2))
+        return int((model.blocks[0].mlp.fc1.weight.abs().sum(1) == 0).sum())
+
+    assert surviving_dead(importance) == 128 - 96  # every removed channel was a dead one
+    assert surviving_dead("random") > 128 - 96
+
+
+def test_global_and_iterative_pruning():
+    model, _ = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    cfg = PruneConfig(ratio=0.4, importance="l2", global_pruning=True, iterative_steps=2)
+    widths = prune_model(model, x, cfg)
+    assert model(x).shape == (1, len(CLASSES))
+    assert all(b["head_dim"] % 8 == 0 for b in widths["blocks"].values())
+
+
+def test_patch_stem_and_distilled_model_prune():
+    for name, stem in (("vit_tiny_patch16_224", "patch"), ("deit_tiny_distilled_patch16_224", "conv")):
+        model, _ = tiny_vit(stem=stem, name=name)
+        x = torch.randn(1, 3, 32, 32)
+        prune_model(model, x, PruneConfig(ratio=0.2, importance="l2"))
+        assert model(x).shape == (1, len(CLASSES))
+
+
+def test_save_load_round_trip(tmp_path):
+    model, spec = tiny_vit()
+    x = torch.randn(3, 3, 32, 32)
+    widths = prune_model(model, x[:1], PruneConfig(ratio=0.5, importance="l2"))
+    models.save(model, dict(spec, widths=widths), tmp_path / "p")
+    loaded, spec2 = models.load(tmp_path / "p")
+    assert spec2["widths"] == widths
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    a = loaded.blocks[0].attn
+    assert math.isclose(a.scale, a.head_dim**-0.5) and a.attn_dim == a.num_heads * a.head_dim
+
+
+def test_wrong_widths_are_refused(tmp_path):
+    model, spec = tiny_vit()
+    widths = prune_model(model, torch.randn(1, 3, 32, 32), PruneConfig(ratio=0.5, importance="l2"))
+    models.save(model, dict(spec, widths=widths), tmp_path / "p")
+    js = tmp_path / "p" / "model.json"
+    import json
+
+    meta = json.loads(js.read_text())
+    meta["widths"]["blocks"]["blocks.0"]["mlp_hidden"] += 8
+    js.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=r"blocks\.0\.mlp\.fc1\.weight.*widths"):
+        models.load(tmp_path / "p")
+    meta["widths"]["blocks"]["blocks.0"]["attn_dim"] = 5
+    js.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="attn_dim=5 is not num_heads x head_dim"):
+        models.load(tmp_path / "p")
+    fresh, _ = tiny_vit()
+    with pytest.raises(ModelError, match="unknown layer 'blocks.7'"):
+        apply_widths(fresh, {"format": 1, "embed_dim": 32, "blocks": {"blocks.7": {}}})
+
+
+def test_pruned_model_exports_to_onnx(tmp_path):
+    import onnxruntime as ort
+
+    model, _ = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    prune_model(model, x[:1], PruneConfig(ratio=0.2, importance="l2"))
+    path = tmp_path / "p.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["input"], verbose=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input():
+    model, _ = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(ConfigError, match="must be"):
+            prune_model(model, x, dataclasses.replace(PruneConfig(importance="l2")), ratio=bad)
+        with pytest.raises(ConfigError, match=r"prune.ratio"):
+            PruneConfig(ratio=bad)
+    with pytest.raises(ConfigError, match="needs training batches"):
+        prune_model(model, x, PruneConfig(ratio=0.2, importance="taylor"))
+    cnn = models.build(models.make_spec("resnet10t", 4, CLASSES, 32))
+    with pytest.raises(ModelError, match="cannot prune a ResNet"):
+        prune_model(cnn, x, PruneConfig(ratio=0.2, importance="l2"))
+    # a ViT whose attention has q/k norm: the error names the layer
+    spec = models.make_spec("vit_tiny_patch16_224", 4, CLASSES, 32, "patch", {**TINY, "qk_norm": True})
+    with pytest.raises(ModelError, match=r"cannot prune layer 'blocks.0.attn'"):
+        prune_model(models.build(spec), x, PruneConfig(ratio=0.2, importance="l2"))
