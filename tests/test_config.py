@@ -38,7 +38,9 @@ def test_overrides_and_types(tmp_path):
     assert cfg.distill.loss == "hard"
     assert cfg.data.split == (0.8, 0.1, 0.1)
     assert cfg.model.teacher == "resnet18"  # untouched preset value
-    assert load_config("neu-det", overrides=["prune.finetune_lr=1e-4"]).prune.finetune_lr == 1e-4  # YAML 1.1 string
+    assert (
+        load_config("neu-det", overrides=["prune.finetune_lr=1e-4"]).prune.finetune_lr == 1e-4
+    )  # YAML 1.1 string
 
 
 @pytest.mark.parametrize(
@@ -49,6 +51,7 @@ def test_overrides_and_types(tmp_path):
         ("train.epochs=abc", r"train.epochs='abc' must be an integer"),
         ("train.lr=fast", r"train.lr='fast' must be a number"),
         ("train.epochs=0", r"train.epochs=0 must be >= 1"),
+        ("train.precision=fp8", r"train.precision='fp8' is not one of \['auto', 'no', 'bf16', 'fp16'\]"),
         ("prune.ratio=1.5", r"prune.ratio=1.5 must be in \(0, 1\)"),
         ("distill.loss=magic", r"distill.loss='magic' is not one of"),
         ("data.split=[0.5, 0.2, 0.2]", r"must sum to 1"),

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from slimvit import pipeline
+from slimvit import pipeline, runtime
 from slimvit.config import load_config
 from slimvit.errors import ConfigError
 from slimvit.runs import prepare_run_dir
@@ -42,9 +42,15 @@ def test_smoke_end_to_end(smoke_run):
     rows = bench["rows"]
     assert sum(r["reference"] for r in rows) == 1 and sum(r["deployed"] for r in rows) == 1
     have = {(r["stage"], r["runtime"], r["precision"]) for r in rows}
-    for need in [("teacher", "pytorch", "fp32"), ("student", "pytorch", "fp32"), ("pruned", "pytorch", "fp32"),
-                 ("pruned", "onnxruntime", "fp32"), ("pruned", "onnxruntime", "fp16"),
-                 ("pruned", "onnxruntime", "int8-dynamic"), ("pruned", "onnxruntime", "int8-static")]:
+    for need in [
+        ("teacher", "pytorch", "fp32"),
+        ("student", "pytorch", "fp32"),
+        ("pruned", "pytorch", "fp32"),
+        ("pruned", "onnxruntime", "fp32"),
+        ("pruned", "onnxruntime", "fp16"),
+        ("pruned", "onnxruntime", "int8-dynamic"),
+        ("pruned", "onnxruntime", "int8-static"),
+    ]:
         assert need in have, need
     for r in rows:
         assert r["file"] and (out / r["file"]).exists()
@@ -52,12 +58,23 @@ def test_smoke_end_to_end(smoke_run):
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
     assert (out / "deploy" / "model.onnx").exists()
+    deployed = next(r for r in rows if r["deployed"])
+    meta = runtime.metadata(runtime.session(out / "deploy" / "model.onnx", 1))
+    assert meta["precision"] == deployed["precision"] and meta["stage"] == "pruned"
 
 
 def test_second_run_skips_every_stage(smoke_run):
     out, _, _ = smoke_run
     before = (out / "bench.json").stat().st_mtime_ns
-    r = _cli("run", "--preset", "smoke", "--out", str(out), "--data", json.loads((out / "data.json").read_text())["root"])
+    r = _cli(
+        "run",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+        "--data",
+        json.loads((out / "data.json").read_text())["root"],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     skipped = [line for line in r.stderr.splitlines() if "done, skipped" in line]
     assert len(skipped) == len(pipeline.enabled_stages(load_config("smoke")))
@@ -70,6 +87,60 @@ def test_changed_config_is_refused(smoke_run):
     cfg = load_config("smoke", overrides=["train.epochs=3"])
     with pytest.raises(ConfigError, match=r"different config \(train.epochs: 1 -> 3\)"):
         prepare_run_dir(cfg, out)
+
+
+def test_forced_config_change_redoes_the_affected_stages(smoke_run, tmp_path):
+    """--force with a changed prune setting keeps the trained teacher/student and redoes pruning onwards."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_run[0], out)
+    cfg = load_config("smoke", overrides=["prune.ratio=0.3"])
+    prepare_run_dir(cfg, out, force=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for kept in ("data", "teacher", "distill", "ablation"):
+        assert manifest["stages"][kept]["status"] == "done"
+    assert (out / "student" / "model.safetensors").exists() and (out / "teacher" / "eval.json").exists()
+    for redo in ("prune", "export", "quantize", "bench", "report"):
+        assert redo not in manifest["stages"]
+    assert not (out / "pruned").exists() and not (out / "bench.json").exists()
+    assert not (out / "onnx" / "export.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("keys", "first"),
+    [
+        (["bench.runs"], "bench"),
+        (["quantize.calibration", "bench.runs"], "quantize"),
+        (["quantize.opset"], "export"),
+        (["train.epochs", "prune.ratio"], "distill"),
+        (["train.teacher_epochs"], "teacher"),
+        (["train.weight_decay"], "teacher"),
+        (["model.student_stem"], "distill"),
+        (["prune.sweep"], "sweep"),
+        (["data.img_size"], "data"),
+    ],
+)
+def test_first_affected_stage(keys, first):
+    from slimvit.runs import first_affected_stage
+
+    assert first_affected_stage(keys) == first
+
+
+def test_redo_from_covers_dependents():
+    names = lambda s: [x.name for x in pipeline.redo_from(s)]  # noqa: E731
+    assert names("distill") == [
+        "distill",
+        "ablation",
+        "prune",
+        "sweep",
+        "export",
+        "quantize",
+        "bench",
+        "report",
+    ]
+    assert names("sweep") == ["sweep", "report"] and names("ablation") == ["ablation", "report"]
+    assert names("bench") == ["bench", "report"]
 
 
 def test_failed_stage_is_recorded_and_resumed(smoke_run, tmp_path, monkeypatch):

@@ -8,14 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import write_image
+from test_export import CLASSES, tiny
 
 from slimvit.errors import DataError, ModelError
 from slimvit.export import export_onnx
 from slimvit.predict import collect, predict_files
 from slimvit.preprocess import load_rgb, normalize
-
-from conftest import write_image
-from test_export import CLASSES, tiny
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,9 @@ def test_predict_folder_with_corrupt_image(tmp_path, deployed):
     assert [f["path"] for f in failed] == [str(folder / "broken.jpg")]
     assert len(results) == 5 and all(r["class"] in CLASSES for r in results)
     # the same pixels through PyTorch give the same classes
-    x = torch.from_numpy(normalize(np.stack([load_rgb(r["path"], 32) for r in results]), spec["mean"], spec["std"]))
+    x = torch.from_numpy(
+        normalize(np.stack([load_rgb(r["path"], 32) for r in results]), spec["mean"], spec["std"])
+    )
     expected = [CLASSES[i] for i in model(x).argmax(1).tolist()]
     assert [r["class"] for r in results] == expected
     for r in results:
@@ -80,6 +81,8 @@ def test_bad_input(tmp_path, deployed):
     with pytest.raises(ModelError, match="not an ONNX model"):
         predict_files(not_onnx, [model_path])
     r = subprocess.run(
-        [sys.executable, "-m", "slimvit", "predict", str(not_onnx), str(tmp_path)], capture_output=True, text=True
+        [sys.executable, "-m", "slimvit", "predict", str(not_onnx), str(tmp_path)],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr

@@ -30,7 +30,10 @@ def tiny_vit(stem="conv", name="vit_tiny_patch16_224", size=32):
 
 def batches(size=32, n=2):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 3, size, size, generator=g), torch.randint(0, len(CLASSES), (8,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(8, 3, size, size, generator=g), torch.randint(0, len(CLASSES), (8,), generator=g))
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.5])
@@ -133,6 +136,15 @@ def test_wrong_widths_are_refused(tmp_path):
     js.write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="attn_dim=5 is not num_heads x head_dim"):
         models.load(tmp_path / "p")
+    from safetensors.torch import load_file, save_file
+
+    models.save(model, dict(spec, widths=widths), tmp_path / "q")
+    weights = load_file(str(tmp_path / "q" / "model.safetensors"))
+    save_file(
+        {**weights, "blocks.9.attn.qkv.weight": torch.zeros(1)}, str(tmp_path / "q" / "model.safetensors")
+    )
+    with pytest.raises(ModelError, match=r"unexpected blocks\.9\.attn\.qkv\.weight"):
+        models.load(tmp_path / "q")
     fresh, _ = tiny_vit()
     with pytest.raises(ModelError, match="unknown layer 'blocks.7'"):
         apply_widths(fresh, {"format": 1, "embed_dim": 32, "blocks": {"blocks.7": {}}})

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from test_export import tiny
+from test_train import synthetic_data
 
 from slimvit import runtime
 from slimvit.config import QuantizeConfig
@@ -10,9 +12,6 @@ from slimvit.errors import ConfigError
 from slimvit.export import export_onnx
 from slimvit.preprocess import normalize
 from slimvit.quantize import MODES, calibration_images, op_census
-
-from test_export import tiny
-from test_train import synthetic_data
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,9 @@ def exported(tmp_path_factory):
 def test_mode_produces_runnable_model(exported, mode):
     d, model, spec = exported
     fn, needs_calib = MODES[mode]
-    calib = np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32) if needs_calib else None
+    calib = (
+        np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32) if needs_calib else None
+    )
     dst = d / f"{mode}.onnx"
     info = fn(d / "fp32.onnx", dst, QuantizeConfig(calibration_images=16), calib)
     x = torch.randn(5, 3, 32, 32)
@@ -43,7 +44,10 @@ def test_mode_produces_runnable_model(exported, mode):
     if mode == "int8-dynamic":
         assert "QAttention" in census["int8"] and "MatMulInteger" in census["int8"]
     if mode == "int8-static":
-        assert "MatMul" in census["int8"] and "Attention" in census["float32"]  # no static int8 attention in ORT
+        assert (
+            "MatMul" in census["int8"] and "Attention" in census["float32"]
+        )  # no static int8 attention in ORT
+        assert set(census["int8"]) <= {"MatMul", "Conv", "Gemm"}  # residual adds, norms, GELU stay float
         assert "calibrated" in info["activations"]
     if mode == "fp16":
         assert census["fp16"] and dst.stat().st_size < 0.7 * fp32_size

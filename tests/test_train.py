@@ -51,7 +51,9 @@ def tiny_student(size=32):
     return models.build(spec), spec
 
 
-FAST = TrainConfig(epochs=2, batch_size=16, lr=2e-3, warmup_epochs=0, crop_padding=2, threads=2)
+FAST = TrainConfig(
+    epochs=2, batch_size=16, lr=2e-3, warmup_epochs=0, crop_padding=2, threads=2, precision="no"
+)
 
 
 def test_loss_decreases_and_artifacts(tmp_path):
@@ -269,8 +271,12 @@ def test_teacher_sees_its_own_normalisation(tmp_path):
     assert t_spec["std"] != s_spec["std"]
     teacher = models.build(t_spec).eval()
     img = torch.rand(2, 3, 32, 32)
-    as_teacher = (img - torch.tensor(t_spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(t_spec["std"]).view(1, 3, 1, 1)
-    as_student = (img - torch.tensor(s_spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(s_spec["std"]).view(1, 3, 1, 1)
+    as_teacher = (img - torch.tensor(t_spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(t_spec["std"]).view(
+        1, 3, 1, 1
+    )
+    as_student = (img - torch.tensor(s_spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(s_spec["std"]).view(
+        1, 3, 1, 1
+    )
     wrapped = Renormalize(teacher, s_spec["mean"], s_spec["std"], t_spec["mean"], t_spec["std"])
     with torch.no_grad():
         torch.testing.assert_close(wrapped(as_student), teacher(as_teacher), rtol=1e-4, atol=1e-5)
@@ -288,3 +294,37 @@ def test_select_initial_keeps_starting_weights_when_training_hurts(tmp_path):
     assert all(r["val_acc"] < summary["best_val_acc"] for r in rows)  # lr 0.9 wrecks the model
     assert summary["best_epoch"] == 0
     assert all(torch.equal(tuned.state_dict()[k], start[k]) for k in start)
+
+
+AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n"
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 fma avx2\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "auto"), [(AVX512_BF16, "bf16"), (AVX2_ONLY, "no"), (ARM_BF16, "bf16"), ("", "no")]
+)
+def test_precision_auto_follows_native_bf16(monkeypatch, cpuinfo, auto):
+    """`auto` picks bf16 only where the CPU computes it natively; explicit choices are kept."""
+    from slimvit import timing
+    from slimvit.train import resolve_precision
+
+    monkeypatch.setattr(timing, "_cpuinfo", lambda: cpuinfo)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == auto
+    assert resolve_precision("no", cpu) == "no" and resolve_precision("bf16", cpu) == "bf16"
+    assert "avx2" not in timing.cpu_flags("model name\t: avx2 lookalike\n")  # only flag lines count
+
+
+def test_auto_precision_trains_in_bf16_where_native(tmp_path, monkeypatch):
+    """The resolved precision is what train.json records, and a bf16 epoch trains to finite weights."""
+    from slimvit import timing
+
+    monkeypatch.setattr(timing, "_cpuinfo", lambda: AVX512_BF16)
+    model, spec = tiny_student()
+    tcfg = dataclasses.replace(FAST, precision="auto")
+    tuned, summary = fit(model, spec, synthetic_data(), tcfg, tmp_path, epochs=1, lr=1e-3)
+    assert summary["precision"] == "bf16"
+    assert json.loads((tmp_path / "train.json").read_text())["precision"] == "bf16"
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in tuned.parameters())
+    assert all(np.isfinite(r["train_loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl"))

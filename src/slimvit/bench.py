@@ -25,6 +25,7 @@ import numpy as np
 
 from slimvit.errors import ModelError
 from slimvit.io import atomic_path, atomic_write_json, atomic_write_text, is_main_process, read_json
+from slimvit.timing import ISA_FLAGS, cpu_flags, cpu_name
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,6 @@ class Variant:
         return f"{self.stage}/{self.runtime}/{self.precision}"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _torch_variant(run_dir: Path, stage: str, threads: int, reference: bool = False) -> Variant:
     import torch
 
@@ -113,7 +104,10 @@ def collect_variants(run_dir: Path, threads: int) -> list[Variant]:
     for need, cmd in (("onnx/export.json", "slimvit export"), ("onnx/quantize.json", "slimvit quantize")):
         if not (run_dir / need).exists():
             raise ModelError(f"no '{run_dir / need}'; run `{cmd}` (or `slimvit run`) first")
-    out = [_torch_variant(run_dir, s, threads, reference=(s == "student")) for s in ("teacher", "student", "pruned")]
+    out = [
+        _torch_variant(run_dir, s, threads, reference=(s == "student"))
+        for s in ("teacher", "student", "pruned")
+    ]
     sizes = {v.stage: (v.params, v.macs) for v in out}
     exported = read_json(run_dir / "onnx" / "export.json")
     for stage, info in exported.items():
@@ -253,13 +247,15 @@ def run_bench(cfg, run_dir: str | Path, data=None) -> dict:
     t0 = time.perf_counter()
     measure(variants, spec["input_size"], bcfg)
     rows = [
-        row(v, metrics[v.key], (run_dir / v.file).stat().st_size / 1e6, bcfg.throughput_batch) for v in variants
+        row(v, metrics[v.key], (run_dir / v.file).stat().st_size / 1e6, bcfg.throughput_batch)
+        for v in variants
     ]
     deployed, why = choose_deployed(rows, cfg.quantize.accuracy_tolerance)
     deployed["deployed"] = True
     out = {
         "threads": bcfg.threads,
         "cpu": cpu_name(),
+        "isa": [f for f in ISA_FLAGS if f in cpu_flags()],
         "cores": _cores(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -154,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if args.debug or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(
+            f"error: no space left on the device ({e.filename or 'writing an artifact'}); nothing half-written "
+            "was kept under a final name: free some space and run the same command to resume",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         if args.debug:

@@ -227,8 +227,12 @@ def run_export(cfg, run_dir: str | Path, data=None) -> dict:
     run_dir = Path(run_dir)
     missing = [s for s in STAGES if not (run_dir / s / "model.json").exists()]
     if missing:
-        cmd = {"teacher": "slimvit teacher", "student": "slimvit distill", "pruned": "slimvit prune"}[missing[0]]
-        raise ModelError(f"no {missing[0]} model in '{run_dir / missing[0]}'; run `{cmd}` (or `slimvit run`) first")
+        cmd = {"teacher": "slimvit teacher", "student": "slimvit distill", "pruned": "slimvit prune"}[
+            missing[0]
+        ]
+        raise ModelError(
+            f"no {missing[0]} model in '{run_dir / missing[0]}'; run `{cmd}` (or `slimvit run`) first"
+        )
     data = data or load_data(cfg.data, run_dir)
     images, _ = data.arrays("test")
     q = cfg.quantize

@@ -290,11 +290,14 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
     own = model.state_dict()
     bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
     missing = [k for k in own if k not in sd]
-    if bad or missing:
+    unexpected = [k for k in sd if k not in own]
+    if bad or missing or unexpected:
         what = (
             f"{bad[0]}: saved {tuple(sd[bad[0]].shape)}, model.json widths give {tuple(own[bad[0]].shape)}"
             if bad
             else f"missing {missing[0]}"
+            if missing
+            else f"unexpected {unexpected[0]}"
         )
         raise ModelError(
             f"'{st}' does not match '{p}/model.json' ({what}); the widths recorded do not fit the weights"

@@ -46,6 +46,16 @@ STAGES: tuple[Stage, ...] = (
     Stage("report", ("REPORT.md",)),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+SIDE_STAGES = {"ablation": ("report",), "sweep": ("report",)}
+"""Stages whose outputs only the report reads (no later model is built from them)."""
+
+
+def redo_from(name: str) -> list[Stage]:
+    """`name` and every stage that uses its outputs: what must be redone when `name` is redone."""
+    later = STAGES[STAGE_NAMES.index(name) + 1 :]
+    if name in SIDE_STAGES:
+        later = tuple(s for s in later if s.name in SIDE_STAGES[name])
+    return [STAGES[STAGE_NAMES.index(name)], *later]
 
 
 def _run_data(cfg, run_dir: Path, data, **_):
@@ -279,11 +289,13 @@ def run_single(name: str, cfg, run_dir: Path, args) -> int:
     data = load_data(cfg.data, run_dir)
     if not manifest.is_done(STAGES[0]):
         execute(STAGES[0], cfg, run_dir, data, manifest, False)
+    if getattr(args, "force", False) is True:
+        for stage in redo_from(stage_name):  # later stages were built from the old outputs
+            manifest.reset(stage)
+        manifest.save()
     for stage in run_list:
         resume = bool(getattr(args, "resume", False))
-        if getattr(args, "force", False) is True:
-            manifest.reset(stage)
-        elif manifest.is_done(stage) and stage.name != "sweep":
+        if manifest.is_done(stage) and stage.name != "sweep":
             log.info("%s: already done (outputs in %s); use --force to redo", stage.name, run_dir)
             continue
         execute(stage, cfg, run_dir, data, manifest, resume, **options)

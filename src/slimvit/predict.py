@@ -32,7 +32,9 @@ def collect(paths: list[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(
-                q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS and not q.name.startswith(".")
+                q
+                for q in p.rglob("*")
+                if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS and not q.name.startswith(".")
             )
             if not found:
                 raise DataError(f"folder '{p}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -44,7 +46,9 @@ def collect(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def predict_files(model: str | Path, paths: list[str | Path], threads: int = 2) -> tuple[list[dict], list[dict]]:
+def predict_files(
+    model: str | Path, paths: list[str | Path], threads: int = 2
+) -> tuple[list[dict], list[dict]]:
     """Predictions for every decodable image, and the files that could not be decoded.
 
     Returns:
@@ -67,7 +71,9 @@ def predict_files(model: str | Path, paths: list[str | Path], threads: int = 2) 
                 failed.append({"path": str(f), "error": str(e)})
         if not chunk:
             continue
-        probs = runtime.softmax(runtime.run_logits(sess, normalize(np.stack(pixels), meta["mean"], meta["std"])))
+        probs = runtime.softmax(
+            runtime.run_logits(sess, normalize(np.stack(pixels), meta["mean"], meta["std"]))
+        )
         for f, p in zip(chunk, probs, strict=True):
             k = int(p.argmax())
             results.append(
@@ -87,11 +93,15 @@ def to_csv(results: list[dict]) -> str:
     w = csv.writer(buf)
     w.writerow(["path", "class", "confidence", *(f"p_{c}" for c in classes)])
     for r in results:
-        w.writerow([r["path"], r["class"], f"{r['confidence']:.6f}", *(f"{r['probs'][c]:.6f}" for c in classes)])
+        w.writerow(
+            [r["path"], r["class"], f"{r['confidence']:.6f}", *(f"{r['probs'][c]:.6f}" for c in classes)]
+        )
     return buf.getvalue()
 
 
-def main(model: str, paths: list[str], json_path: str | None = None, csv_path: str | None = None, threads: int = 2) -> int:
+def main(
+    model: str, paths: list[str], json_path: str | None = None, csv_path: str | None = None, threads: int = 2
+) -> int:
     from rich.console import Console
     from rich.table import Table
 
@@ -107,6 +117,7 @@ def main(model: str, paths: list[str], json_path: str | None = None, csv_path: s
         atomic_write_text(csv_path, to_csv(results))
     for f in failed:
         print(f"error: {f['error']}", file=sys.stderr)
-    console.print(f"{len(results)} images classified" + (f", {len(failed)} could not be decoded" if failed else ""))
+    console.print(
+        f"{len(results)} images classified" + (f", {len(failed)} could not be decoded" if failed else "")
+    )
     return 1 if failed else 0
-

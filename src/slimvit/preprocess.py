@@ -27,7 +27,7 @@ def load_rgb(path: str | Path, size: int) -> np.ndarray:
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"cannot decode image '{path}': {e}") from None
 
 

@@ -46,6 +46,8 @@ INT8_OPS = {
     "DynamicQuantizeMatMul",
     "MatMulIntegerToFloat",
 }
+QDQ_COMPUTE = {"MatMul", "Gemm", "Conv"}
+"""Ops that ORT runs as int8 kernels when both their data and weight inputs come through DequantizeLinear."""
 PLUMBING = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast", "Shape", "Constant"}
 
 FLOAT_REASONS = {
@@ -58,8 +60,8 @@ FLOAT_REASONS = {
     "Mul": "elementwise scaling, cheap",
     "Div": "elementwise, cheap",
     "Attention": "ORT has no static int8 attention kernel (QAttention is dynamic only)",
-    "Gemm": "the classifier: six outputs, negligible work, kept exact",
-    "Conv": "not in the mode's op list (the conv stem is ~10% of the MACs; ConvInteger is slower than float conv here)",
+    "Gemm": "the classifier: not in the mode's op list (one small matrix), kept exact",
+    "Conv": "not in the mode's op list (quantize.dynamic_op_types / quantize.static_op_types)",
     "MatMul": "activation x activation product, or not in the mode's op list",
     "Relu": "fused into the preceding op",
 }
@@ -104,7 +106,11 @@ def quantize_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, calib=None) -> d
             # The fused Attention op is from ORT's contrib domain, which onnx shape inference skips.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
         )
-    return {"op_types": list(cfg.dynamic_op_types), "weights": "int8 per-tensor", "activations": "int8 at run time"}
+    return {
+        "op_types": list(cfg.dynamic_op_types),
+        "weights": "int8 per-tensor",
+        "activations": "int8 at run time",
+    }
 
 
 class _Calibration:
@@ -138,7 +144,7 @@ def quantize_static(src: Path, dst: Path, cfg: QuantizeConfig, calib: np.ndarray
     act = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[cfg.static_activations]
     with atomic_path(dst.with_suffix(".pre.onnx")) as pre:
         # Shape inference + ORT's basic graph optimisations, as ORT recommends before calibrating.
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        quant_pre_process(str(src), str(pre), skip_optimization=not cfg.optimize, skip_symbolic_shape=False)
         with atomic_path(dst) as tmp:
             ort_quantize_static(
                 str(pre),
@@ -190,6 +196,18 @@ def to_fp16(src: Path, dst: Path, cfg: QuantizeConfig, calib=None) -> dict:
     raise ModelError("fp16: too many ops without an fp16 CPU kernel")
 
 
+def _stamp(path: Path, mode: str) -> None:
+    """Carry the exported model's slimvit metadata into the variant, with its own precision."""
+    import json
+
+    model = _load(path)
+    meta = {p.key: p.value for p in model.metadata_props}.get(runtime.META_KEY)
+    if meta is None:
+        raise ModelError(f"the {mode} model lost the slimvit metadata of the model it was built from")
+    runtime.embed_metadata(model, {**json.loads(meta), "precision": mode})
+    _save(model, path)
+
+
 def _input_name(path: Path) -> str:
     return _load(path).graph.input[0].name
 
@@ -209,10 +227,10 @@ def op_census(path: Path) -> dict:
     for n in g.node:
         if n.op_type in PLUMBING:
             continue
-        from_dq = any(
-            producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input
+        from_dq = len(n.input) >= 2 and all(
+            producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input[:2]
         )
-        if n.op_type in INT8_OPS or from_dq:
+        if n.op_type in INT8_OPS or (n.op_type in QDQ_COMPUTE and from_dq):
             out["int8"][n.op_type] += 1
         elif any(i in fp16_values for i in n.input):
             out["fp16"][n.op_type] += 1
@@ -223,8 +241,7 @@ def op_census(path: Path) -> dict:
 
 def float_reasons(census: dict) -> dict[str, str]:
     return {
-        op: FLOAT_REASONS.get(op, "no int8 kernel for it in this mode")
-        for op in census.get("float32", {})
+        op: FLOAT_REASONS.get(op, "no int8 kernel for it in this mode") for op in census.get("float32", {})
     }
 
 
@@ -262,7 +279,9 @@ def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
     run_dir = Path(run_dir)
     src = run_dir / "onnx" / "pruned_fp32.onnx"
     if not src.exists() or not (run_dir / "onnx" / "export.json").exists():
-        raise ModelError(f"no exported pruned model at '{src}'; run `slimvit export` (or `slimvit run`) first")
+        raise ModelError(
+            f"no exported pruned model at '{src}'; run `slimvit export` (or `slimvit run`) first"
+        )
     unknown = [m for m in cfg.quantize.modes if m not in MODES]
     if unknown:
         raise ConfigError(f"quantize.modes: unknown mode '{unknown[0]}'; known: {', '.join(MODES)}")
@@ -289,19 +308,24 @@ def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
             calib = calibration_images(data, spec, cfg.quantize.calibration_images, cfg.train.seed)
         dst = run_dir / "onnx" / f"pruned_{mode}.onnx"
         t0 = time.perf_counter()
+        others = ",".join(m for m in cfg.quantize.modes if m != mode) or "fp16"
+        skip = f"; leave it out with --set quantize.modes=[{others}]"
         try:
             info = fn(src, dst, cfg.quantize, calib)
-        except ModelError:
-            raise
+            _stamp(dst, mode)
         except Exception as e:
+            dst.unlink(missing_ok=True)
+            if isinstance(e, ModelError):
+                raise ModelError(f"{e}{skip}") from None
             raise ModelError(
-                f"quantization mode '{mode}' failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+                f"quantization mode '{mode}' failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}){skip}"
             ) from e
         seconds = time.perf_counter() - t0
         try:
             m, logits = evaluate_onnx(dst, x, labels, data.classes, threads)
         except ModelError as e:
-            raise ModelError(f"ONNX Runtime cannot run the {mode} model on this machine: {e}") from None
+            dst.unlink(missing_ok=True)
+            raise ModelError(f"ONNX Runtime cannot run the {mode} model on this machine: {e}{skip}") from None
         census = op_census(dst)
         results[mode] = {
             **info,

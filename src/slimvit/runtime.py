@@ -61,7 +61,11 @@ def metadata(sess) -> dict:
 def run_logits(sess, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Logits for a float32 (N, 3, H, W) array, in batches."""
     name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    try:
+        outs = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    except Exception as e:  # onnxruntime's own exception types (missing kernel, bad shape, ...)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ModelError(f"ONNX Runtime failed to run the model ({first})") from None
     return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
 
 

@@ -1,11 +1,41 @@
-"""Latency helpers shared by the benchmark and the pruning sweep."""
+"""Machine facts and latency helpers shared by training, the benchmark and the pruning sweep."""
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "avx512_fp16")
+"""CPU features that decide which kernels (int8 VNNI, bf16, fp16) run natively."""
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """Feature flags of the CPU (x86 `flags`, Arm `Features`); empty where /proc/cpuinfo is absent."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    return {
+        f
+        for line in text.splitlines()
+        if line.startswith(("flags", "Features"))
+        for f in line.split(":", 1)[-1].split()
+    }
+
+
+def cpu_name() -> str:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def set_torch_threads(n: int) -> None:

@@ -42,6 +42,24 @@ def make_accelerator():
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware (emulated bf16 is many times slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    from slimvit.timing import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX-512 BF16 / AMX; Arm BF16
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> `bf16` where the hardware has native bf16, else `no`; other values unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "no"
+
+
 def autocast_context(precision: str, device: torch.device):
     if precision == "no":
         return contextlib.nullcontext()
@@ -97,13 +115,13 @@ def _load_checkpoint(out_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, ds: EvalDataset, batch: int, device, precision: str) -> tuple[float, float]:
+def _validate(model: nn.Module, ds: EvalDataset, batch: int, device) -> tuple[float, float]:
+    """Accuracy and loss in fp32 (as the test evaluation and the exported models compute)."""
     model.eval()
     correct, loss_sum = 0, 0.0
     for i in range(0, len(ds), batch):
         x, y = ds.x[i : i + batch].to(device), ds.labels[i : i + batch].to(device)
-        with autocast_context(precision, device):
-            out = model(x)
+        out = model(x)
         if isinstance(out, (tuple, list)):
             out = (out[0] + out[1]) / 2
         loss_sum += float(cross_entropy(out, y)) * len(y)
@@ -199,11 +217,12 @@ def fit(
         with atomic_path(out_dir / "metrics.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
+    precision = resolve_precision(tcfg.precision, device)
     mem_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=mem_format)
     model, optimizer = acc.prepare(model, optimizer)
     if select_initial and start_epoch == 0:
-        val_acc, val_loss = _validate(acc.unwrap_model(model), val_ds, 256, device, tcfg.precision)
+        val_acc, val_loss = _validate(acc.unwrap_model(model), val_ds, 256, device)
         best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": 0}
         if acc.is_main_process:
             models.save(acc.unwrap_model(model), spec, out_dir)
@@ -238,7 +257,7 @@ def fit(
             target = y
             if mixup is not None and len(y) % 2 == 0:
                 x, target = mixup(x, y)
-            with autocast_context(tcfg.precision, device):
+            with autocast_context(precision, device):
                 out = model(x)
                 t_logits = None
                 if loss_name != "none":
@@ -269,7 +288,7 @@ def fit(
         )
         stats = acc.reduce(stats, reduction="sum") if world > 1 else stats
         eval_model = ema.module if ema is not None else acc.unwrap_model(model)
-        val_acc, val_loss = _validate(eval_model, val_ds, 256, device, tcfg.precision)
+        val_acc, val_loss = _validate(eval_model, val_ds, 256, device)
         elapsed += time.perf_counter() - t0
         row = {
             "epoch": epoch + 1,
@@ -324,7 +343,7 @@ def fit(
         "seconds": elapsed,
         "distill": loss_name,
         "processes": world,
-        "precision": tcfg.precision,
+        "precision": precision,
     }
     model = acc.unwrap_model(model).to(memory_format=torch.contiguous_format)
     if loss_name == "token":
@@ -334,6 +353,7 @@ def fit(
     acc.wait_for_everyone()
     from safetensors.torch import load_file
 
+    model = model.cpu()  # what follows (evaluation, pruning, export, timing) runs on the CPU
     model.load_state_dict(load_file(str(out_dir / "model.safetensors")))
     model.eval()
     return model, summary
@@ -372,8 +392,10 @@ class Renormalize(nn.Module):
     def __init__(self, model: nn.Module, src_mean, src_std, dst_mean, dst_std) -> None:
         super().__init__()
         self.model = model
-        src_mean, src_std, dst_mean, dst_std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
-                                                for v in (src_mean, src_std, dst_mean, dst_std))
+        src_mean, src_std, dst_mean, dst_std = (
+            torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+            for v in (src_mean, src_std, dst_mean, dst_std)
+        )
         self.register_buffer("scale", src_std / dst_std, persistent=False)
         self.register_buffer("shift", (src_mean - dst_mean) / dst_std, persistent=False)
 
@@ -393,7 +415,9 @@ def load_teacher(run_dir: Path, classes: list[str], input_spec: dict | None = No
             f"the data has {len(classes)} {classes}; retrain the teacher on this dataset (slimvit teacher --force)"
         )
     if input_spec is not None and (input_spec["mean"], input_spec["std"]) != (spec["mean"], spec["std"]):
-        teacher = Renormalize(teacher, input_spec["mean"], input_spec["std"], spec["mean"], spec["std"]).eval()
+        teacher = Renormalize(
+            teacher, input_spec["mean"], input_spec["std"], spec["mean"], spec["std"]
+        ).eval()
     return teacher
 
 
