@@ -143,6 +143,41 @@ def test_redo_from_covers_dependents():
     assert names("bench") == ["bench", "report"]
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_pruning_finetune_teacher_sees_its_own_normalisation(smoke_run, tmp_path, monkeypatch):
+    """The fine-tune distils from the teacher through Renormalize (student and teacher stats differ)."""
+    import shutil
+
+    import torch
+
+    from slimvit import models, prune, train
+
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_run[0], out)
+    cfg = load_config("smoke", overrides=[f"data.path={json.loads((out / 'data.json').read_text())['root']}"])
+    seen = {}
+
+    def capture(model, spec, data, tcfg, out_dir, *, teacher=None, **kw):
+        seen.update(teacher=teacher, spec=spec, x=data.arrays("val")[0][:8])
+        raise _Stop  # only the teacher handed to the fine-tune matters
+
+    monkeypatch.setattr(train, "fit", capture)
+    with pytest.raises(_Stop):
+        prune.run_prune(cfg, out)
+    t_model, t_spec = models.load(out / "teacher")
+    s_spec = seen["spec"]
+    assert (s_spec["mean"], s_spec["std"]) != (t_spec["mean"], t_spec["std"])  # the case that matters
+    from slimvit.preprocess import normalize
+
+    as_student = torch.from_numpy(normalize(seen["x"], s_spec["mean"], s_spec["std"]))
+    as_teacher = torch.from_numpy(normalize(seen["x"], t_spec["mean"], t_spec["std"]))
+    with torch.no_grad():
+        torch.testing.assert_close(seen["teacher"](as_student), t_model(as_teacher), rtol=1e-4, atol=1e-4)
+
+
 def test_failed_stage_is_recorded_and_resumed(smoke_run, tmp_path, monkeypatch):
     """A stage failing mid-run is marked failed; the next run starts there and skips the rest."""
     import shutil

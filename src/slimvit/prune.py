@@ -859,7 +859,7 @@ def run_prune(
 
     teacher, distill_cfg = None, None
     if epochs > 0 and cfg.distill.loss != "none":
-        teacher, distill_cfg = load_teacher(run_dir, data.classes), cfg.distill
+        teacher, distill_cfg = load_teacher(run_dir, data.classes, input_spec=pspec), cfg.distill
     if epochs > 0:
         model, summary = fit(
             model,

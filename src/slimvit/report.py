@@ -606,7 +606,9 @@ def _targets_section(run: dict) -> list[str]:
 
 
 NOISE_IMAGES = 3
-"""Test images by which two single-seed runs of the same recipe can differ by chance (seen here)."""
+"""Test images by which two single-seed runs can differ by chance: a rough bound, since the same
+distilled student on this project's 360 test images scored 98.6% and 99.2% (two images apart)
+only five epochs apart."""
 
 
 def conclusions(run: dict) -> list[str]:

@@ -403,8 +403,12 @@ class Renormalize(nn.Module):
         return self.model(x * self.scale + self.shift)
 
 
-def load_teacher(run_dir: Path, classes: list[str], input_spec: dict | None = None) -> nn.Module:
-    """The trained teacher in eval mode; with `input_spec`, it accepts inputs normalised for that model."""
+def load_teacher(run_dir: Path, classes: list[str], input_spec: dict) -> nn.Module:
+    """The trained teacher in eval mode, taking inputs normalised as `input_spec` (the student's) says.
+
+    Required on purpose: fed the student's normalisation, a CNN teacher with ImageNet statistics
+    predicts near chance, and distilling from it wrecks the student.
+    """
     path = Path(run_dir) / "teacher"
     if not (path / "train.json").exists():
         raise ModelError(f"no trained teacher in '{path}'; run `slimvit teacher` (or `slimvit run`) first")
@@ -414,7 +418,7 @@ def load_teacher(run_dir: Path, classes: list[str], input_spec: dict | None = No
             f"the teacher in '{path}' predicts {spec['num_classes']} classes {spec['classes']}, "
             f"the data has {len(classes)} {classes}; retrain the teacher on this dataset (slimvit teacher --force)"
         )
-    if input_spec is not None and (input_spec["mean"], input_spec["std"]) != (spec["mean"], spec["std"]):
+    if (input_spec["mean"], input_spec["std"]) != (spec["mean"], spec["std"]):
         teacher = Renormalize(
             teacher, input_spec["mean"], input_spec["std"], spec["mean"], spec["std"]
         ).eval()
