@@ -36,6 +36,9 @@ def test_parity_and_metadata(tmp_path, fuse, pruned):
     proto = onnx.load(str(path))
     ops = {n.op_type for n in proto.graph.node}
     assert ("Attention" in ops) == fuse and info["fused_attention"] == (2 if fuse else 0)
+    # ORT's transformer fusions: residual add + LayerNorm and bias + GELU each become one node
+    assert "SkipLayerNormalization" in ops and "BiasGelu" in ops and "Erf" not in ops
+    assert info["transformer_fusions"]["SkipLayerNormalization"] >= 2
     assert info["opset"] >= 17
     x = torch.randn(7, 3, 32, 32)  # a batch size never seen at export: the batch axis is dynamic
     check = parity(model, path, x, threads=1)
@@ -45,6 +48,16 @@ def test_parity_and_metadata(tmp_path, fuse, pruned):
     assert meta["classes"] == CLASSES and meta["input_size"] == [3, 32, 32]
     assert meta["mean"] == spec["mean"] and meta["stage"] == "pruned" and meta["precision"] == "fp32"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_export_without_optimisation_keeps_standard_ops(tmp_path):
+    model, spec = tiny(False)
+    info = export_onnx(
+        model, spec, tmp_path / "m.onnx", stage="student", fuse_attention=False, optimize=False
+    )
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert info["transformer_fusions"] == {} and "LayerNormalization" in ops and "Erf" in ops
+    assert not ops & {"SkipLayerNormalization", "BiasGelu", "Attention"}  # standard ONNX only
 
 
 def test_fused_copy_matches_and_leaves_original(tmp_path):

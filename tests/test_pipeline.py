@@ -50,6 +50,7 @@ def test_smoke_end_to_end(smoke_run):
         ("pruned", "onnxruntime", "fp16"),
         ("pruned", "onnxruntime", "int8-dynamic"),
         ("pruned", "onnxruntime", "int8-static"),
+        ("pruned", "onnxruntime", "int8-mixed"),
     ]:
         assert need in have, need
     for r in rows:

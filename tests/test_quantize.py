@@ -49,6 +49,12 @@ def test_mode_produces_runnable_model(exported, mode):
         )  # no static int8 attention in ORT
         assert set(census["int8"]) <= {"MatMul", "Conv", "Gemm"}  # residual adds, norms, GELU stay float
         assert "calibrated" in info["activations"]
+    if mode == "int8-mixed":  # the conv stem static (QDQ), MatMul and attention dynamic
+        assert {"Conv", "MatMulInteger", "QAttention"} <= set(census["int8"]), census
+        assert "Conv" not in census["float32"]
+        fn_dyn, _ = MODES["int8-dynamic"]
+        fn_dyn(d / "fp32.onnx", d / "dyn_ref.onnx", QuantizeConfig(), None)
+        assert dst.stat().st_size < (d / "dyn_ref.onnx").stat().st_size  # the stem's weights are int8 too
     if mode == "fp16":
         assert census["fp16"] and dst.stat().st_size < 0.7 * fp32_size
         assert isinstance(info["kept_float32"], list)

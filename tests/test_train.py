@@ -231,6 +231,14 @@ if dist.get_rank() == 0:
 """
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_cpu_training(tmp_path):
     script = tmp_path / "dist_train.py"
     out, result = tmp_path / "run", tmp_path / "result.json"
@@ -244,7 +252,7 @@ def test_two_process_cpu_training(tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29517",
+            str(_free_port()),
             str(script),
         ],
         capture_output=True,

@@ -157,11 +157,16 @@ def export_onnx(
     stage: str,
     opset: int = 18,
     fuse_attention: bool = True,
+    optimize: bool = True,
 ) -> dict:
     """Export `model` to `path` (atomically) with a dynamic batch axis and slimvit metadata.
 
+    Args:
+        optimize: for a ViT, also run ONNX Runtime's transformer fusions (bias + GELU -> BiasGelu,
+            residual add + LayerNorm -> SkipLayerNormalization) on the exported graph.
+
     Returns:
-        Facts about the export: opset, fused attention blocks, seconds, file size.
+        Facts about the export: opset, fused attention blocks, transformer fusions, seconds, file size.
     """
     import onnx
 
@@ -191,6 +196,9 @@ def export_onnx(
             f"ONNX export of the {stage} model failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
         ) from e
     proto = program.model_proto
+    fusions = {}
+    if optimize and hasattr(m, "blocks"):
+        proto, fusions = transformer_fusions(proto)
     runtime.embed_metadata(proto, onnx_metadata(spec, stage))
     with atomic_path(path) as tmp:
         onnx.save_model(proto, str(tmp))
@@ -198,9 +206,27 @@ def export_onnx(
         "file": str(path),
         "opset": int(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
         "fused_attention": fused,
+        "transformer_fusions": fusions,
         "size_mb": Path(path).stat().st_size / 1e6,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def transformer_fusions(proto):
+    """ONNX Runtime's offline transformer fusions on a ViT graph; returns the model and what was fused.
+
+    Only the graph-level fusions (opt_level 0): the session applies its own hardware-specific
+    optimisations when the file is loaded, so the file stays portable.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(
+        logging.ERROR
+    )  # asks for num_heads it does not need
+    # num_heads/hidden_size 0: read from the graph; attention is already one node per block.
+    opt = optimize_model(proto, model_type="vit", num_heads=0, hidden_size=0, opt_level=0, use_gpu=False)
+    stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    return opt.model, stats
 
 
 def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: int = 2) -> dict:
@@ -240,7 +266,15 @@ def run_export(cfg, run_dir: str | Path, data=None) -> dict:
     for stage in STAGES:
         model, spec = models.load(run_dir / stage)
         path = run_dir / "onnx" / f"{stage}_fp32.onnx"
-        info = export_onnx(model, spec, path, stage=stage, opset=q.opset, fuse_attention=q.fuse_attention)
+        info = export_onnx(
+            model,
+            spec,
+            path,
+            stage=stage,
+            opset=q.opset,
+            fuse_attention=q.fuse_attention,
+            optimize=q.optimize,
+        )
         check = parity(model, path, to_tensor_batch(images, spec["mean"], spec["std"]), cfg.bench.threads)
         info.update(check, file=str(path.relative_to(run_dir)))
         log.info(
