@@ -76,3 +76,21 @@ def test_bad_config_file(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config("neu-det", bad)
+
+
+def test_unreadable_run_config_is_refused_then_redone_with_force(tmp_path):
+    from slimvit.config import read_config
+    from slimvit.io import atomic_write_json
+    from slimvit.runs import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train: [1, 2\n")
+    (run / "split.json").write_text("{}")
+    atomic_write_json(run / "manifest.json", {"stages": {"data": {"status": "done"}}})
+    cfg = load_config("smoke")
+    with pytest.raises(ConfigError, match=r"cannot be read .*--force"):
+        prepare_run_dir(cfg, run)
+    prepare_run_dir(cfg, run, force=True)
+    assert read_config(run / "config.yaml") == cfg
+    assert not (run / "split.json").exists()  # everything is redone from the data check on

@@ -58,6 +58,8 @@ def test_smoke_end_to_end(smoke_run):
         assert 0 <= r["accuracy"] <= 1 and r["latency_ms_p50"] > 0 and r["size_mb"] > 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
+    stage_seconds = sum(s["seconds"] for s in manifest["stages"].values())
+    assert manifest["decode_seconds"] > 0 and manifest["total_seconds"] > stage_seconds  # decoding counted
     assert (out / "deploy" / "model.onnx").exists()
     deployed = next(r for r in rows if r["deployed"])
     meta = runtime.metadata(runtime.session(out / "deploy" / "model.onnx", 1))
@@ -213,3 +215,32 @@ def test_stage_command_without_prerequisite(tmp_path, neu_det):
     r = _cli("prune", "--preset", "smoke", "--data", str(neu_det), "--out", str(tmp_path / "r"))
     assert r.returncode == 2
     assert "slimvit distill" in r.stderr and "Traceback" not in r.stderr
+
+
+def _row(precision, ms, mb, acc=0.99):
+    return {
+        "stage": "pruned",
+        "runtime": "onnxruntime",
+        "precision": precision,
+        "latency_ms_p50": ms,
+        "size_mb": mb,
+        "accuracy": acc,
+    }
+
+
+def test_deployed_is_fastest_within_accuracy_ties_go_to_the_smaller_file():
+    from slimvit.bench import choose_deployed
+
+    rows = [
+        _row("fp32", 3.0, 14.0),
+        _row("int8-dynamic", 1.60, 4.5),
+        _row("int8-mixed", 1.65, 3.8),
+        _row("int8-static", 1.2, 6.0, acc=0.95),
+        _row("fp16", 3.1, 7.0),
+    ]
+    best, why = choose_deployed(rows, 0.5)
+    assert best["precision"] == "int8-mixed"  # 3% slower than dynamic = a tie, and smaller
+    assert "int8-static" in why and "outside the accuracy bound" in why  # fastest, but 4 points worse
+    rows[2]["latency_ms_p50"] = 1.9  # now clearly slower: speed wins
+    assert choose_deployed(rows, 0.5)[0]["precision"] == "int8-dynamic"
+    assert choose_deployed(rows, 5.0)[0]["precision"] == "int8-static"  # a looser bound admits it

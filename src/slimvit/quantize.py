@@ -61,6 +61,12 @@ FLOAT_REASONS = {
     "Softmax": "exponentials over attention logits; int8 would flatten the small probabilities",
     "Erf": "GELU's non-linearity, cheap elementwise work",
     "Gelu": "non-linearity, cheap elementwise work",
+    "BiasGelu": "bias + GELU non-linearity, cheap elementwise work",
+    "Concat": "data movement (the class token), no arithmetic",
+    "Expand": "data movement (the class token), no arithmetic",
+    "Reshape": "data movement, no arithmetic",
+    "Transpose": "data movement, no arithmetic",
+    "Gather": "data movement (the class token's output), no arithmetic",
     "Add": "residual adds and biases: int8 would re-quantize the residual stream in every block",
     "Mul": "elementwise scaling, cheap",
     "Div": "elementwise, cheap",
@@ -249,8 +255,17 @@ def op_census(path: Path) -> dict:
         v.name for v in list(g.value_info) + list(g.output) if v.type.tensor_type.elem_type == 10
     } | {t.name for t in g.initializer if t.data_type == 10}
     out = {"int8": Counter(), "fp16": Counter(), "float32": Counter()}
+
+    def from_op(name: str, *types: str) -> bool:
+        return name in producer and producer[name].op_type in types
+
+    def rescale(n) -> bool:
+        """Part of a dynamic int8 MatMul: `Cast(MatMulInteger) * scale`, or the product of two scales."""
+        via_cast = any(from_op(i, "Cast") and from_op(producer[i].input[0], *INT8_OPS) for i in n.input)
+        return n.op_type == "Mul" and (via_cast or any(from_op(i, "DynamicQuantizeLinear") for i in n.input))
+
     for n in g.node:
-        if n.op_type in PLUMBING:
+        if n.op_type in PLUMBING or rescale(n):
             continue
         from_dq = len(n.input) >= 2 and all(
             producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input[:2]

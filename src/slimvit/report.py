@@ -289,7 +289,7 @@ def _dataset(run: dict) -> list[str]:
             f"- Preset `{c.get('preset')}`: {c.get('data', {}).get('img_size')} px; teacher `{m.get('teacher')}` "
             f"({t.get('teacher_epochs')} epochs), student `{m.get('student')}` with `{m.get('student_stem')}` stem "
             f"({t.get('epochs')} epochs, distillation `{dist.get('loss')}`, alpha {dist.get('alpha')}, T {dist.get('temperature')}); "
-            f"precision `{t.get('precision')}`; prune ratio {p.get('ratio')} ({p.get('importance')}), "
+            f"precision `{t.get('precision')}`{_resolved_precision(run)}; prune ratio {p.get('ratio')} ({p.get('importance')}), "
             f"{p.get('finetune_epochs')} fine-tune epochs.",
             "",
             "<details><summary>Full resolved config (config.yaml)</summary>",
@@ -301,6 +301,11 @@ def _dataset(run: dict) -> list[str]:
             "</details>",
         ]
     return out + [""]
+
+
+def _resolved_precision(run: dict) -> str:
+    used = sorted({t["precision"] for t in run["train"].values() if "precision" in t})
+    return f" (trained in {', '.join(used)})" if used else ""
 
 
 def _stage_table(run: dict) -> list[str]:
@@ -594,11 +599,16 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
                 check["agrees"],
             )
         )
-    # Every stage's own time (the report's own few seconds are not in yet while it is being written).
-    total = sum(s.get("seconds", 0.0) for s in run["manifest"].get("stages", {}).values()) or None
+    # Every stage's own time plus image decoding (the report's own few seconds are not in yet while
+    # it is being written).
+    m = run["manifest"]
+    total = (
+        sum(s.get("seconds", 0.0) for s in m.get("stages", {}).values()) + m.get("decode_seconds", 0.0)
+        or None
+    )
     out.append(
         (
-            "whole pipeline <= 60 min (sum of stage times)",
+            "whole pipeline <= 60 min (stage times + image decoding)",
             "-" if total is None else f"{total / 60:.1f} min",
             None if total is None else total <= 3600,
         )
@@ -710,7 +720,10 @@ def _timing(run: dict) -> list[str]:
             else e.get("status", "-")
         )
         out.append(f"| {name} | {status} | {e.get('seconds', 0.0) / 60:.1f} |")
-    total = sum(e.get("seconds", 0.0) for e in st.values())
+    decode = run["manifest"].get("decode_seconds", 0.0)
+    if decode:
+        out.append(f"| (decoding the images) | done | {decode / 60:.1f} |")
+    total = sum(e.get("seconds", 0.0) for e in st.values()) + decode
     return out + [f"| total | | {total / 60:.1f} |", ""]
 
 

@@ -69,12 +69,13 @@ def prepare_run_dir(cfg: Config, out: str | Path, force: bool = False) -> Path:
     path = run_dir / "config.yaml"
     if path.exists():
         try:
-            old = read_config(path)
+            diff = config_diff(_comparable(read_config(path)), _comparable(cfg))
+            first = first_affected_stage([d.split(":")[0] for d in diff])
         except ConfigError as e:
             if not force:
-                raise ConfigError(f"'{path}' cannot be read ({e}); use another --out or --force") from None
-            old = None
-        diff = config_diff(_comparable(old), _comparable(cfg)) if old is not None else ["data."]
+                why = str(e).splitlines()[0]
+                raise ConfigError(f"'{path}' cannot be read ({why}); use another --out or --force") from None
+            diff, first = [f"unreadable {path.name}"], "data"  # nothing in the folder can be trusted
         if diff and not force:
             shown = "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
             raise ConfigError(
@@ -82,7 +83,7 @@ def prepare_run_dir(cfg: Config, out: str | Path, force: bool = False) -> Path:
                 "use another --out, or add --force to redo the affected stages with the new config"
             )
         if diff:
-            _reset_from(run_dir, first_affected_stage([d.split(":")[0] for d in diff]))
+            _reset_from(run_dir, first)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_config(cfg, path)
