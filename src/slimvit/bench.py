@@ -265,7 +265,7 @@ def run_bench(cfg, run_dir: str | Path, data=None) -> dict:
     out = {
         "threads": bcfg.threads,
         "cpu": cpu_name(),
-        "isa": [f for f in ISA_FLAGS if f in cpu_flags()],
+        "isa": sorted(set(ISA_FLAGS) & cpu_flags(), key=ISA_FLAGS.index),
         "cores": _cores(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": {

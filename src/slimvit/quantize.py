@@ -348,7 +348,7 @@ def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
             calib = calibration_images(data, spec, cfg.quantize.calibration_images, cfg.train.seed)
         dst = run_dir / "onnx" / f"pruned_{mode}.onnx"
         t0 = time.perf_counter()
-        others = ",".join(m for m in cfg.quantize.modes if m != mode) or "fp16"
+        others = ",".join(m for m in cfg.quantize.modes if m != mode)
         skip = f"; leave it out with --set quantize.modes=[{others}]"
         try:
             info = fn(src, dst, cfg.quantize, calib)

@@ -618,9 +618,10 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
 
 def _targets_section(run: dict) -> list[str]:
     out = ["## Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
-    for name, measured, met in targets(run):
+    rows = targets(run)
+    for name, measured, met in rows:
         out.append(f"| {name} | {measured} | {'-' if met is None else 'yes' if met else '**no**'} |")
-    missed = [n for n, _, met in targets(run) if met is False]
+    missed = [n for n, _, met in rows if met is False]
     out += [
         "",
         f"Not met: {'; '.join(missed)}." if missed else "Every target with numbers in this run is met.",
