@@ -228,6 +228,7 @@ dist.all_gather_object(digests, digest)
 if dist.get_rank() == 0:
     open({result!r}, "w").write(json.dumps({{"digests": digests, "world": dist.get_world_size(),
                                             "processes": summary["processes"]}}))
+dist.destroy_process_group()  # as the CLI does: a live gloo group can abort the interpreter's exit
 """
 
 

@@ -135,12 +135,18 @@ def measure(variants: list[Variant], input_size, bcfg, progress: bool = True) ->
         for v in variants:
             time_calls(lambda v=v: v.predict(x1), 0, bcfg.warmup)
             v.predict(xb)
+        # Batch 1 first, in short blocks (`per_round` calls, after one untimed call that brings the
+        # model back into cache): a slow spell of this shared machine lasts seconds, so short blocks
+        # spread it over every variant instead of landing on whichever variant's block it hit.
         bar = tqdm(range(bcfg.rounds), desc="bench rounds", disable=not progress, leave=False)
         for _ in bar:
             for v in variants:
-                v.times += time_calls(lambda v=v: v.predict(x1), per_round).tolist()
-                v.batch_times += time_calls(lambda v=v: v.predict(xb), bcfg.throughput_runs).tolist()
                 time.sleep(0.02)  # let the previous runtime's spinning threads go idle
+                v.times += time_calls(lambda v=v: v.predict(x1), per_round, warmup=1).tolist()
+        for _ in range(bcfg.throughput_runs):
+            for v in variants:
+                time.sleep(0.02)
+                v.batch_times += time_calls(lambda v=v: v.predict(xb), 1).tolist()
     finally:
         torch.set_num_threads(prev)
 

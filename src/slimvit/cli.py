@@ -173,6 +173,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        _end_distributed()
+
+
+def _end_distributed() -> None:
+    """Close the process group a distributed launch opened: a live gloo group left to the interpreter's
+    exit sometimes aborts it ("terminate called without an active exception", exit -6)."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch (`predict` runs without it)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -241,9 +241,9 @@ class QuantizeConfig:
     static_activations: str = "uint8"
     """Activation type of static INT8: `uint8` (asymmetric; the fast u8s8 kernels on x86) or `int8`."""
     optimize: bool = True
-    """Run ONNX Runtime's transformer fusions on exported ViTs (BiasGelu, SkipLayerNormalization;
-    measured 4% faster at batch 1 for FP32 and INT8 here) and its graph optimisations
-    (`quant_pre_process`) before static calibration."""
+    """Run ONNX Runtime's transformer fusions on exported ViTs (BiasGelu; residual add + LayerNorm is
+    left unfused, see `runtime.SLOW_FUSIONS`) and its graph optimisations (`quant_pre_process`)
+    before static calibration."""
     accuracy_tolerance: float = 0.5
     """A variant may be deployed only within this many accuracy points of the pruned FP32 model."""
 
@@ -270,8 +270,9 @@ class BenchConfig:
     """Untimed runs before timing."""
     runs: int = 300
     """Timed batch-1 runs per variant (split across rounds)."""
-    rounds: int = 10
-    """Interleaved rounds: each round times every variant once, so drift hits all alike."""
+    rounds: int = 30
+    """Interleaved rounds: each round times every variant once (a short block of runs), so drift and
+    slow spells of a shared machine hit all variants alike."""
     throughput_batch: int = 32
     """Batch size of the throughput measurement."""
     throughput_runs: int = 5

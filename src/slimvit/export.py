@@ -162,8 +162,8 @@ def export_onnx(
     """Export `model` to `path` (atomically) with a dynamic batch axis and slimvit metadata.
 
     Args:
-        optimize: for a ViT, also run ONNX Runtime's transformer fusions (bias + GELU -> BiasGelu,
-            residual add + LayerNorm -> SkipLayerNormalization) on the exported graph.
+        optimize: for a ViT, also run ONNX Runtime's transformer fusions (bias + GELU -> BiasGelu;
+            not residual add + LayerNorm, see `transformer_fusions`) on the exported graph.
 
     Returns:
         Facts about the export: opset, fused attention blocks, transformer fusions, seconds, file size.
@@ -216,15 +216,27 @@ def transformer_fusions(proto):
     """ONNX Runtime's offline transformer fusions on a ViT graph; returns the model and what was fused.
 
     Only the graph-level fusions (opt_level 0): the session applies its own hardware-specific
-    optimisations when the file is loaded, so the file stays portable.
+    optimisations when the file is loaded, so the file stays portable. Residual add + LayerNorm
+    stays two nodes: ORT's CPU SkipLayerNormalization is slower than the pair (`runtime.SLOW_FUSIONS`).
     """
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(
         logging.ERROR
     )  # asks for num_heads it does not need
+    options = FusionOptions("vit")
+    options.enable_skip_layer_norm = False
     # num_heads/hidden_size 0: read from the graph; attention is already one node per block.
-    opt = optimize_model(proto, model_type="vit", num_heads=0, hidden_size=0, opt_level=0, use_gpu=False)
+    opt = optimize_model(
+        proto,
+        model_type="vit",
+        num_heads=0,
+        hidden_size=0,
+        opt_level=0,
+        use_gpu=False,
+        optimization_options=options,
+    )
     stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     return opt.model, stats
 
