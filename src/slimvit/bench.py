@@ -118,6 +118,12 @@ def collect_variants(run_dir: Path, threads: int) -> list[Variant]:
     return out
 
 
+BLOCK_WARMUP = 10
+"""Untimed batch-1 calls at the start of each block. Here the first calls after switching from one
+ORT session to another ran up to 2-3x slower (median by position in the block over 30 rounds, not
+seen when one session paused as long) and settled after 5-8 calls; a deployed model runs alone."""
+
+
 def measure(variants: list[Variant], input_size, bcfg, progress: bool = True) -> None:
     """Batch-1 latency and batch-B throughput of every variant, in interleaved rounds."""
     import torch
@@ -135,14 +141,14 @@ def measure(variants: list[Variant], input_size, bcfg, progress: bool = True) ->
         for v in variants:
             time_calls(lambda v=v: v.predict(x1), 0, bcfg.warmup)
             v.predict(xb)
-        # Batch 1 first, in short blocks (`per_round` calls, after one untimed call that brings the
-        # model back into cache): a slow spell of this shared machine lasts seconds, so short blocks
-        # spread it over every variant instead of landing on whichever variant's block it hit.
+        # Batch 1 first, in short blocks (`per_round` calls after `BLOCK_WARMUP` untimed ones that
+        # bring the model back into cache): a slow spell of a shared machine then falls on every
+        # variant instead of on whichever variant's long block it hit.
         bar = tqdm(range(bcfg.rounds), desc="bench rounds", disable=not progress, leave=False)
         for _ in bar:
             for v in variants:
                 time.sleep(0.02)  # let the previous runtime's spinning threads go idle
-                v.times += time_calls(lambda v=v: v.predict(x1), per_round, warmup=1).tolist()
+                v.times += time_calls(lambda v=v: v.predict(x1), per_round, BLOCK_WARMUP).tolist()
         for _ in range(bcfg.throughput_runs):
             for v in variants:
                 time.sleep(0.02)

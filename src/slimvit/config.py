@@ -270,7 +270,7 @@ class BenchConfig:
     """Untimed runs before timing."""
     runs: int = 300
     """Timed batch-1 runs per variant (split across rounds)."""
-    rounds: int = 30
+    rounds: int = 15
     """Interleaved rounds: each round times every variant once (a short block of runs), so drift and
     slow spells of a shared machine hit all variants alike."""
     throughput_batch: int = 32
