@@ -64,6 +64,15 @@ def test_smoke_end_to_end(smoke_run):
     deployed = next(r for r in rows if r["deployed"])
     meta = runtime.metadata(runtime.session(out / "deploy" / "model.onnx", 1))
     assert meta["precision"] == deployed["precision"] and meta["stage"] == "pruned"
+    # the pruned FP32 ONNX model and the deployed one, timed again at 1 thread; the rows at
+    # bench.threads are the main measurement's
+    scaling = bench["thread_scaling"]
+    assert bench["threads"] == 2 and sorted({r["threads"] for r in scaling}) == [1, 2]
+    assert {r["precision"] for r in scaling} == {"fp32", deployed["precision"]}
+    assert all(r["latency_ms_p50"] > 0 and r["latency_ms_p90"] >= r["latency_ms_p50"] for r in scaling)
+    main = next(r for r in scaling if r["deployed"] and r["threads"] == 2)
+    assert main["latency_ms_p50"] == deployed["latency_ms_p50"]
+    assert "by intra-op thread count" in report
 
 
 def test_second_run_skips_every_stage(smoke_run):
@@ -244,3 +253,27 @@ def test_deployed_is_fastest_within_accuracy_ties_go_to_the_smaller_file():
     rows[2]["latency_ms_p50"] = 1.9  # now clearly slower: speed wins
     assert choose_deployed(rows, 0.5)[0]["precision"] == "int8-dynamic"
     assert choose_deployed(rows, 5.0)[0]["precision"] == "int8-static"  # a looser bound admits it
+
+
+def test_thread_counts():
+    from slimvit.bench import thread_counts
+
+    assert thread_counts(1) == [1] and thread_counts(2) == [1, 2] and thread_counts(12) == [1, 2, 4, 8, 12]
+
+
+def test_report_thread_scaling_table():
+    from slimvit.report import _thread_scaling
+
+    rows = [
+        {"precision": "fp32", "deployed": False, "threads": 1, "latency_ms_p50": 4.0},
+        {"precision": "int8-mixed", "deployed": True, "threads": 1, "latency_ms_p50": 1.6},
+        {"precision": "fp32", "deployed": False, "threads": 2, "latency_ms_p50": 2.0},
+        {"precision": "int8-mixed", "deployed": True, "threads": 2, "latency_ms_p50": 1.2},
+    ]
+    text = "\n".join(_thread_scaling({"threads": 2, "thread_scaling": rows}))
+    assert "| 1 | 4.00 | 1.60 | 0.40x |" in text and "| 2 | 2.00 | 1.20 | 0.60x |" in text
+    assert "FP32 ONNX got 2.00x faster and the deployed model 1.33x" in text and "too small to split" in text
+    assert _thread_scaling({"threads": 2, "thread_scaling": rows[:3]}) == []  # incomplete: no table
+    fp32_deployed = [dict(r, deployed=True) for r in rows if r["precision"] == "fp32"]
+    text = "\n".join(_thread_scaling({"threads": 2, "thread_scaling": fp32_deployed}))
+    assert "| 1 | 4.00 |" in text and "(deployed)" in text and "deployed / FP32" not in text

@@ -124,8 +124,10 @@ ORT session to another ran up to 2-3x slower (median by position in the block ov
 seen when one session paused as long) and settled after 5-8 calls; a deployed model runs alone."""
 
 
-def measure(variants: list[Variant], input_size, bcfg, progress: bool = True) -> None:
-    """Batch-1 latency and batch-B throughput of every variant, in interleaved rounds."""
+def measure(
+    variants: list[Variant], input_size, bcfg, progress: bool = True, throughput: bool = True
+) -> None:
+    """Batch-1 latency (and batch-B throughput) of every variant, in interleaved rounds."""
     import torch
     from tqdm.auto import tqdm
 
@@ -140,7 +142,8 @@ def measure(variants: list[Variant], input_size, bcfg, progress: bool = True) ->
     try:
         for v in variants:
             time_calls(lambda v=v: v.predict(x1), 0, bcfg.warmup)
-            v.predict(xb)
+            if throughput:
+                v.predict(xb)
         # Batch 1 first, in short blocks (`per_round` calls after `BLOCK_WARMUP` untimed ones that
         # bring the model back into cache): a slow spell of a shared machine then falls on every
         # variant instead of on whichever variant's long block it hit.
@@ -149,7 +152,7 @@ def measure(variants: list[Variant], input_size, bcfg, progress: bool = True) ->
             for v in variants:
                 time.sleep(0.02)  # let the previous runtime's spinning threads go idle
                 v.times += time_calls(lambda v=v: v.predict(x1), per_round, BLOCK_WARMUP).tolist()
-        for _ in range(bcfg.throughput_runs):
+        for _ in range(bcfg.throughput_runs if throughput else 0):
             for v in variants:
                 time.sleep(0.02)
                 v.batch_times += time_calls(lambda v=v: v.predict(xb), 1).tolist()
@@ -178,6 +181,57 @@ def row(v: Variant, metrics: dict, size_mb: float, batch: int) -> dict:
         "throughput_ips": batch / (float(np.median(v.batch_times)) / 1e3),
         "gmacs_per_s": v.macs / (p50 / 1e3) / 1e9,
     }
+
+
+def thread_counts(threads: int) -> list[int]:
+    """1, 2, 4, ... below `threads`, then `threads`."""
+    out, t = [], 1
+    while t < threads:
+        out.append(t)
+        t *= 2
+    return [*out, threads]
+
+
+def thread_scaling(run_dir: Path, rows: list[dict], input_size, bcfg) -> list[dict]:
+    """Batch-1 latency of the pruned FP32 ONNX model and the deployed one at fewer intra-op threads.
+
+    The rows at `bench.threads` come from the main measurement; the others are timed here, the two
+    models interleaved as there. Small int8 kernels gain less from a second core than float ones.
+    """
+    import dataclasses
+
+    picks = [
+        r
+        for r in rows
+        if r["stage"] == "pruned"
+        and r["runtime"] == "onnxruntime"
+        and (r["precision"] == "fp32" or r["deployed"])
+    ]
+    out = []
+    for t in thread_counts(bcfg.threads):
+        if t == bcfg.threads:
+            timed = [(r, r["latency_ms_p50"], r["latency_ms_p90"]) for r in picks]
+        else:
+            vs = [
+                _onnx_variant(run_dir, r["file"], "pruned", r["precision"], r["params"], r["macs"], t)
+                for r in picks
+            ]
+            measure(vs, input_size, dataclasses.replace(bcfg, threads=t), progress=False, throughput=False)
+            timed = [
+                (r, float(np.median(v.times)), float(np.percentile(v.times, 90)))
+                for r, v in zip(picks, vs, strict=True)
+            ]
+        out += [
+            {
+                "precision": r["precision"],
+                "deployed": r["deployed"],
+                "threads": t,
+                "latency_ms_p50": p50,
+                "latency_ms_p90": p90,
+            }
+            for r, p50, p90 in timed
+        ]
+    return out
 
 
 TIE = 0.05
@@ -274,6 +328,7 @@ def run_bench(cfg, run_dir: str | Path, data=None) -> dict:
     ]
     deployed, why = choose_deployed(rows, cfg.quantize.accuracy_tolerance)
     deployed["deployed"] = True
+    scaling = thread_scaling(run_dir, rows, spec["input_size"], bcfg)
     out = {
         "threads": bcfg.threads,
         "cpu": cpu_name(),
@@ -291,6 +346,7 @@ def run_bench(cfg, run_dir: str | Path, data=None) -> dict:
         "versions": versions(),
         "deployed_why": why,
         "rows": [{k: r[k] for k in (*ROW_KEYS, "latency_runs")} for r in rows],
+        "thread_scaling": scaling,
         "confusion": {v.key: metrics[v.key]["confusion"] for v in variants},
         "classes": data.classes,
     }

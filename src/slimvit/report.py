@@ -504,8 +504,48 @@ def _deployment(run: dict) -> list[str]:
             ),
             "",
         ]
-    out += ["![confusion matrix](plots/confusion.png)", ""]
+    out += [*_thread_scaling(b), "![confusion matrix](plots/confusion.png)", ""]
     return out
+
+
+def _thread_scaling(b: dict) -> list[str]:
+    """Batch-1 p50 of the pruned FP32 ONNX model and the deployed one by intra-op thread count."""
+    scaling = b.get("thread_scaling") or []
+    counts = sorted({r["threads"] for r in scaling})
+    by = {(r["precision"], r["threads"]): r["latency_ms_p50"] for r in scaling}
+    deployed = [r["precision"] for r in scaling if r["deployed"]]
+    cols = list(dict.fromkeys(["fp32", *deployed[:1]]))
+    if len(counts) < 2 or any((c, t) not in by for c in cols for t in counts):
+        return []
+    names = [
+        f"pruned FP32 ONNX{' (deployed)' if c in deployed else ''}" if c == "fp32" else f"deployed ({c})"
+        for c in cols
+    ]
+    ratio = len(cols) == 2
+    out = [
+        f"Batch-1 p50 by intra-op thread count (the tables above use {b['threads']}):",
+        "",
+        "| threads | " + " | ".join(f"{n} ms" for n in names) + (" | deployed / FP32 |" if ratio else " |"),
+        "|---:|" + "---:|" * (len(cols) + ratio),
+    ]
+    for t in counts:
+        cells = [f"{by[c, t]:.2f}" for c in cols] + (
+            [f"{by[cols[1], t] / by['fp32', t]:.2f}x"] if ratio else []
+        )
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    lo, hi = counts[0], counts[-1]
+    gains = {c: by[c, lo] / by[c, hi] for c in cols}
+    text = f"From {lo} to {hi} threads FP32 ONNX got {gains['fp32']:.2f}x faster"
+    if ratio:
+        text += f" and the deployed model {gains[cols[1]]:.2f}x."
+        if gains[cols[1]] < gains["fp32"] - 0.1:
+            text += (
+                " At batch 1 the int8 matrix products are too small to split well across cores, so the deployed "
+                "model's lead over FP32 is largest on one core."
+            )
+    else:
+        text += "."
+    return [*out, "", text, ""]
 
 
 def _minutes(run: dict, *stages: str) -> float | None:
