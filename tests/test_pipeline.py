@@ -274,6 +274,10 @@ def test_report_thread_scaling_table():
     assert "| 1 | 4.00 | 1.60 | 0.40x |" in text and "| 2 | 2.00 | 1.20 | 0.60x |" in text
     assert "FP32 ONNX got 2.00x faster and the deployed model 1.33x" in text and "too small to split" in text
     assert _thread_scaling({"threads": 2, "thread_scaling": rows[:3]}) == []  # incomplete: no table
+    slower = [dict(r, latency_ms_p50=2.0) if r["deployed"] and r["threads"] == 2 else r for r in rows]
+    assert "deployed model slower (1.25x the time)" in "\n".join(
+        _thread_scaling({"threads": 2, "thread_scaling": slower})
+    )
     fp32_deployed = [dict(r, deployed=True) for r in rows if r["precision"] == "fp32"]
     text = "\n".join(_thread_scaling({"threads": 2, "thread_scaling": fp32_deployed}))
     assert "| 1 | 4.00 |" in text and "(deployed)" in text and "deployed / FP32" not in text

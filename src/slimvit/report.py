@@ -535,9 +535,13 @@ def _thread_scaling(b: dict) -> list[str]:
         out.append(f"| {t} | " + " | ".join(cells) + " |")
     lo, hi = counts[0], counts[-1]
     gains = {c: by[c, lo] / by[c, hi] for c in cols}
-    text = f"From {lo} to {hi} threads FP32 ONNX got {gains['fp32']:.2f}x faster"
+
+    def change(g: float) -> str:
+        return f"{g:.2f}x faster" if g >= 1 else f"slower ({1 / g:.2f}x the time)"
+
+    text = f"From {lo} to {hi} threads FP32 ONNX got {change(gains['fp32'])}"
     if ratio:
-        text += f" and the deployed model {gains[cols[1]]:.2f}x."
+        text += f" and the deployed model {change(gains[cols[1]])}."
         if gains[cols[1]] < gains["fp32"] - 0.1:
             text += (
                 " At batch 1 the int8 matrix products are too small to split well across cores, so the deployed "
