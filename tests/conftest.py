@@ -28,7 +28,7 @@ def neu_det() -> Path:
 
 
 def write_image(path: Path, seed: int, size: int = 24, ext: str = ".jpg") -> Path:
-    """A small random grayscale-looking RGB image (JPEG, PNG or BMP by extension)."""
+    """A small random grayscale-looking RGB image (JPEG, PNG, BMP or WebP by extension)."""
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 255, (size, size), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)

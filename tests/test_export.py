@@ -127,6 +127,9 @@ def test_session_and_metadata_errors(tmp_path):
     onnx.save(proto, str(tmp_path / "plain.onnx"))
     with pytest.raises(ModelError, match="no slimvit metadata"):
         runtime.metadata(runtime.session(tmp_path / "plain.onnx"))
+    with pytest.raises(ModelError, match="no slimvit metadata"):
+        runtime.proto_metadata(proto)  # the same check without a session
+    assert runtime.proto_metadata(onnx.load(str(path)))["classes"] == CLASSES
     runtime.embed_metadata(proto, {"classes": CLASSES})
     onnx.save(proto, str(tmp_path / "partial.onnx"))
     with pytest.raises(ModelError, match="lacks input_size"):

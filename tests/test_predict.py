@@ -27,7 +27,7 @@ def deployed(tmp_path_factory):
 
 def _folder_with_one_corrupt(root):
     for i in range(5):
-        write_image(root / "imgs" / f"ok_{i}.png", seed=i, size=40)
+        write_image(root / "imgs" / f"ok_{i}.{'webp' if i == 4 else 'png'}", seed=i, size=40)
     (root / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (root / "imgs" / "notes.txt").write_text("not an image, ignored")
     return root / "imgs"

@@ -99,6 +99,26 @@ def test_global_and_iterative_pruning():
     assert all(b["head_dim"] % 8 == 0 for b in widths["blocks"].values())
 
 
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+def test_global_pruning_removes_what_uniform_removes(ratio):
+    """One threshold over all layers, but the same parameter budget as the uniform plan."""
+
+    def kept(global_pruning: bool) -> float:
+        model, _ = tiny_vit()
+        with torch.no_grad():  # layers of different magnitude, so the global ranking is uneven
+            for i, blk in enumerate(model.blocks):
+                blk.mlp.fc1.weight.mul_(1 + 0.5 * i)
+        before = sum(p.numel() for p in model.parameters())
+        cfg = PruneConfig(ratio=ratio, importance="l2", global_pruning=global_pruning)
+        widths = prune_model(model, torch.randn(1, 3, 32, 32), cfg)
+        return sum(p.numel() for p in model.parameters()) / before, widths
+
+    uniform, uniform_widths = kept(False)
+    glob, widths = kept(True)
+    assert abs(glob - uniform) < 0.05, (glob, uniform)
+    assert widths != uniform_widths  # the ranking did move channels between groups
+
+
 def test_patch_stem_and_distilled_model_prune():
     for name, stem in (("vit_tiny_patch16_224", "patch"), ("deit_tiny_distilled_patch16_224", "conv")):
         model, _ = tiny_vit(stem=stem, name=name)

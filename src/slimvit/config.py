@@ -188,7 +188,8 @@ class PruneConfig:
     importance: str = "taylor"
     """Importance criterion: `taylor`, `l2`, or `random`."""
     global_pruning: bool = False
-    """Rank channels across layers (global) instead of pruning each layer by the same ratio."""
+    """Rank channels across layers (global) instead of pruning each layer by the same ratio; the global
+    threshold keeps as many block weights as the uniform plan would, so `ratio` means the same."""
     iterative_steps: int = 1
     """Prune in this many steps (Taylor importance is re-estimated between steps)."""
     prune_heads: bool = True

@@ -407,14 +407,35 @@ def heads_to_remove(num_heads: int, ratio: float, prune_heads: bool) -> int:
     return max(0, min(num_heads - 1, int(math.floor(ratio * num_heads + 1e-9))))
 
 
-def _global_keep(scores: dict[str, torch.Tensor], uniform: dict[str, int], current: dict[str, int], r: int):
-    """Keep counts from one threshold over all groups' normalised scores, with the uniform total budget."""
-    allv = torch.cat([s.float().flatten() for s in scores.values()])
-    budget = sum(uniform.values())
-    if budget >= len(allv):
-        return dict(current)
-    thr = torch.topk(allv, budget).values[-1]
-    return {k: _round_keep(int((s >= thr).sum()), current[k], r) for k, s in scores.items()}
+def _global_keep(
+    scores: dict[str, torch.Tensor],
+    size: Callable[[dict[str, int]], int],
+    uniform: dict[str, int],
+    current: dict[str, int],
+    r: int,
+) -> dict[str, int]:
+    """Keep counts from one threshold over all groups' normalised scores.
+
+    The threshold is the lowest whose widths are no larger, by `size` (the parameters they hold),
+    than the uniform plan's: channels differ in cost (an embedding channel runs through every
+    block), so counting channels alone would keep far more parameters than the uniform plan.
+    """
+
+    def keep_at(t: torch.Tensor) -> dict[str, int]:
+        return {k: _round_keep(int((s >= t).sum()), current[k], r) for k, s in scores.items()}
+
+    budget = size(uniform)
+    thresholds = torch.cat([s.float().flatten() for s in scores.values()]).unique().flip(0)  # high to low
+    lo, hi = 0, len(thresholds) - 1  # size(keep_at(thresholds[i])) grows with i
+    if size(keep_at(thresholds[lo])) > budget:
+        return keep_at(thresholds[lo])
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if size(keep_at(thresholds[mid])) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return keep_at(thresholds[lo])
 
 
 # --------------------------------------------------------------------------- pruning
@@ -575,13 +596,14 @@ def _lowest(scores: torch.Tensor, n: int) -> list[int]:
 
 
 def _apply_global(target, cur, s_embed, s_attn, s_mlp, drop_heads, r) -> dict:
-    scores, uniform, current = {}, {}, {}
+    scores, uniform, current, heads = {}, {}, {}, {}
     if s_embed is not None:
         scores["embed"], uniform["embed"], current["embed"] = s_embed, target["embed_dim"], cur["embed_dim"]
     for name, s in s_attn.items():
         # Slot j of a head = its j-th best dim; a slot's score is averaged over the heads that stay.
         head_order = torch.argsort(s.mean(1))
         stay = s[head_order[drop_heads.get(name, 0) :]]
+        heads[name] = len(stay)
         slots = torch.sort(stay, dim=1, descending=True).values.mean(0)
         scores[f"{name}.attn"] = slots
         uniform[f"{name}.attn"] = target["blocks"][name]["head_dim"]
@@ -589,7 +611,13 @@ def _apply_global(target, cur, s_embed, s_attn, s_mlp, drop_heads, r) -> dict:
         scores[f"{name}.mlp"] = s_mlp[name]
         uniform[f"{name}.mlp"] = target["blocks"][name]["mlp_hidden"]
         current[f"{name}.mlp"] = cur["blocks"][name]["mlp_hidden"]
-    keep = _global_keep(scores, uniform, current, r)
+
+    def size(keep: dict[str, int]) -> int:
+        """Weights of the blocks' matrices at these widths: qkv + proj, fc1 + fc2."""
+        e = keep.get("embed", cur["embed_dim"])
+        return sum(e * (4 * heads[n] * keep[f"{n}.attn"] + 2 * keep[f"{n}.mlp"]) for n in heads)
+
+    keep = _global_keep(scores, size, uniform, current, r)
     out = {"format": WIDTHS_FORMAT, "embed_dim": keep.get("embed", cur["embed_dim"]), "blocks": {}}
     for name, bt in target["blocks"].items():
         d = keep[f"{name}.attn"]

@@ -229,13 +229,14 @@ def to_fp16(src: Path, dst: Path, cfg: QuantizeConfig, calib=None) -> dict:
 
 def _stamp(path: Path, mode: str) -> None:
     """Carry the exported model's slimvit metadata into the variant, with its own precision."""
-    import json
-
     model = _load(path)
-    meta = {p.key: p.value for p in model.metadata_props}.get(runtime.META_KEY)
-    if meta is None:
-        raise ModelError(f"the {mode} model lost the slimvit metadata of the model it was built from")
-    runtime.embed_metadata(model, {**json.loads(meta), "precision": mode})
+    try:
+        meta = runtime.proto_metadata(model)
+    except ModelError as e:
+        raise ModelError(
+            f"the {mode} model lost the slimvit metadata of the model it was built from ({e})"
+        ) from None
+    runtime.embed_metadata(model, {**meta, "precision": mode})
     _save(model, path)
 
 

@@ -63,7 +63,15 @@ def session(path: str | Path, threads: int = 2, options=None):
 
 def metadata(sess) -> dict:
     """The slimvit metadata of a session's model, checked; ModelError if absent or incomplete."""
-    raw = sess.get_modelmeta().custom_metadata_map.get(META_KEY)
+    return _parse_metadata(sess.get_modelmeta().custom_metadata_map.get(META_KEY))
+
+
+def proto_metadata(model_proto: Any) -> dict:
+    """The slimvit metadata of an onnx.ModelProto, checked like `metadata`."""
+    return _parse_metadata({p.key: p.value for p in model_proto.metadata_props}.get(META_KEY))
+
+
+def _parse_metadata(raw: str | None) -> dict:
     if raw is None:
         raise ModelError(
             "the ONNX model has no slimvit metadata (classes, input size, mean/std); "
