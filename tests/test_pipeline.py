@@ -220,6 +220,22 @@ def test_failed_stage_is_recorded_and_resumed(smoke_run, tmp_path, monkeypatch):
     assert all(s["status"] == "done" for s in manifest["stages"].values())
 
 
+def test_dataset_error_is_recorded_against_the_stage_that_needed_it(smoke_run, tmp_path):
+    import shutil
+
+    from slimvit.errors import DataError
+
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_run[0], out)
+    cfg = load_config("smoke", overrides=[f"data.path={tmp_path / 'moved-away'}"])
+    with pytest.raises(DataError):
+        pipeline.run_pipeline(cfg, out, force="quantize")
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["stages"]["quantize"]
+    assert entry["status"] == "failed" and entry["error"].startswith("loading the dataset: ")
+    assert "moved-away" in entry["error"] and manifest["stages"]["export"]["status"] == "done"
+
+
 def test_stage_command_without_prerequisite(tmp_path, neu_det):
     r = _cli("prune", "--preset", "smoke", "--data", str(neu_det), "--out", str(tmp_path / "r"))
     assert r.returncode == 2

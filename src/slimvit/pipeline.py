@@ -244,7 +244,20 @@ def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
         resume = "auto" if stage.trains else False
         if data is None:
             t0 = time.perf_counter()
-            data = load_data(cfg.data, run_dir)
+            try:
+                data = load_data(cfg.data, run_dir)
+            except BaseException as e:  # recorded against the stage that needed the images
+                manifest.entry(stage.name).update(
+                    status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                    error="loading the dataset: "
+                    + (
+                        str(e)
+                        if isinstance(e, SlimvitError)
+                        else traceback.format_exception_only(e)[-1].strip()
+                    ),
+                )
+                manifest.save()
+                raise
             # Decoding the images belongs to no stage but is part of the pipeline's time.
             manifest.data["decode_seconds"] = (
                 manifest.data.get("decode_seconds", 0.0) + time.perf_counter() - t0
