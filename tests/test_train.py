@@ -337,3 +337,18 @@ def test_auto_precision_trains_in_bf16_where_native(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "train.json").read_text())["precision"] == "bf16"
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in tuned.parameters())
     assert all(np.isfinite(r["train_loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl"))
+
+
+def test_cli_closes_the_process_group(tmp_path):
+    """A command run under a distributed launch leaves no live process group to the interpreter's exit."""
+    import torch.distributed as dist
+
+    from slimvit import cli
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert cli.main(["predict", str(tmp_path / "missing.onnx"), str(tmp_path)]) == 2  # fails fast
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

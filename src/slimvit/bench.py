@@ -118,12 +118,6 @@ def collect_variants(run_dir: Path, threads: int) -> list[Variant]:
     return out
 
 
-BLOCK_WARMUP = 10
-"""Untimed batch-1 calls at the start of each block. Here the first calls after switching from one
-ORT session to another ran up to 2-3x slower (median by position in the block over 30 rounds, not
-seen when one session paused as long) and settled after 5-8 calls; a deployed model runs alone."""
-
-
 def measure(
     variants: list[Variant], input_size, bcfg, progress: bool = True, throughput: bool = True
 ) -> None:
@@ -144,18 +138,18 @@ def measure(
             time_calls(lambda v=v: v.predict(x1), 0, bcfg.warmup)
             if throughput:
                 v.predict(xb)
-        # Batch 1 first, in short blocks (`per_round` calls after `BLOCK_WARMUP` untimed ones that
-        # bring the model back into cache): a slow spell of a shared machine then falls on every
-        # variant instead of on whichever variant's long block it hit.
+        # Batch 1 first, in short blocks (`per_round` calls after `block_warmup` untimed ones: the
+        # first calls after switching models run slow): a slow spell of a shared machine then falls
+        # on every variant instead of on whichever variant's long block it hit.
         bar = tqdm(range(bcfg.rounds), desc="bench rounds", disable=not progress, leave=False)
         for _ in bar:
             for v in variants:
                 time.sleep(0.02)  # let the previous runtime's spinning threads go idle
-                v.times += time_calls(lambda v=v: v.predict(x1), per_round, BLOCK_WARMUP).tolist()
+                v.times += time_calls(lambda v=v: v.predict(x1), per_round, bcfg.block_warmup).tolist()
         for _ in range(bcfg.throughput_runs if throughput else 0):
             for v in variants:
                 time.sleep(0.02)
-                v.batch_times += time_calls(lambda v=v: v.predict(xb), 1).tolist()
+                v.batch_times += time_calls(lambda v=v: v.predict(xb), 1, warmup=1).tolist()
     finally:
         torch.set_num_threads(prev)
 
@@ -193,12 +187,12 @@ def thread_counts(threads: int) -> list[int]:
 
 
 def thread_scaling(run_dir: Path, rows: list[dict], input_size, bcfg) -> list[dict]:
-    """Batch-1 latency of the pruned FP32 ONNX model and the deployed one at fewer intra-op threads.
+    """Batch-1 latency of the pruned FP32 ONNX model and the deployed one at 1, 2, 4, ... threads.
 
-    The rows at `bench.threads` come from the main measurement; the others are timed here, the two
-    models interleaved as there. Small int8 kernels gain less from a second core than float ones.
+    One pass of its own after the main measurement, every (model, thread count) pair interleaved as
+    there, so the speed-ups between thread counts compare like with like. Small int8 kernels gain
+    less from a second core than float ones.
     """
-    import dataclasses
 
     picks = [
         r
@@ -207,31 +201,22 @@ def thread_scaling(run_dir: Path, rows: list[dict], input_size, bcfg) -> list[di
         and r["runtime"] == "onnxruntime"
         and (r["precision"] == "fp32" or r["deployed"])
     ]
-    out = []
-    for t in thread_counts(bcfg.threads):
-        if t == bcfg.threads:
-            timed = [(r, r["latency_ms_p50"], r["latency_ms_p90"]) for r in picks]
-        else:
-            vs = [
-                _onnx_variant(run_dir, r["file"], "pruned", r["precision"], r["params"], r["macs"], t)
-                for r in picks
-            ]
-            measure(vs, input_size, dataclasses.replace(bcfg, threads=t), progress=False, throughput=False)
-            timed = [
-                (r, float(np.median(v.times)), float(np.percentile(v.times, 90)))
-                for r, v in zip(picks, vs, strict=True)
-            ]
-        out += [
-            {
-                "precision": r["precision"],
-                "deployed": r["deployed"],
-                "threads": t,
-                "latency_ms_p50": p50,
-                "latency_ms_p90": p90,
-            }
-            for r, p50, p90 in timed
-        ]
-    return out
+    pairs = [(r, t) for t in thread_counts(bcfg.threads) for r in picks]
+    vs = [
+        _onnx_variant(run_dir, r["file"], "pruned", r["precision"], r["params"], r["macs"], t)
+        for r, t in pairs
+    ]
+    measure(vs, input_size, bcfg, progress=False, throughput=False)
+    return [
+        {
+            "precision": r["precision"],
+            "deployed": r["deployed"],
+            "threads": t,
+            "latency_ms_p50": float(np.median(v.times)),
+            "latency_ms_p90": float(np.percentile(v.times, 90)),
+        }
+        for (r, t), v in zip(pairs, vs, strict=True)
+    ]
 
 
 TIE = 0.05
@@ -339,6 +324,7 @@ def run_bench(cfg, run_dir: str | Path, data=None) -> dict:
             "warmup": bcfg.warmup,
             "runs": bcfg.runs,
             "rounds": bcfg.rounds,
+            "block_warmup": bcfg.block_warmup,
             "throughput_batch": bcfg.throughput_batch,
             "throughput_runs": bcfg.throughput_runs,
             "seconds": time.perf_counter() - t0,

@@ -182,7 +182,10 @@ def _end_distributed() -> None:
     exit sometimes aborts it ("terminate called without an active exception", exit -6)."""
     dist = sys.modules.get("torch.distributed")  # never imports torch (`predict` runs without it)
     if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # never mask the command's own outcome
+            logging.getLogger(__name__).warning("could not close the distributed process group: %s", e)
 
 
 if __name__ == "__main__":

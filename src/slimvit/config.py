@@ -189,7 +189,7 @@ class PruneConfig:
     """Importance criterion: `taylor`, `l2`, or `random`."""
     global_pruning: bool = False
     """Rank channels across layers (global) instead of pruning each layer by the same ratio; the global
-    threshold keeps as many block weights as the uniform plan would, so `ratio` means the same."""
+    threshold keeps at most as many block weights as the uniform plan, so `ratio` means about the same."""
     iterative_steps: int = 1
     """Prune in this many steps (Taylor importance is re-estimated between steps)."""
     prune_heads: bool = True
@@ -274,6 +274,10 @@ class BenchConfig:
     rounds: int = 15
     """Interleaved rounds: each round times every variant once (a short block of runs), so drift and
     slow spells of a shared machine hit all variants alike."""
+    block_warmup: int = 10
+    """Untimed batch-1 calls opening each block. Here the first calls after switching from one ORT
+    session to another ran up to 2-3x slower (median by position in the block over 30 rounds) and
+    settled after 5-8 calls; a deployed model runs alone."""
     throughput_batch: int = 32
     """Batch size of the throughput measurement."""
     throughput_runs: int = 5
@@ -284,6 +288,7 @@ class BenchConfig:
         _check(self.warmup >= 0, f"bench.warmup={self.warmup} must be >= 0")
         _check(self.runs >= 1, f"bench.runs={self.runs} must be >= 1")
         _check(self.rounds >= 1, f"bench.rounds={self.rounds} must be >= 1")
+        _check(self.block_warmup >= 0, f"bench.block_warmup={self.block_warmup} must be >= 0")
         _check(self.throughput_batch >= 1, f"bench.throughput_batch={self.throughput_batch} must be >= 1")
         _check(self.throughput_runs >= 1, f"bench.throughput_runs={self.throughput_runs} must be >= 1")
 

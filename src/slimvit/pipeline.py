@@ -190,9 +190,9 @@ def execute(stage: Stage, cfg, run_dir: Path, data, manifest: Manifest, resume, 
         result = RUNNERS[stage.name](cfg, run_dir, data, resume=resume, **options)
     except BaseException as e:
         entry.update(
-            status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+            status=_failed_status(e),
             seconds=entry.get("seconds", 0.0) + time.perf_counter() - t0,
-            error=str(e) if isinstance(e, SlimvitError) else traceback.format_exception_only(e)[-1].strip(),
+            error=_error_text(e),
         )
         manifest.save()
         raise
@@ -207,6 +207,29 @@ def execute(stage: Stage, cfg, run_dir: Path, data, manifest: Manifest, resume, 
     return result
 
 
+def _failed_status(e: BaseException) -> str:
+    return "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+
+
+def _error_text(e: BaseException) -> str:
+    return str(e) if isinstance(e, SlimvitError) else traceback.format_exception_only(e)[-1].strip()
+
+
+def load_data_for(stage: str, cfg, run_dir: Path, manifest: Manifest):
+    """Decode the dataset for `stage`; a failure is recorded in the manifest against that stage."""
+    from slimvit.data import load_data
+
+    try:
+        return load_data(cfg.data, run_dir)
+    except BaseException as e:
+        entry = manifest.entry(stage)
+        for stale in ("started", "finished", "result", "outputs"):
+            entry.pop(stale, None)
+        entry.update(status=_failed_status(e), error=f"loading the dataset: {_error_text(e)}")
+        manifest.save()
+        raise
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -219,8 +242,6 @@ def _jsonable(x):
 
 def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
     """Every enabled stage in order; finished stages are skipped, a failed one is resumed."""
-    from slimvit.data import load_data
-
     run_dir = Path(run_dir)
     stages = enabled_stages(cfg)
     names = [s.name for s in stages]
@@ -244,20 +265,7 @@ def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
         resume = "auto" if stage.trains else False
         if data is None:
             t0 = time.perf_counter()
-            try:
-                data = load_data(cfg.data, run_dir)
-            except BaseException as e:  # recorded against the stage that needed the images
-                manifest.entry(stage.name).update(
-                    status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                    error="loading the dataset: "
-                    + (
-                        str(e)
-                        if isinstance(e, SlimvitError)
-                        else traceback.format_exception_only(e)[-1].strip()
-                    ),
-                )
-                manifest.save()
-                raise
+            data = load_data_for(stage.name, cfg, run_dir, manifest)
             # Decoding the images belongs to no stage but is part of the pipeline's time.
             manifest.data["decode_seconds"] = (
                 manifest.data.get("decode_seconds", 0.0) + time.perf_counter() - t0
@@ -287,8 +295,6 @@ def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
 
 def run_single(name: str, cfg, run_dir: Path, args) -> int:
     """`slimvit <stage>`: run one stage (recorded in the manifest like `slimvit run` does)."""
-    from slimvit.data import load_data
-
     stage_name = name
     options: dict = {}
     if name == "prune" and getattr(args, "sweep", None):
@@ -307,7 +313,8 @@ def run_single(name: str, cfg, run_dir: Path, args) -> int:
     run_list = stages
     if name == "distill" and cfg.distill.ablation and cfg.distill.loss != "none":
         run_list = stages + [s for s in STAGES if s.name == "ablation"]
-    data = load_data(cfg.data, run_dir)
+    needs = STAGES[0].name if not manifest.is_done(STAGES[0]) else stage_name
+    data = load_data_for(needs, cfg, run_dir, manifest)
     if not manifest.is_done(STAGES[0]):
         execute(STAGES[0], cfg, run_dir, data, manifest, False)
     if getattr(args, "force", False) is True:

@@ -416,9 +416,9 @@ def _global_keep(
 ) -> dict[str, int]:
     """Keep counts from one threshold over all groups' normalised scores.
 
-    The threshold is the lowest whose widths are no larger, by `size` (the parameters they hold),
-    than the uniform plan's: channels differ in cost (an embedding channel runs through every
-    block), so counting channels alone would keep far more parameters than the uniform plan.
+    The threshold is the lowest whose widths hold at most as many parameters, by `size`, as the
+    uniform plan's (fewer where rounding to `r` bites): channels differ in cost (an embedding channel
+    runs through every block), so counting channels alone would keep far more parameters.
     """
 
     def keep_at(t: torch.Tensor) -> dict[str, int]:
@@ -428,6 +428,7 @@ def _global_keep(
     thresholds = torch.cat([s.float().flatten() for s in scores.values()]).unique().flip(0)  # high to low
     lo, hi = 0, len(thresholds) - 1  # size(keep_at(thresholds[i])) grows with i
     if size(keep_at(thresholds[lo])) > budget:
+        log.warning("global pruning: even the narrowest widths keep more weights than the uniform plan")
         return keep_at(thresholds[lo])
     while lo < hi:
         mid = (lo + hi + 1) // 2
