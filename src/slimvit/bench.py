@@ -193,7 +193,6 @@ def thread_scaling(run_dir: Path, rows: list[dict], input_size, bcfg) -> list[di
     there, so the speed-ups between thread counts compare like with like. Small int8 kernels gain
     less from a second core than float ones.
     """
-
     picks = [
         r
         for r in rows
