@@ -15,3 +15,12 @@ class DataError(SlimvitError):
 
 class ModelError(SlimvitError):
     """An unknown model name, an artifact that does not fit, a missing checkpoint."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (at most `limit` characters), else its type name.
+
+    Third-party errors (ONNX Runtime, the exporter, the hub) can span pages; one line goes into ours.
+    """
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(e).__name__

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimvit import models, runtime
-from slimvit.errors import ModelError
+from slimvit.errors import ModelError, first_line
 from slimvit.io import atomic_path, atomic_write_json, is_main_process
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def export_onnx(
         )
     except Exception as e:
         raise ModelError(
-            f"ONNX export of the {stage} model failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+            f"ONNX export of the {stage} model failed ({type(e).__name__}: {first_line(e)})"
         ) from e
     proto = program.model_proto
     fusions = {}

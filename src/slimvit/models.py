@@ -18,7 +18,7 @@ import timm
 import torch
 from torch import nn
 
-from slimvit.errors import ModelError
+from slimvit.errors import ModelError, first_line
 from slimvit.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def _load_pretrained(spec: dict, model: nn.Module) -> nn.Module:
         pre = timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e:  # network errors come in many types (OSError, HF hub errors, ...)
         raise ModelError(
-            f"could not download pretrained weights for '{name}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"could not download pretrained weights for '{name}' ({type(e).__name__}: {first_line(e, 200)}). "
             "Offline? Pass a local file with `weights: FILE` (--set model.teacher_weights=FILE) "
             "or set `pretrained: false`."
         ) from None

@@ -33,7 +33,7 @@ import numpy as np
 
 from slimvit import runtime
 from slimvit.config import QuantizeConfig
-from slimvit.errors import ConfigError, ModelError
+from slimvit.errors import ConfigError, ModelError, first_line
 from slimvit.io import atomic_path, atomic_write_json, is_main_process
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
             if isinstance(e, ModelError):
                 raise ModelError(f"{e}{skip}") from None
             raise ModelError(
-                f"quantization mode '{mode}' failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}){skip}"
+                f"quantization mode '{mode}' failed ({type(e).__name__}: {first_line(e)}){skip}"
             ) from e
         seconds = time.perf_counter() - t0
         try:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from slimvit.errors import ModelError
+from slimvit.errors import ModelError, first_line
 
 META_KEY = "slimvit"
 """Key of the JSON metadata in an ONNX model's `metadata_props`."""
@@ -57,8 +57,7 @@ def session(path: str | Path, threads: int = 2, options=None):
             disabled_optimizers=list(SLOW_FUSIONS),
         )
     except Exception as e:  # onnxruntime raises its own exception types for bad files
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ModelError(f"'{path}' is not an ONNX model ONNX Runtime can run ({first})") from None
+        raise ModelError(f"'{path}' is not an ONNX model ONNX Runtime can run ({first_line(e)})") from None
 
 
 def metadata(sess) -> dict:
@@ -93,8 +92,7 @@ def run_logits(sess, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     try:
         outs = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     except Exception as e:  # onnxruntime's own exception types (missing kernel, bad shape, ...)
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ModelError(f"ONNX Runtime failed to run the model ({first})") from None
+        raise ModelError(f"ONNX Runtime failed to run the model ({first_line(e)})") from None
     return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
 
 
