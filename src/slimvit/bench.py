@@ -69,7 +69,8 @@ class Variant:
         return f"{self.stage}/{self.runtime}/{self.precision}"
 
 
-def _torch_variant(run_dir: Path, stage: str, threads: int, reference: bool = False) -> Variant:
+def _torch_variant(run_dir: Path, stage: str, reference: bool = False) -> Variant:
+    """Eager PyTorch; its thread count is set by `measure`."""
     import torch
 
     from slimvit import models
@@ -104,10 +105,7 @@ def collect_variants(run_dir: Path, threads: int) -> list[Variant]:
     for need, cmd in (("onnx/export.json", "slimvit export"), ("onnx/quantize.json", "slimvit quantize")):
         if not (run_dir / need).exists():
             raise ModelError(f"no '{run_dir / need}'; run `{cmd}` (or `slimvit run`) first")
-    out = [
-        _torch_variant(run_dir, s, threads, reference=(s == "student"))
-        for s in ("teacher", "student", "pruned")
-    ]
+    out = [_torch_variant(run_dir, s, reference=(s == "student")) for s in ("teacher", "student", "pruned")]
     sizes = {v.stage: (v.params, v.macs) for v in out}
     exported = read_json(run_dir / "onnx" / "export.json")
     for stage, info in exported.items():
