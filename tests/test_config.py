@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +58,10 @@ def test_overrides_and_types(tmp_path):
         ("data.split=[0.5, 0.2, 0.2]", r"must sum to 1"),
         ("train.epochs", r"must look like section.key=value"),
         ("quantize.modes=[int4]", r"quantize.modes entry='int4'"),
+        ("train.warmup_epochs=.inf", r"train.warmup_epochs=inf must be a finite number"),
+        ("train.warmup_epochs=nan", r"train.warmup_epochs='nan' must be a finite number"),
+        ("train.lr=-.inf", r"train.lr=-inf must be a finite number"),
+        ("data.split=[0.5, .nan, 0.5]", r"data.split=nan must be a finite number"),
     ],
 )
 def test_bad_overrides(override, match):
@@ -94,3 +99,36 @@ def test_unreadable_run_config_is_refused_then_redone_with_force(tmp_path):
     prepare_run_dir(cfg, run, force=True)
     assert read_config(run / "config.yaml") == cfg
     assert not (run / "split.json").exists()  # everything is redone from the data check on
+
+
+@pytest.mark.parametrize(
+    "text", ["train:\n  teacher_epochs: 25\n", "train.teacher_epochs: 25\n"], ids=["nested", "dotted"]
+)
+def test_config_file_alone_merges_over_the_default_preset(tmp_path, text):
+    from slimvit.cli import build_parser, load_cli_config
+
+    user = tmp_path / "only_epochs.yaml"
+    user.write_text(text)
+    cfg, out = load_cli_config(build_parser().parse_args(["data", "--config", str(user)]))
+    assert cfg == load_config("neu-det", overrides=["train.teacher_epochs=25"])
+    assert cfg.data.img_size == 128 and cfg.prune.sweep == (0.1, 0.2, 0.3, 0.5)
+    assert cfg.preset == "neu-det" and out == Path("runs") / "neu-det"
+
+
+def test_config_file_may_name_its_preset(tmp_path):
+    user = tmp_path / "my.yaml"
+    user.write_text("preset: smoke\ntrain:\n  epochs: 3\n")
+    cfg = load_config(None, user)
+    assert cfg.preset == "smoke" and cfg.data.img_size == 32 and cfg.train.epochs == 3
+    assert load_config("reference", user).data.img_size == 224  # --preset wins over the file's
+    saved = tmp_path / "config.yaml"  # a run folder's config.yaml is a valid --config file
+    save_config(cfg, saved)
+    assert load_config(None, saved) == cfg
+
+
+def test_bad_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, bad)
+    assert len(str(e.value).splitlines()) == 1 and "line " in str(e.value)

@@ -6,11 +6,20 @@ import sys
 import time
 
 import pytest
+from conftest import make_imagefolder
 
 from slimvit import pipeline, runtime
 from slimvit.config import load_config
 from slimvit.errors import ConfigError
 from slimvit.runs import prepare_run_dir
+
+
+def set_runner(monkeypatch, name, fn):
+    """Replace one stage's run function (the declaration is frozen: swap the whole entry)."""
+    import dataclasses
+
+    stages = tuple(dataclasses.replace(s, run=fn) if s.name == name else s for s in pipeline.STAGES)
+    monkeypatch.setattr(pipeline, "STAGES", stages)
 
 
 def _cli(*args):
@@ -40,7 +49,7 @@ def test_smoke_end_to_end(smoke_run):
         assert f"plots/{p.name}" in report  # every plot is shown in the report
     bench = json.loads((out / "bench.json").read_text())
     rows = bench["rows"]
-    assert sum(r["reference"] for r in rows) == 1 and sum(r["deployed"] for r in rows) == 1
+    assert sum(r["reference"] for r in rows) == 1
     have = {(r["stage"], r["runtime"], r["precision"]) for r in rows}
     for need in [
         ("teacher", "pytorch", "fp32"),
@@ -53,27 +62,82 @@ def test_smoke_end_to_end(smoke_run):
         ("pruned", "onnxruntime", "int8-mixed"),
     ]:
         assert need in have, need
+    if bench["openvino"]["available"]:  # the same files on OpenVINO, timed in the same rounds
+        assert ("pruned", "openvino", "fp32") in have and ("pruned", "openvino", "int8-static") in have
     for r in rows:
         assert r["file"] and (out / r["file"]).exists()
         assert 0 <= r["accuracy"] <= 1 and r["latency_ms_p50"] > 0 and r["size_mb"] > 0
+        assert r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1] and r["val_accuracy"] is not None
+        assert r["candidate"] == (r["runtime"] != "pytorch" and r["stage"] == "pruned")
+    assert len(bench["predictions"]["pruned/onnxruntime/fp32"]) == len(bench["test_images"]["paths"]) == 360
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
     stage_seconds = sum(s["seconds"] for s in manifest["stages"].values())
     assert manifest["decode_seconds"] > 0 and manifest["total_seconds"] > stage_seconds  # decoding counted
-    assert (out / "deploy" / "model.onnx").exists()
-    deployed = next(r for r in rows if r["deployed"])
+    rec = json.loads((out / "deploy" / "deploy.json").read_text())
+    deployed = next(r for r in rows if r["key"] == rec["key"])
+    assert rec["deployed"] and rec["accuracy"] == deployed["accuracy"] and "validation" in rec["why"]
+    assert rec["validated_on"]["onnxruntime"] and rec["portable"]
     meta = runtime.metadata(runtime.session(out / "deploy" / "model.onnx", 1))
     assert meta["precision"] == deployed["precision"] and meta["stage"] == "pruned"
-    # the pruned FP32 ONNX model and the deployed one, timed again at 1 and 2 threads
+    assert meta["runtime"] == deployed["runtime"] and meta["validated_on"] == rec["validated_on"]
+    # the edge path in a process of its own agrees with bench on the same images
+    check = rec["predict_check"]
+    assert check["agrees"] and check["paired"]["p"] == 1.0 and check["torch_loaded"] is False
+    # the pruned FP32 ONNX model and the default choice, timed again at 1 and 2 threads
     scaling = bench["thread_scaling"]
-    assert bench["threads"] == 2
-    assert sorted((r["precision"], r["threads"]) for r in scaling) == sorted(
-        {(p, t) for p in ("fp32", deployed["precision"]) for t in (1, 2)}
-    )
+    assert bench["threads"] == 2 and {r["threads"] for r in scaling} == {1, 2}
     assert all(r["latency_ms_p50"] > 0 and r["latency_ms_p90"] >= r["latency_ms_p50"] for r in scaling)
-    assert all(r["deployed"] == (r["precision"] == deployed["precision"]) for r in scaling)
     assert "by intra-op thread count" in report
     assert bench["settings"]["block_warmup"] == 2  # the smoke preset's
+    for section in ("Deployment candidates", "Portability", "exact McNemar"):
+        assert section in report, section
+
+
+def test_int8_variants_portable_and_faithful_on_real_images(smoke_run):
+    """On whatever CPU runs this: every int8 file fits non-VNNI kernels, and agrees with FP32 on real images."""
+    out, _, _ = smoke_run
+    q = json.loads((out / "onnx" / "quantize.json").read_text())
+    variants = q["models"]["pruned"]
+    for mode in ("int8-dynamic", "int8-static", "int8-mixed"):
+        assert variants[mode]["portability"]["portable"], mode
+        assert variants[mode]["portability"]["max_abs_weight"] <= 64
+        assert variants[mode]["agreement_fp32"] >= 0.95, (mode, variants[mode]["agreement_fp32"])
+    assert q["validated_on"]["cpu"] and "onnxruntime" in q["validated_on"]
+
+
+def test_verify_and_deploy_for_budgets(smoke_run, tmp_path):
+    import shutil
+
+    out, _, _ = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    r = _cli("verify", str(run / "deploy"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("agrees: accuracy") and "paired test p=1" in r.stdout
+    assert len(r.stdout.strip().splitlines()) == 1
+    r = _cli("deploy", "--out", str(run), "--budget-ms", "0.0001")
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "batch-1 p50 <= 0.0001 ms" in errors[0] and "closest:" in errors[0]
+    assert not (run / "deploy" / "model.onnx").exists()
+    assert json.loads((run / "deploy" / "deploy.json").read_text())["deployed"] is False
+    r = _cli("verify", str(run / "deploy"))
+    assert r.returncode == 2 and "nothing is deployed" in r.stderr
+    bench = json.loads((run / "bench.json").read_text())
+    smallest = min(r["size_mb"] for r in bench["rows"] if r["candidate"])
+    r = _cli("deploy", "--out", str(run), "--budget-mb", f"{smallest * 1.001:.6f}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((run / "deploy" / "deploy.json").read_text())
+    assert rec["size_mb"] <= smallest * 1.01 and rec["budgets"]["budget_mb"] > 0
+    assert (run / "deploy" / "model.onnx").exists()
+    # the budgets changed nothing upstream: a plain run redoes the deploy (no budgets) and the report only
+    r = _cli("run", "--preset", "smoke", "--out", str(run), "--data", bench["test_images"]["root"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    redone = {
+        line.split("]")[1].split(":")[0].strip() for line in r.stderr.splitlines() if ": running" in line
+    }
+    assert redone == {"deploy", "report"}, r.stderr[-3000:]
 
 
 def test_second_run_skips_every_stage(smoke_run):
@@ -131,7 +195,11 @@ def test_forced_config_change_redoes_the_affected_stages(smoke_run, tmp_path):
         (["train.weight_decay"], "teacher"),
         (["model.student_stem"], "distill"),
         (["prune.sweep"], "sweep"),
-        (["data.img_size"], "data"),
+        (["data.img_size"], "teacher"),  # the split does not depend on it; every trained model does
+        (["data.seed"], "data"),
+        (["quantize.optimize"], "export"),  # export applies it (it used to reset only from quantize)
+        (["bench.threads"], "bench"),
+        (["deploy.budget_ms"], "bench"),
     ],
 )
 def test_first_affected_stage(keys, first):
@@ -142,17 +210,13 @@ def test_first_affected_stage(keys, first):
 
 def test_redo_from_covers_dependents():
     names = lambda s: [x.name for x in pipeline.redo_from(s)]  # noqa: E731
-    assert names("distill") == [
-        "distill",
-        "ablation",
-        "prune",
-        "sweep",
-        "export",
-        "quantize",
-        "bench",
-        "report",
-    ]
-    assert names("sweep") == ["sweep", "report"] and names("ablation") == ["ablation", "report"]
+    # the ablation reads no teacher and no student: it does not depend on the distilled student
+    assert names("distill") == ["distill", "prune", "sweep", "export", "quantize", "bench", "report"]
+    assert names("teacher") == ["teacher", *names("distill")]
+    assert names("data") == list(pipeline.STAGE_NAMES)
+    assert names("ablation") == ["ablation", "report"]
+    # the sweep models are deployment candidates: exported, quantized and benchmarked
+    assert names("sweep") == ["sweep", "export", "quantize", "bench", "report"]
     assert names("bench") == ["bench", "report"]
 
 
@@ -198,12 +262,12 @@ def test_failed_stage_is_recorded_and_resumed(smoke_run, tmp_path, monkeypatch):
     out = tmp_path / "copy"
     shutil.copytree(smoke_run[0], out)
     cfg = load_config("smoke", overrides=[f"data.path={json.loads((out / 'data.json').read_text())['root']}"])
-    original = pipeline.RUNNERS["quantize"]
+    original = pipeline.get_stage("quantize").run
 
     def broken(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setitem(pipeline.RUNNERS, "quantize", broken)
+    set_runner(monkeypatch, "quantize", broken)
     with pytest.raises(RuntimeError):
         pipeline.run_pipeline(cfg, out, force="quantize")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -212,9 +276,9 @@ def test_failed_stage_is_recorded_and_resumed(smoke_run, tmp_path, monkeypatch):
     assert manifest["stages"]["export"]["status"] == "done"
 
     calls = []
-    monkeypatch.setitem(pipeline.RUNNERS, "quantize", lambda *a, **k: calls.append("q") or original(*a, **k))
+    set_runner(monkeypatch, "quantize", lambda *a, **k: calls.append("q") or original(*a, **k))
     for name in ("teacher", "distill", "ablation", "prune", "export"):
-        monkeypatch.setitem(pipeline.RUNNERS, name, lambda *a, n=name, **k: pytest.fail(f"{n} re-ran"))
+        set_runner(monkeypatch, name, lambda *a, n=name, **k: pytest.fail(f"{n} re-ran"))
     assert pipeline.run_pipeline(cfg, out) == 0
     assert calls == ["q"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -236,45 +300,21 @@ def test_dataset_error_is_recorded_against_the_stage_that_needed_it(smoke_run, t
     assert entry["status"] == "failed" and entry["error"].startswith("loading the dataset: ")
     assert "moved-away" in entry["error"] and manifest["stages"]["export"]["status"] == "done"
     # a single-stage command records it the same way
-    r = _cli("export", "--preset", "smoke", "--data", str(tmp_path / "moved-away"), "--out", str(out))
+    r = _cli(
+        "export", "--force", "--preset", "smoke", "--data", str(tmp_path / "moved-away"), "--out", str(out)
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     entry = json.loads((out / "manifest.json").read_text())["stages"]["export"]
     assert entry["status"] == "failed" and entry["error"].startswith("loading the dataset: ")
 
 
-def test_stage_command_without_prerequisite(tmp_path, neu_det):
-    r = _cli("prune", "--preset", "smoke", "--data", str(neu_det), "--out", str(tmp_path / "r"))
-    assert r.returncode == 2
-    assert "slimvit distill" in r.stderr and "Traceback" not in r.stderr
-
-
-def _row(precision, ms, mb, acc=0.99):
-    return {
-        "stage": "pruned",
-        "runtime": "onnxruntime",
-        "precision": precision,
-        "latency_ms_p50": ms,
-        "size_mb": mb,
-        "accuracy": acc,
-    }
-
-
-def test_deployed_is_fastest_within_accuracy_ties_go_to_the_smaller_file():
-    from slimvit.bench import choose_deployed
-
-    rows = [
-        _row("fp32", 3.0, 14.0),
-        _row("int8-dynamic", 1.60, 4.5),
-        _row("int8-mixed", 1.65, 3.8),
-        _row("int8-static", 1.2, 6.0, acc=0.95),
-        _row("fp16", 3.1, 7.0),
-    ]
-    best, why = choose_deployed(rows, 0.5)
-    assert best["precision"] == "int8-mixed"  # 3% slower than dynamic = a tie, and smaller
-    assert "int8-static" in why and "outside the accuracy bound" in why  # fastest, but 4 points worse
-    rows[2]["latency_ms_p50"] = 1.9  # now clearly slower: speed wins
-    assert choose_deployed(rows, 0.5)[0]["precision"] == "int8-dynamic"
-    assert choose_deployed(rows, 5.0)[0]["precision"] == "int8-static"  # a looser bound admits it
+def test_stage_command_without_prerequisite(tmp_path):
+    make_imagefolder(tmp_path / "ds", per_class=10, size=32)
+    r = _cli("prune", "--preset", "smoke", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "teacher (not run yet)" in line and "`slimvit teacher`, `slimvit distill`" in line
+    assert (tmp_path / "r" / "split.json").exists()  # the data stage ran first, as every stage needs it
 
 
 def test_thread_counts():

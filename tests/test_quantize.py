@@ -61,7 +61,7 @@ def test_mode_produces_runnable_model(exported, mode):
     if mode == "fp16":
         assert census["fp16"] and dst.stat().st_size < 0.7 * fp32_size
         assert isinstance(info["kept_float32"], list)
-    assert not list(d.glob("*.tmp")) and not list(d.glob("*.pre.onnx"))
+    assert not list(d.glob("*.tmp")) and not list(d.glob("*.pre.onnx")) and not list(d.glob("*.static.onnx"))
 
 
 def test_calibration_uses_training_images_and_refuses_too_few():

@@ -69,8 +69,7 @@ def test_loss_decreases_and_artifacts(tmp_path):
         "model.safetensors",
         "model.json",
         "train.json",
-        "last/model.safetensors",
-        "last/train_state.pt",
+        "checkpoint.pt",
     ):
         assert (tmp_path / "s" / f).exists(), f
 
@@ -86,42 +85,117 @@ def test_checkpoint_round_trip_identical_outputs(tmp_path):
         assert torch.equal(model(x), loaded(x))
 
 
-def test_resume_continues_epoch_count_and_matches_uninterrupted(tmp_path):
-    data = synthetic_data(n_per_class=8)
-    cfg = dataclasses.replace(FAST, ema=False)
-    m_full, spec = tiny_student()
-    m_full, _ = fit(m_full, spec, data, cfg, tmp_path / "full", epochs=3, lr=1e-3)
+class _Killed(Exception):
+    pass
 
-    # Interrupt: a hook raises right after epoch 2's checkpoint, as Ctrl-C between epochs would.
-    m_c, _ = tiny_student()
-    calls = {"n": 0}
+
+def _stop_after_checkpoints(monkeypatch, n: int) -> None:
+    """Raise right after the n-th epoch checkpoint, as a kill between two epochs would stop training."""
     import slimvit.train as train_mod
 
-    real_save = train_mod._save_checkpoint
+    real_save, calls = train_mod._save_checkpoint, {"n": 0}
 
     def save_then_stop(*args, **kwargs):
         real_save(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
+        if calls["n"] == n:
+            raise _Killed
 
-    train_mod._save_checkpoint = save_then_stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            fit(m_c, spec, data, cfg, tmp_path / "int", epochs=3, lr=1e-3)
-    finally:
-        train_mod._save_checkpoint = real_save
-    assert [r["epoch"] for r in read_jsonl(tmp_path / "int" / "metrics.jsonl")] == [1, 2]
-    models.load(tmp_path / "int" / "last")  # the last checkpoint stays loadable
-    m_d, _ = tiny_student()
-    m_d, summary = fit(m_d, spec, data, cfg, tmp_path / "int", epochs=3, lr=1e-3, resume=True)
-    assert [r["epoch"] for r in read_jsonl(tmp_path / "int" / "metrics.jsonl")] == [1, 2, 3]
-    full_rows = read_jsonl(tmp_path / "full" / "metrics.jsonl")
-    res_rows = read_jsonl(tmp_path / "int" / "metrics.jsonl")
-    assert res_rows[-1]["train_loss"] == pytest.approx(full_rows[-1]["train_loss"], rel=1e-4)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(m_d(x), m_full(x), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_stop)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_is_identical_to_uninterrupted_with_mixup_and_cutmix(tmp_path, monkeypatch):
+    """2 epochs in one go == 1 epoch, a stop, a resume, 1 more: same weights bit for bit, same metrics.
+
+    Mixup/cutmix draw from numpy's RNG (timm), augmentations and dropout from torch's; each epoch
+    seeds them all, so the epoch in the checkpoint determines them."""
+    data = synthetic_data(n_per_class=12)
+    cfg = dataclasses.replace(FAST, batch_size=8, mixup=0.8, cutmix=1.0, ema=True, ema_decay=0.9)
+    m_full, spec = tiny_student()
+    m_full, s_full = fit(m_full, spec, data, cfg, tmp_path / "full", epochs=2, lr=1e-3)
+
+    with monkeypatch.context() as m:
+        _stop_after_checkpoints(m, 1)
+        with pytest.raises(_Killed):
+            fit(tiny_student()[0], spec, data, cfg, tmp_path / "int", epochs=2, lr=1e-3)
+    np.random.seed(123)  # whatever the process did meanwhile must not matter
+    torch.manual_seed(123)
+    m_res, s_res = fit(tiny_student()[0], spec, data, cfg, tmp_path / "int", epochs=2, lr=1e-3, resume=True)
+    assert _same_weights(m_res, m_full)
+
+    def timeless(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert timeless(read_jsonl(tmp_path / "int" / "metrics.jsonl")) == timeless(
+        read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    )
+    assert s_res["best_epoch"] == s_full["best_epoch"]
+    assert _same_weights(models.load(tmp_path / "int")[0], models.load(tmp_path / "full")[0])
+
+
+def test_checkpoint_is_one_unit_and_temp_files_are_cleaned(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous checkpoint whole; a killed run's temp files go."""
+    import slimvit.train as train_mod
+
+    data = synthetic_data(n_per_class=8)
+    cfg = dataclasses.replace(FAST, ema=False)
+    out = tmp_path / "s"
+    model, spec = tiny_student()
+    with monkeypatch.context() as m:
+        _stop_after_checkpoints(m, 1)
+        with pytest.raises(_Killed):
+            fit(model, spec, data, cfg, out, epochs=3, lr=1e-3)
+    before = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        Path(f).write_bytes(Path(f).read_bytes()[:1000])  # the kill comes mid-write
+        raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod.torch, "save", dies_half_way)
+        with pytest.raises(_Killed):
+            fit(tiny_student()[0], spec, data, cfg, out, epochs=3, lr=1e-3, resume=True)
+    assert (out / "checkpoint.pt").read_bytes() == before  # the old checkpoint, whole
+    assert train_mod._load_checkpoint(out)["epoch"] == 0
+    (out / ".checkpoint.pt.x1y2z3.tmp").write_bytes(b"half")  # what a SIGKILL mid-write leaves
+    (out / ".model.json.abc.tmp").write_bytes(b"half")
+    _, summary = fit(tiny_student()[0], spec, data, cfg, out, epochs=3, lr=1e-3, resume=True)
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_resume_from_a_legacy_checkpoint_folder(tmp_path, monkeypatch):
+    """Run folders from before the one-file checkpoint (last/ with three files) still resume."""
+    from safetensors.torch import save_file
+
+    import slimvit.train as train_mod
+
+    data = synthetic_data(n_per_class=8)
+    cfg = dataclasses.replace(FAST, ema=False)
+    out = tmp_path / "s"
+    model, spec = tiny_student()
+    with monkeypatch.context() as m:
+        _stop_after_checkpoints(m, 1)
+        with pytest.raises(_Killed):
+            fit(model, spec, data, cfg, out, epochs=2, lr=1e-3)
+    state = train_mod._load_checkpoint(out)
+    (out / "last").mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in state.pop("model").items()}, str(out / "last" / "model.safetensors")
+    )
+    save_file({k: v.contiguous() for k, v in state.pop("best_model").items()}, str(out / "model.safetensors"))
+    torch.save(state, out / "last" / "train_state.pt")
+    (out / "checkpoint.pt").unlink()
+    fit(tiny_student()[0], spec, data, cfg, out, epochs=2, lr=1e-3, resume=True)
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert (out / "checkpoint.pt").exists() and not (out / "last").exists()
 
 
 def test_resume_without_checkpoint_or_corrupt(tmp_path):
@@ -130,7 +204,7 @@ def test_resume_without_checkpoint_or_corrupt(tmp_path):
     with pytest.raises(ModelError, match="no checkpoint to resume"):
         fit(model, spec, data, FAST, tmp_path / "none", epochs=1, lr=1e-3, resume=True)
     fit(model, spec, data, FAST, tmp_path / "s", epochs=1, lr=1e-3)
-    (tmp_path / "s" / "last" / "train_state.pt").write_bytes(b"garbage")
+    (tmp_path / "s" / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(ModelError, match="corrupt"):
         fit(model, spec, data, FAST, tmp_path / "s", epochs=1, lr=1e-3, resume=True)
 

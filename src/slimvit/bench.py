@@ -1,21 +1,21 @@
 """`slimvit bench`: size, params, MACs, accuracy, latency and throughput of every artifact of a run.
 
-All variants are measured in one process with the same thread count, after a warm-up, in
-interleaved rounds (each round times every variant once), so a noisy neighbour or a clock change
-hits every variant alike; the reported latency is the median (and p90) over all rounds. Inputs
-are made before the timed region. Accuracy is measured again here on the full test split, for
-PyTorch and ONNX Runtime alike, through the same numpy preprocessing that `slimvit predict` uses.
+All variants are measured in one run with the same thread count, after a warm-up, in interleaved
+rounds (each round times every variant once), so a noisy neighbour or a clock change hits every
+variant alike; the reported latency is the median (and p90) over all rounds. Each deployable runtime
+(ONNX Runtime, OpenVINO) runs in a worker process of its own that imports no torch, as it runs when
+deployed (`slimvit.workers`); eager PyTorch rows run in this process. Inputs are made before the
+timed region. Accuracy is measured on the full validation and test splits through the same numpy
+preprocessing that `slimvit predict` uses.
 
-The deployed model is the fastest pruned ONNX variant whose test accuracy is within
-`quantize.accuracy_tolerance` points of the pruned FP32 ONNX model; it is copied to
-`deploy/model.onnx`, and `slimvit predict` is run on the test images with it as a final check.
+The deployment candidates are every ONNX variant of the pruned model and of every sweep model, on
+both runtimes; the `deploy` stage (`slimvit.deploy`) chooses among them on validation accuracy.
 """
 
 from __future__ import annotations
 
 import logging
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,23 +24,33 @@ from pathlib import Path
 import numpy as np
 
 from slimvit.errors import ModelError
-from slimvit.io import atomic_path, atomic_write_json, atomic_write_text, is_main_process, read_json
+from slimvit.io import atomic_write_json, atomic_write_text, is_main_process, read_json
 from slimvit.timing import ISA_FLAGS, cpu_flags, cpu_name
 
 log = logging.getLogger(__name__)
 
 ROW_KEYS = (
+    "key",
     "stage",
+    "ratio",
+    "candidate",
     "runtime",
     "precision",
     "reference",
-    "deployed",
     "file",
     "size_mb",
     "params",
     "macs",
     "accuracy",
+    "accuracy_ci",
+    "n",
     "macro_f1",
+    "val_accuracy",
+    "val_accuracy_ci",
+    "val_n",
+    "ran_precision",
+    "portable",
+    "safe_on",
     "latency_ms_p50",
     "latency_ms_p90",
     "throughput_ips",
@@ -61,12 +71,38 @@ class Variant:
     predict: Callable[[np.ndarray], np.ndarray]
     """float32 (N, 3, H, W) -> logits (N, classes)."""
     reference: bool = False
+    ratio: float | None = None
+    """Pruning ratio of a pruned model."""
+    candidate: bool = False
+    """A deployment candidate (an ONNX variant of the pruned model or of a sweep model)."""
+    portability: dict | None = None
+    """quantize.portability() of an int8 variant."""
+    ran_precision: str | None = None
+    """The precision the runtime actually computed in (OpenVINO runs float models in bf16 where it can)."""
+    remote: tuple | None = None
+    """(worker, model key) when the model runs in a runtime worker process (`slimvit.workers`)."""
     times: list[float] = field(default_factory=list)
     batch_times: list[float] = field(default_factory=list)
 
     @property
     def key(self) -> str:
         return f"{self.stage}/{self.runtime}/{self.precision}"
+
+    def time_block(self, x: np.ndarray, runs: int, warmup: int) -> np.ndarray:
+        """ms of `runs` calls on `x` after `warmup` untimed ones, timed in the process the model runs in."""
+        from slimvit.timing import time_calls
+
+        if self.remote is not None:
+            worker, k = self.remote
+            return worker.call("time", k, x, runs, warmup)
+        return time_calls(lambda: self.predict(x), runs, warmup)
+
+    def logits(self, x: np.ndarray, npy: Path | None = None) -> np.ndarray:
+        """Logits of a float32 batch; a remote model reads it from the `npy` file holding `x`."""
+        if self.remote is not None and npy is not None:
+            worker, k = self.remote
+            return worker.call("logits", k, str(npy))
+        return np.concatenate([self.predict(x[i : i + 64]) for i in range(0, len(x), 64)])
 
 
 def _torch_variant(run_dir: Path, stage: str, reference: bool = False) -> Variant:
@@ -91,39 +127,149 @@ def _torch_variant(run_dir: Path, stage: str, reference: bool = False) -> Varian
     )
 
 
-def _onnx_variant(run_dir: Path, rel: str, stage: str, precision: str, params: int, macs: int, threads: int):
-    from slimvit import runtime
+def _onnx_variant(
+    run_dir: Path,
+    rel: str,
+    stage: str,
+    precision: str,
+    params: int,
+    macs: int,
+    threads: int,
+    workers=None,
+    runtime: str = "onnxruntime",
+    **kw,
+) -> Variant:
+    """An ONNX file on ONNX Runtime or OpenVINO, in that runtime's worker process when `workers` is given."""
+    if workers is not None:
+        worker = workers.get(runtime)
+        k, facts = worker.load(run_dir / rel, threads)
+        if facts.get("torch_loaded"):
+            log.warning(
+                "bench: the %s worker has torch loaded; its timings are not those of a deployment", runtime
+            )
+        if facts.get("ran_precision"):
+            kw["ran_precision"] = facts["ran_precision"]
 
-    sess = runtime.session(run_dir / rel, threads)
+        def predict(x: np.ndarray) -> np.ndarray:
+            raise RuntimeError("a worker's model runs through Variant.logits / Variant.time_block")
+
+        return Variant(stage, runtime, precision, rel, params, macs, predict, remote=(worker, k), **kw)
+    if runtime == "openvino":
+        from slimvit import openvino_runtime as ovr
+
+        predict, facts = ovr.compile_model(run_dir / rel, threads)
+        return Variant(
+            stage, runtime, precision, rel, params, macs, predict, ran_precision=facts["ran_precision"], **kw
+        )
+    from slimvit import runtime as ort_runtime
+
+    sess = ort_runtime.session(run_dir / rel, threads)
     name = sess.get_inputs()[0].name
-    return Variant(stage, "onnxruntime", precision, rel, params, macs, lambda x: sess.run(None, {name: x})[0])
+    return Variant(stage, runtime, precision, rel, params, macs, lambda x: sess.run(None, {name: x})[0], **kw)
 
 
-def collect_variants(run_dir: Path, threads: int) -> list[Variant]:
-    """Every artifact of the run: PyTorch teacher/student/pruned, their ONNX exports, the quantized variants."""
+def _ratio(run_dir: Path, stage: str) -> float | None:
+    p = run_dir / stage / "prune.json"
+    return float(read_json(p)["ratio"]) if p.exists() else None
+
+
+def _macs_params(run_dir: Path, stage: str) -> tuple[int, int]:
+    from slimvit import models
+    from slimvit.prune import count_macs_params
+
+    model, spec = models.load(run_dir / stage)
+    return count_macs_params(model, spec["input_size"])
+
+
+def _openvino_variants(
+    run_dir: Path, quantized: dict, sizes: dict, threads: int, workers=None
+) -> tuple[list[Variant], dict]:
+    """OpenVINO runs of each candidate's FP32 and static INT8 files, and what happened (bench.json `openvino`)."""
+    from slimvit import openvino_runtime as ovr
+
+    ok, why = ovr.available()
+    status: dict = {"available": ok, "why": why, "skipped": []}
+    if not ok:
+        log.warning("bench: OpenVINO skipped: %s", why)
+        return [], status
+    status["version"] = _version("openvino")
+    out = []
+    for stage, variants in quantized.items():
+        for mode in ovr.PRECISIONS:
+            if mode not in variants:
+                continue
+            info = variants[mode]
+            try:
+                v = _onnx_variant(
+                    run_dir,
+                    info["file"],
+                    stage,
+                    mode,
+                    *sizes[stage],
+                    threads,
+                    workers,
+                    runtime="openvino",
+                    ratio=_ratio(run_dir, stage),
+                    candidate=True,
+                    portability=info.get("portability"),
+                )
+            except ModelError as e:
+                status["skipped"].append({"file": info["file"], "why": str(e)})
+                continue
+            out.append(v)
+    return out, status
+
+
+def collect_variants(run_dir: Path, threads: int, workers=None) -> tuple[list[Variant], dict]:
+    """Every artifact of the run: PyTorch teacher/student/pruned, their ONNX exports, and every ONNX variant
+    of every deployment candidate (the pruned model and the sweep models) on ONNX Runtime and OpenVINO.
+
+    With `workers` (a `slimvit.workers.Workers`), each runtime's models live in a process of their own.
+    Returns the variants and the OpenVINO status (available, version, files it could not run)."""
     run_dir = Path(run_dir)
     for need, cmd in (("onnx/export.json", "slimvit export"), ("onnx/quantize.json", "slimvit quantize")):
         if not (run_dir / need).exists():
             raise ModelError(f"no '{run_dir / need}'; run `{cmd}` (or `slimvit run`) first")
     out = [_torch_variant(run_dir, s, reference=(s == "student")) for s in ("teacher", "student", "pruned")]
+    out[2].ratio = _ratio(run_dir, "pruned")
     sizes = {v.stage: (v.params, v.macs) for v in out}
     exported = read_json(run_dir / "onnx" / "export.json")
+    quantized = read_json(run_dir / "onnx" / "quantize.json").get("models", {})
     for stage, info in exported.items():
-        out.append(_onnx_variant(run_dir, info["file"], stage, "fp32", *sizes[stage], threads))
-    for mode, info in read_json(run_dir / "onnx" / "quantize.json").items():
-        if mode != "fp32":
-            out.append(_onnx_variant(run_dir, info["file"], "pruned", mode, *sizes["pruned"], threads))
-    return out
+        if stage not in sizes:
+            macs, params = _macs_params(run_dir, stage)
+            sizes[stage] = (params, macs)
+        if stage not in quantized:  # teacher, student: reference rows, not candidates
+            out.append(_onnx_variant(run_dir, info["file"], stage, "fp32", *sizes[stage], threads, workers))
+    for stage, variants in quantized.items():
+        for mode, info in variants.items():
+            out.append(
+                _onnx_variant(
+                    run_dir,
+                    info["file"],
+                    stage,
+                    mode,
+                    *sizes[stage],
+                    threads,
+                    workers,
+                    ratio=_ratio(run_dir, stage),
+                    candidate=True,
+                    portability=info.get("portability"),
+                )
+            )
+    ov, ov_status = _openvino_variants(run_dir, quantized, sizes, threads, workers)
+    return out + ov, ov_status
 
 
 def measure(
     variants: list[Variant], input_size, bcfg, progress: bool = True, throughput: bool = True
 ) -> None:
-    """Batch-1 latency (and batch-B throughput) of every variant, in interleaved rounds."""
+    """Batch-1 latency (and batch-B throughput) of every variant, in interleaved rounds.
+
+    Each block is timed in the process its model runs in (a runtime worker, or this one for PyTorch).
+    """
     import torch
     from tqdm.auto import tqdm
-
-    from slimvit.timing import time_calls
 
     prev = torch.get_num_threads()
     torch.set_num_threads(bcfg.threads)
@@ -133,9 +279,9 @@ def measure(
     per_round = max(1, -(-bcfg.runs // bcfg.rounds))
     try:
         for v in variants:
-            time_calls(lambda v=v: v.predict(x1), 0, bcfg.warmup)
+            v.time_block(x1, 0, bcfg.warmup)
             if throughput:
-                v.predict(xb)
+                v.time_block(xb, 0, 1)
         # Batch 1 first, in short blocks (`per_round` calls after `block_warmup` untimed ones: the
         # first calls after switching models run slow): a slow spell of a shared machine then falls
         # on every variant instead of on whichever variant's long block it hit.
@@ -143,30 +289,41 @@ def measure(
         for _ in bar:
             for v in variants:
                 time.sleep(0.02)  # let the previous runtime's spinning threads go idle
-                v.times += time_calls(lambda v=v: v.predict(x1), per_round, bcfg.block_warmup).tolist()
+                v.times += v.time_block(x1, per_round, bcfg.block_warmup).tolist()
         for _ in range(bcfg.throughput_runs if throughput else 0):
             for v in variants:
                 time.sleep(0.02)
-                v.batch_times += time_calls(lambda v=v: v.predict(xb), 1, warmup=1).tolist()
+                v.batch_times += v.time_block(xb, 1, 1).tolist()
     finally:
         torch.set_num_threads(prev)
 
 
-def row(v: Variant, metrics: dict, size_mb: float, batch: int) -> dict:
+def row(v: Variant, metrics: dict, size_mb: float, batch: int, val: dict | None = None) -> dict:
     t = np.asarray(v.times)
     p50 = float(np.median(t))
+    port = v.portability or {}
     return {
+        "key": v.key,
         "stage": v.stage,
+        "ratio": v.ratio,
+        "candidate": v.candidate,
         "runtime": v.runtime,
         "precision": v.precision,
         "reference": v.reference,
-        "deployed": False,
         "file": v.file,
         "size_mb": size_mb,
         "params": v.params,
         "macs": v.macs,
         "accuracy": metrics["accuracy"],
+        "accuracy_ci": metrics["accuracy_ci"],
+        "n": metrics["n"],
         "macro_f1": metrics["macro_f1"],
+        "val_accuracy": val["accuracy"] if val else None,
+        "val_accuracy_ci": val["accuracy_ci"] if val else None,
+        "val_n": val["n"] if val else None,
+        "ran_precision": v.ran_precision,
+        "portable": port.get("portable", True),
+        "safe_on": port.get("safe_on"),
         "latency_ms_p50": p50,
         "latency_ms_p90": float(np.percentile(t, 90)),
         "latency_runs": len(t),
@@ -184,8 +341,23 @@ def thread_counts(threads: int) -> list[int]:
     return [*out, threads]
 
 
-def thread_scaling(run_dir: Path, rows: list[dict], input_size, bcfg) -> list[dict]:
-    """Batch-1 latency of the pruned FP32 ONNX model and the deployed one at 1, 2, 4, ... threads.
+def _variant_at(run_dir: Path, r: dict, threads: int, workers=None) -> Variant:
+    """A bench row's model on its own runtime at `threads` intra-op threads."""
+    return _onnx_variant(
+        run_dir,
+        r["file"],
+        r["stage"],
+        r["precision"],
+        r["params"],
+        r["macs"],
+        threads,
+        workers,
+        runtime=r["runtime"],
+    )
+
+
+def thread_scaling(run_dir: Path, rows: list[dict], input_size, bcfg, workers=None, pick=None) -> list[dict]:
+    """Batch-1 latency of the pruned FP32 ONNX model and the default choice (`pick`) at 1, 2, 4, ... threads.
 
     One pass of its own after the main measurement, every (model, thread count) pair interleaved as
     there, so the speed-ups between thread counts compare like with like. Small int8 kernels gain
@@ -194,20 +366,18 @@ def thread_scaling(run_dir: Path, rows: list[dict], input_size, bcfg) -> list[di
     picks = [
         r
         for r in rows
-        if r["stage"] == "pruned"
-        and r["runtime"] == "onnxruntime"
-        and (r["precision"] == "fp32" or r["deployed"])
+        if (r["stage"] == "pruned" and r["runtime"] == "onnxruntime" and r["precision"] == "fp32")
+        or r is pick
     ]
     pairs = [(r, t) for t in thread_counts(bcfg.threads) for r in picks]
-    vs = [
-        _onnx_variant(run_dir, r["file"], "pruned", r["precision"], r["params"], r["macs"], t)
-        for r, t in pairs
-    ]
+    vs = [_variant_at(run_dir, r, t, workers) for r, t in pairs]
     measure(vs, input_size, bcfg, progress=False, throughput=False)
     return [
         {
+            "stage": r["stage"],
+            "runtime": r["runtime"],
             "precision": r["precision"],
-            "deployed": r["deployed"],
+            "default_choice": r is pick,
             "threads": t,
             "latency_ms_p50": float(np.median(v.times)),
             "latency_ms_p90": float(np.percentile(v.times, 90)),
@@ -216,48 +386,38 @@ def thread_scaling(run_dir: Path, rows: list[dict], input_size, bcfg) -> list[di
     ]
 
 
-TIE = 0.05
-"""Latencies within this fraction of the fastest count as a tie: run-to-run noise on a shared 2-core
-machine is larger than that, so the smaller file wins among them."""
+def _pct_ci(acc: float | None, ci) -> str:
+    if acc is None:
+        return "-"
+    return f"{100 * acc:.2f}" + (f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci else "")
 
 
-def choose_deployed(rows: list[dict], tolerance_points: float) -> tuple[dict, str]:
-    """The fastest pruned ONNX variant within `tolerance_points` accuracy of the pruned FP32 ONNX model.
-
-    Variants within `TIE` of the fastest p50 are a tie, broken by the smaller file.
-    """
-    cands = [r for r in rows if r["stage"] == "pruned" and r["runtime"] == "onnxruntime"]
-    base = next(r for r in cands if r["precision"] == "fp32")
-    ok = [r for r in cands if r["accuracy"] >= base["accuracy"] - tolerance_points / 100 - 1e-9]
-    fastest = min(r["latency_ms_p50"] for r in ok)
-    best = min((r for r in ok if r["latency_ms_p50"] <= fastest * (1 + TIE)), key=lambda r: r["size_mb"])
-    others = ", ".join(
-        f"{r['precision']} {r['latency_ms_p50']:.2f} ms / {100 * r['accuracy']:.2f}%"
-        + ("" if r in ok else " (outside the accuracy bound)")
-        for r in cands
-        if r is not best
+def precision_label(r: dict) -> str:
+    """The variant, and the precision its runtime really computed in when that differs (OpenVINO's bf16)."""
+    ran = r.get("ran_precision")
+    if not ran or ran == r["precision"] or ran == "fp32":
+        return r["precision"]
+    return r["precision"] + (
+        f" (float parts {ran})" if r["precision"].startswith("int8") else f" (ran {ran})"
     )
-    why = (
-        f"fastest pruned ONNX variant within {tolerance_points:g} accuracy points of the pruned FP32 model "
-        f"({100 * base['accuracy']:.2f}%), the smallest file among those within {TIE:.0%} of the fastest p50: "
-        f"{best['precision']} {best['latency_ms_p50']:.2f} ms / {best['size_mb']:.2f} MB / "
-        f"{100 * best['accuracy']:.2f}%; others: {others}"
-    )
-    return best, why
 
 
 def bench_table(rows: list[dict]) -> str:
+    """Markdown table of every row; accuracies with their 95% Wilson interval."""
     ref = next(r for r in rows if r["reference"])
     lines = [
-        "| stage | runtime | precision | params (M) | size MB | MACs (M) | accuracy % | macro-F1 | "
-        "p50 ms | p90 ms | x reference | images/s | GMAC/s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| stage | runtime | precision | params (M) | size MB | MACs (M) | val accuracy % (95% CI) | "
+        "test accuracy % (95% CI) | macro-F1 | p50 ms | p90 ms | x reference | images/s | GMAC/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        tag = " (reference)" if r["reference"] else " **(deployed)**" if r["deployed"] else ""
+        tag = " (reference)" if r["reference"] else " **(deployed)**" if r.get("deployed") else ""
+        if r.get("portable") is False:
+            tag += " (VNNI only)"
         lines.append(
-            f"| {r['stage']}{tag} | {r['runtime']} | {r['precision']} | {r['params'] / 1e6:.2f} | "
-            f"{r['size_mb']:.2f} | {r['macs'] / 1e6:.0f} | {100 * r['accuracy']:.2f} | {r['macro_f1']:.4f} | "
+            f"| {r['stage']}{tag} | {r['runtime']} | {precision_label(r)} | {r['params'] / 1e6:.2f} | "
+            f"{r['size_mb']:.2f} | {r['macs'] / 1e6:.0f} | {_pct_ci(r.get('val_accuracy'), r.get('val_accuracy_ci'))} | "
+            f"{_pct_ci(r['accuracy'], r.get('accuracy_ci'))} | {r['macro_f1']:.4f} | "
             f"{r['latency_ms_p50']:.2f} | {r['latency_ms_p90']:.2f} | "
             f"{r['latency_ms_p50'] / ref['latency_ms_p50']:.2f} | {r['throughput_ips']:.0f} | "
             f"{r['gmacs_per_s']:.1f} |"
@@ -265,52 +425,55 @@ def bench_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def predict_check(model_path: Path, data) -> dict:
-    """Run the edge path (`slimvit predict`) on the test image files; its accuracy must match bench's."""
-    from slimvit.predict import predict_files
-
-    paths = data.paths("test")
-    _, labels = data.arrays("test")
-    results, failed = predict_files(model_path, paths, threads=2)
-    by_path = {r["path"]: r["class"] for r in results}
-    pred = [by_path.get(str(p)) for p in paths]
-    correct = sum(p == data.classes[y] for p, y in zip(pred, labels, strict=True))
-    return {"n": len(paths), "failed": len(failed), "accuracy": correct / max(1, len(paths))}
-
-
 def run_bench(cfg, run_dir: str | Path, data=None) -> dict:
-    """Measure every artifact, write bench.json/bench.md, and deploy the chosen model to deploy/."""
-    from slimvit import models
+    """Measure every artifact and write bench.json/bench.md; then choose and write `deploy/`."""
+    from slimvit.workers import Workers
+
+    with Workers() as workers:
+        return _run_bench(cfg, Path(run_dir), data, workers)
+
+
+def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
+    from slimvit import deploy, models
     from slimvit.data import load_data
     from slimvit.evaluate import metrics_from_logits
-    from slimvit.preprocess import normalize
+    from slimvit.quantize import validated_on
 
-    run_dir = Path(run_dir)
     bcfg = cfg.bench
-    variants = collect_variants(run_dir, bcfg.threads)
+    variants, ov_status = collect_variants(run_dir, bcfg.threads, workers)
     data = data or load_data(cfg.data, run_dir)
     spec = models.read_spec(run_dir / "student")
-    images, labels = data.arrays("test")
-    x_by_norm: dict[tuple, np.ndarray] = {}
-    metrics = {}
-    for v in variants:
-        s = models.read_spec(run_dir / v.stage)
-        norm = (tuple(s["mean"]), tuple(s["std"]))
-        if norm not in x_by_norm:
-            x_by_norm[norm] = normalize(images, *norm)
-        x = x_by_norm[norm]
-        logits = np.concatenate([v.predict(x[i : i + 64]) for i in range(0, len(x), 64)])
-        metrics[v.key] = metrics_from_logits(logits, labels, data.classes)
-    log.info("bench: timing %d variants, %d threads, %d rounds", len(variants), bcfg.threads, bcfg.rounds)
+    metrics, val_metrics, preds = {}, {}, {}
+    for split, store in (("test", metrics), ("val", val_metrics)):
+        images, labels = data.arrays(split)
+        for v, logits in zip(variants, _logits_by_variant(run_dir, variants, images), strict=True):
+            store[v.key] = metrics_from_logits(logits, labels, data.classes)
+            if split == "test":
+                preds[v.key] = logits.argmax(1).astype(int).tolist()
+    log.info(
+        "bench: timing %d variants, %d threads, %d rounds; ONNX Runtime and OpenVINO each in a process "
+        "of their own (no torch), PyTorch in this one",
+        len(variants),
+        bcfg.threads,
+        bcfg.rounds,
+    )
     t0 = time.perf_counter()
     measure(variants, spec["input_size"], bcfg)
     rows = [
-        row(v, metrics[v.key], (run_dir / v.file).stat().st_size / 1e6, bcfg.throughput_batch)
+        row(
+            v,
+            metrics[v.key],
+            (run_dir / v.file).stat().st_size / 1e6,
+            bcfg.throughput_batch,
+            val_metrics[v.key],
+        )
         for v in variants
     ]
-    deployed, why = choose_deployed(rows, cfg.quantize.accuracy_tolerance)
-    deployed["deployed"] = True
-    scaling = thread_scaling(run_dir, rows, spec["input_size"], bcfg)
+    try:  # the thread-scaling pass times the model the default rule (no budgets) deploys
+        pick, _ = deploy.choose(rows)
+    except deploy.NothingFits:
+        pick = min((r for r in rows if r["candidate"]), key=lambda r: r["latency_ms_p50"])
+    scaling = thread_scaling(run_dir, rows, spec["input_size"], bcfg, workers, pick)
     out = {
         "threads": bcfg.threads,
         "cpu": cpu_name(),
@@ -327,34 +490,59 @@ def run_bench(cfg, run_dir: str | Path, data=None) -> dict:
             "seconds": time.perf_counter() - t0,
         },
         "versions": versions(),
-        "deployed_why": why,
+        "timed_in": "ONNX Runtime and OpenVINO rows in one worker process per runtime without torch "
+        "(as deployed); PyTorch rows in the bench process",
+        "validated_on": validated_on(),
+        "openvino": ov_status,
         "rows": [{k: r[k] for k in (*ROW_KEYS, "latency_runs")} for r in rows],
         "thread_scaling": scaling,
         "confusion": {v.key: metrics[v.key]["confusion"] for v in variants},
+        "per_class_recall": {v.key: metrics[v.key]["per_class_recall"] for v in variants},
         "classes": data.classes,
+        "predictions": preds,
+        "test_images": _test_images(data),
     }
     if is_main_process():
-        dst = run_dir / "deploy" / "model.onnx"
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(run_dir / deployed["file"], tmp)
-        check = predict_check(dst, data)
-        check["agrees"] = abs(check["accuracy"] - deployed["accuracy"]) < 1e-9 and check["failed"] == 0
-        out["predict_check"] = check
-        if not check["agrees"]:
-            log.warning(
-                "slimvit predict gives %.4f on the test images, bench measured %.4f for the deployed model",
-                check["accuracy"],
-                deployed["accuracy"],
-            )
-        atomic_write_json(run_dir / "deploy" / "deploy.json", {"source": deployed["file"], "why": why})
-        atomic_write_text(run_dir / "bench.md", bench_table(rows))
+        atomic_write_text(run_dir / "bench.md", bench_table(out["rows"]))
         atomic_write_json(run_dir / "bench.json", out)
-    log.info("bench (%d threads, %s):\n%s", bcfg.threads, out["cpu"], bench_table(rows))
-    log.info("deployed: %s", why)
+    log.info("bench (%d threads, %s):\n%s", bcfg.threads, out["cpu"], bench_table(out["rows"]))
+    return {"variants": len(rows), "seconds": out["settings"]["seconds"]}
+
+
+def _logits_by_variant(run_dir: Path, variants: list[Variant], images: np.ndarray) -> list[np.ndarray]:
+    """Logits of every variant on uint8 images, each normalised the way its model expects.
+
+    Models in worker processes read the normalised images from an .npy file (written once per
+    normalisation), not through their pipe.
+    """
+    import tempfile
+
+    from slimvit import models
+    from slimvit.preprocess import normalize
+
+    x_by_norm: dict[tuple, tuple[np.ndarray, Path]] = {}
+    out = []
+    with tempfile.TemporaryDirectory(prefix="slimvit-bench-") as tmp:
+        for v in variants:
+            s = models.read_spec(run_dir / v.stage)
+            norm = (tuple(s["mean"]), tuple(s["std"]))
+            if norm not in x_by_norm:
+                x = normalize(images, *norm)
+                npy = Path(tmp) / f"x{len(x_by_norm)}-{len(x)}.npy"
+                np.save(npy, x)
+                x_by_norm[norm] = (x, npy)
+            x, npy = x_by_norm[norm]
+            out.append(v.logits(x, npy))
+    return out
+
+
+def _test_images(data) -> dict:
+    """The test images (relative to the dataset root) and their labels: `slimvit verify` re-reads them."""
+    idx = data.split["test"]
     return {
-        "deployed": deployed["file"],
-        "deployed_latency_ms": deployed["latency_ms_p50"],
-        "deployed_accuracy": deployed["accuracy"],
+        "root": str(Path(data.index.root).resolve()),
+        "paths": [data.index.samples[i].path for i in idx],
+        "labels": [data.classes[data.index.samples[i].label] for i in idx],
     }
 
 
@@ -364,11 +552,30 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _version(pkg: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
 def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "timm", "torch-pruning", "onnx", "onnxruntime", "accelerate", "numpy", "slimvit"):
+    for pkg in (
+        "torch",
+        "timm",
+        "torch-pruning",
+        "onnx",
+        "onnxruntime",
+        "openvino",
+        "accelerate",
+        "numpy",
+        "slimvit",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

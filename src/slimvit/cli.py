@@ -12,17 +12,82 @@ from slimvit.errors import SlimvitError
 
 log = logging.getLogger("slimvit")
 
-STAGE_HELP = {
-    "data": "check the dataset: classes, counts, image sizes, the split",
-    "teacher": "train the teacher",
-    "distill": "train the student from the teacher (and the no-distillation ablation)",
-    "prune": "structured pruning + fine-tuning (--sweep for several ratios)",
-    "export": "export the pruned model to ONNX with a parity check",
-    "quantize": "INT8 dynamic / static and FP16 variants of the pruned ONNX model",
-    "bench": "size, params, MACs, accuracy and latency of every artifact",
-    "report": "write REPORT.md with tables and plots",
-    "run": "every stage in order; finished stages are skipped",
+RUN_HELP = "every stage in order; up-to-date stages are skipped, stale ones redone"
+FLAG_HELP = {
+    "resume": "continue an interrupted training run",
+    "force": "redo the stage (and accept a changed config)",
 }
+
+
+PREDICT_EPILOG = """\
+output:
+  stdout      on a terminal a table; piped, one tab-separated line per image:
+              path, class, confidence (then class, confidence of the next ones with --top-k)
+  stderr      each image that could not be decoded ("error: ..."), then a summary line:
+              images classified and failed, images/s end to end (decoding included)
+  --csv FILE  path, class, confidence, [class_2, confidence_2, ...], p_<class> for every class
+  --json FILE {"model", "predictions": [{"path", "class", "confidence", "probs"[, "top"]}],
+              "failed": [{"path", "error"}], "seconds", "images_per_s"}
+
+exit codes:
+  0  every image was classified
+  1  some images could not be decoded (listed); the others were classified and written
+  2  bad usage or a bad model (one line on stderr); nothing was classified
+
+examples:
+  slimvit predict runs/neu-det/deploy/ photo.png defects/
+  find defects/ -name '*.png' | slimvit predict runs/neu-det/deploy/ - --csv out.csv
+"""
+
+
+EXTRA_MODULES = {
+    "train": (
+        "torch",
+        "torchvision",
+        "timm",
+        "torch_pruning",
+        "accelerate",
+        "safetensors",
+        "onnx",
+        "onnxscript",
+        "yaml",
+        "tqdm",
+        "matplotlib",
+    ),
+    "openvino": ("openvino", "nncf"),
+}
+"""Top-level modules of each pip extra; the core install (onnxruntime, numpy, Pillow, rich) runs `predict`."""
+
+
+def _extra_message(command: str, module: str) -> str | None:
+    """One line naming the extra that provides `module` and the pip command; None if no extra does."""
+    root = module.split(".")[0]
+    extra = next((e for e, mods in EXTRA_MODULES.items() if root in mods), None)
+    if extra is None:
+        return None
+    return (
+        f"`slimvit {command}` needs the '{extra}' extra ({root} is not installed): "
+        f"pip install 'slimvit[{extra}]'"
+    )
+
+
+def require_extra(command: str, extra: str = "train") -> None:
+    """Refuse a command before it starts when a module of its extra is missing (see EXTRA_MODULES)."""
+    import importlib.util
+
+    for module in EXTRA_MODULES[extra]:
+        if importlib.util.find_spec(module) is None:
+            raise SlimvitError(_extra_message(command, module))
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return n
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -45,31 +110,90 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimvit", description="Compress a ViT for CPU/edge inference.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_ in STAGE_HELP.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+    from slimvit.pipeline import STAGES
+
+    # one subcommand per declared stage; the ablation and the sweep run under `distill` / `prune --sweep`
+    for stage in STAGES:
+        if stage.command or stage.flags is None:
+            continue
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
         _common(p)
-        if name in ("teacher", "distill", "prune"):
-            p.add_argument("--resume", action="store_true", help="continue an interrupted training run")
-        if name == "prune":
-            p.add_argument(
-                "--sweep", default=None, metavar="R1,R2,...", help="prune + fine-tune at several ratios"
-            )
-        if name in ("teacher", "distill", "prune", "export", "quantize", "bench", "report", "data"):
-            p.add_argument(
-                "--force", action="store_true", help="redo the stage (and accept a changed config)"
-            )
-        if name == "run":
-            p.add_argument(
-                "--force", default=None, metavar="STAGE", help="redo STAGE and every stage after it"
-            )
-    p = sub.add_parser("predict", help="classify images with a deployed ONNX model (no torch needed)")
-    p.add_argument("model", help="ONNX model written by slimvit (e.g. runs/neu-det/deploy/model.onnx)")
-    p.add_argument("paths", nargs="+", help="image files and/or folders")
+        for flag in stage.flags:
+            if flag == "sweep":
+                p.add_argument(
+                    "--sweep", default=None, metavar="R1,R2,...", help="prune + fine-tune at several ratios"
+                )
+            else:
+                p.add_argument(f"--{flag}", action="store_true", help=FLAG_HELP[flag])
+    p = sub.add_parser("run", help=RUN_HELP, description=RUN_HELP)
+    _common(p)
+    p.add_argument(
+        "--force",
+        default=None,
+        metavar="STAGE",
+        help="redo STAGE and every stage built from its outputs (" + ", ".join(s.name for s in STAGES) + ")",
+    )
+    _budget_flags(sub.choices["run"])
+    p = sub.add_parser(
+        "deploy",
+        help="re-choose the deployed model from bench.json for new budgets (seconds, no re-timing)",
+        description="Choose the most accurate model on validation that fits the budgets, from an existing "
+        "bench.json, and rewrite deploy/. Exit 0 when a model was deployed, 2 when none fits (the line "
+        "names the budget and the closest candidate) or the run folder lacks a bench.",
+    )
+    _common(p)
+    _budget_flags(p)
+    p = sub.add_parser(
+        "verify",
+        help="re-measure a deployed model's accuracy and latency on this machine (no torch needed)",
+        description="Re-measure the accuracy and batch-1 latency of DEPLOY_DIR on this machine and compare "
+        "them with the figures recorded when it was built: on the run's own test images (a paired test) "
+        "when they are here, else on LABELLED_IMAGES (<class>/<image>). Exit 0 when the accuracy agrees "
+        "within the noise of that many images, 1 when it differs, 2 on bad input.",
+    )
+    p.add_argument("deploy_dir", help="a deploy folder written by slimvit (e.g. runs/neu-det/deploy)")
+    p.add_argument("images", nargs="?", default=None, help="a labelled image folder: <class>/<image>")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: as benchmarked)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = sub.add_parser(
+        "predict",
+        help="classify images with a deployed ONNX model (no torch needed)",
+        description="Classify images with a deployed ONNX model: onnxruntime, numpy and Pillow only.",
+        epilog=PREDICT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model", help="ONNX model written by slimvit, or its deploy folder (e.g. runs/neu-det/deploy/)"
+    )
+    p.add_argument("paths", nargs="+", help="image files and/or folders; - reads file paths from stdin")
     p.add_argument("--json", default=None, metavar="FILE", help="also write predictions as JSON")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write predictions as CSV")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.add_argument(
+        "--threads", type=_positive, default=2, metavar="N", help="ONNX Runtime and decoding threads"
+    )
+    p.add_argument("--batch", type=_positive, default=32, metavar="N", help="images per inference call")
+    p.add_argument("--top-k", type=_positive, default=1, metavar="K", help="also show the next K-1 classes")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _budget_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("deployment budgets (config section `deploy`; chosen on validation data)")
+    g.add_argument("--budget-ms", type=float, default=None, metavar="MS", help="batch-1 latency budget (p50)")
+    g.add_argument("--budget-mb", type=float, default=None, metavar="MB", help="model file size budget")
+    g.add_argument(
+        "--max-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="validation accuracy points the deployed model may lose against the student (default 0.5)",
+    )
+
+
+def _budget_overrides(args: argparse.Namespace) -> list[str]:
+    names = ("budget_ms", "budget_mb", "max_drop")
+    return [f"deploy.{k}={getattr(args, k)}" for k in names if getattr(args, k, None) is not None]
 
 
 def _setup_logging() -> None:
@@ -81,11 +205,9 @@ def _setup_logging() -> None:
 def load_cli_config(args: argparse.Namespace):
     from slimvit.config import load_config
 
-    preset = args.preset or ("neu-det" if not args.config else None)
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.path={args.data}")
-    cfg = load_config(preset, args.config, overrides)
+    # --data is a path, taken literally (never read as YAML); with no --preset, load_config starts from
+    # the config file's `preset:` or the default preset, and the file merges over it
+    cfg = load_config(args.preset, args.config, args.overrides, data_path=args.data or None)
     out = Path(args.out) if args.out else Path("runs") / (args.preset or cfg.preset or "custom")
     return cfg, out
 
@@ -93,11 +215,16 @@ def load_cli_config(args: argparse.Namespace):
 def _print_data(info: dict, run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # Text, not markup strings: folder and class names such as `[red]styled` are shown as they are
     console = Console()
     console.print(
-        f"[bold]{info['root']}[/bold]  layout: {info['layout']}  images: {info['images']}  "
-        f"classes: {len(info['classes'])}  boxes: {info['boxes']}"
+        Text.assemble(
+            (str(info["root"]), "bold"),
+            f"  layout: {info['layout']}  images: {info['images']}  "
+            f"classes: {len(info['classes'])}  boxes: {info['boxes']}",
+        )
     )
     sizes = ", ".join(f"{k} ({v})" for k, v in info["image_sizes"].items())
     console.print(
@@ -106,55 +233,141 @@ def _print_data(info: dict, run_dir: Path) -> None:
     t = Table("class", "images", "train", "val", "test")
     for c in info["classes"]:
         t.add_row(
-            c, str(info["counts"][c]), *(str(info["split_per_class"][s][c]) for s in ("train", "val", "test"))
+            Text(c),
+            str(info["counts"][c]),
+            *(str(info["split_per_class"][s][c]) for s in ("train", "val", "test")),
         )
     sp = info["split"]
     t.add_row("[bold]total", str(info["images"]), str(sp["train"]), str(sp["val"]), str(sp["test"]))
     console.print(t)
     console.print(
-        f"split: {sp['train']}/{sp['val']}/{sp['test']} (train/val/test), saved in {run_dir / 'split.json'}"
+        Text(
+            f"split: {sp['train']}/{sp['val']}/{sp['test']} (train/val/test), saved in {run_dir / 'split.json'}"
+        )
     )
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from slimvit.data import describe, load_data
-    from slimvit.runs import prepare_run_dir
+    require_extra("data")
+    from slimvit import pipeline
+    from slimvit.io import read_json
+    from slimvit.runs import lock_run_dir, prepare_run_dir
 
     cfg, out = load_cli_config(args)
-    run_dir = prepare_run_dir(cfg, out, force=args.force)
-    data = load_data(cfg.data, run_dir)
-    _print_data(describe(data), run_dir)
+    with lock_run_dir(out):
+        run_dir = prepare_run_dir(cfg, out, force=args.force)
+        pipeline.run_single("data", cfg, run_dir, args)  # --force redoes the split
+        _print_data(read_json(run_dir / "data.json"), run_dir)
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    require_extra(args.command)
     from slimvit import pipeline
-    from slimvit.runs import prepare_run_dir
+    from slimvit.runs import lock_run_dir, prepare_run_dir
 
     cfg, out = load_cli_config(args)
-    run_dir = prepare_run_dir(cfg, out, force=bool(getattr(args, "force", False)))
-    if args.command == "run":
-        return pipeline.run_pipeline(cfg, run_dir, force=args.force)
-    return pipeline.run_single(args.command, cfg, run_dir, args)
+    with lock_run_dir(out):  # one writer per run folder, for the whole command
+        run_dir = prepare_run_dir(cfg, out, force=bool(getattr(args, "force", False)))
+        if args.command == "run":
+            return pipeline.run_pipeline(cfg, run_dir, force=args.force) or _deploy_outcome(run_dir)
+        return pipeline.run_single(args.command, cfg, run_dir, args)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Re-choose the deployed model for the budgets: the deploy stage only, always redone (seconds)."""
+    from slimvit import pipeline
+    from slimvit.errors import ModelError
+    from slimvit.runs import lock_run_dir, prepare_run_dir
+
+    cfg, out = load_cli_config(args)
+    if not (out / "bench.json").exists():
+        raise ModelError(f"no '{out / 'bench.json'}'; run `slimvit bench` (or `slimvit run`) first")
+    cfg = _with_budgets(out, cfg, args)
+    with lock_run_dir(out):
+        run_dir = prepare_run_dir(cfg, out, force=False)  # budgets (deploy.*) may change freely
+        args.force = True
+        pipeline.run_single("deploy", cfg, run_dir, args)
+    return _deploy_outcome(run_dir)
+
+
+def _with_budgets(out: Path, cfg, args: argparse.Namespace):
+    """The run folder's own config with this command's budgets (unset flags: no budget, default drop).
+
+    `slimvit deploy` re-chooses for the run that is there, so every other key comes from its config.yaml;
+    `--set deploy.KEY=...` and the budget flags say the budgets of this call.
+    """
+    import dataclasses
+
+    from slimvit.config import DeployConfig, read_config
+
+    saved = out / "config.yaml"
+    if not saved.exists():
+        return cfg
+    base = read_config(saved)
+    given = {k: getattr(cfg.deploy, k) for k in ("budget_ms", "budget_mb", "max_drop")}
+    return dataclasses.replace(base, deploy=DeployConfig(**given))
+
+
+def _deploy_outcome(run_dir: Path) -> int:
+    """2 with one line when the deploy stage found nothing that fits the budgets, else 0."""
+    from slimvit.io import read_json
+
+    rec = run_dir / "deploy" / "deploy.json"
+    if rec.exists():
+        d = read_json(rec)
+        if not d.get("deployed", True):
+            print(f"error: nothing deployed: {d.get('error')}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from slimvit.deploy import verify
+    from slimvit.io import atomic_write_json
+
+    result = verify(args.deploy_dir, args.images, threads=args.threads)
+    if args.json:
+        atomic_write_json(args.json, result)
+    print(result["line"])
+    return 0 if result["agrees"] else 1
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from slimvit.predict import main as predict_main
 
-    return predict_main(args.model, args.paths, json_path=args.json, csv_path=args.csv, threads=args.threads)
+    return predict_main(
+        args.model,
+        args.paths,
+        json_path=args.json,
+        csv_path=args.csv,
+        threads=args.threads,
+        batch=args.batch,
+        top_k=args.top_k,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging()
-    handler = {"data": cmd_data, "predict": cmd_predict}.get(args.command, cmd_stage)
+    if hasattr(args, "budget_ms"):
+        args.overrides = [*args.overrides, *_budget_overrides(args)]
+    handler = {"data": cmd_data, "predict": cmd_predict, "deploy": cmd_deploy, "verify": cmd_verify}.get(
+        args.command, cmd_stage
+    )
     try:
         return handler(args)
     except SlimvitError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # a module of an extra that is not installed (the check missed it)
+        message = _extra_message(args.command, e.name or "")
+        if args.debug or message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except OSError as e:
         if args.debug or e.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,8 +171,9 @@ class DistillConfig:
     """Weight of the distillation term; 1 - alpha goes to the label cross-entropy."""
     temperature: float = 2.0
     """Softmax temperature of the `soft` loss."""
-    ablation: bool = True
-    """Also train the same student without distillation, for the report's comparison."""
+    ablation: bool = False
+    """Also train the same student without distillation, for the report's paired comparison (opt-in: it
+    costs as much as the student itself, ~25% of the default pipeline)."""
 
     def __post_init__(self) -> None:
         _check_choice("distill.loss", self.loss, DISTILL_LOSSES)
@@ -206,6 +208,9 @@ class PruneConfig:
     """Ratios for `slimvit prune --sweep` (empty: no sweep in `slimvit run`)."""
     sweep_epochs: int = 5
     """Fine-tuning epochs of each sweep point."""
+    sweep_from: str = "previous"
+    """`previous`: prune each sweep ratio from the model of the next lower ratio (iterative; the main
+    pruned model stands for its own ratio); `student`: every ratio from the distilled student."""
 
     def __post_init__(self) -> None:
         _check(0 < self.ratio < 1, f"prune.ratio={self.ratio} must be in (0, 1)")
@@ -217,6 +222,7 @@ class PruneConfig:
         _check(0 < self.finetune_lr < 1, f"prune.finetune_lr={self.finetune_lr} must be in (0, 1)")
         _check(all(0 < r < 1 for r in self.sweep), f"prune.sweep={self.sweep}: every ratio must be in (0, 1)")
         _check(self.sweep_epochs >= 0, f"prune.sweep_epochs={self.sweep_epochs} must be >= 0")
+        _check_choice("prune.sweep_from", self.sweep_from, ("previous", "student"))
 
 
 @dataclass(frozen=True)
@@ -241,12 +247,16 @@ class QuantizeConfig:
     """Per-channel weight scales for static INT8."""
     static_activations: str = "uint8"
     """Activation type of static INT8: `uint8` (asymmetric; the fast u8s8 kernels on x86) or `int8`."""
+    reduce_range: bool = True
+    """7-bit weights (|w| <= 64) in every int8 product. x86 CPUs without VNNI (AVX2, AVX-512 without
+    VNNI) multiply uint8 x int8 with VPMADDUBSW, whose sum of two products saturates at 16 bits:
+    255 x 127 x 2 overflows, 255 x 64 x 2 does not. With full 8-bit weights a model validated on a VNNI
+    CPU lost 8 points on an AVX2 one; false keeps 8-bit weights, and such variants are marked
+    VNNI-only (`portable: false`) and never deployed."""
     optimize: bool = True
     """Run ONNX Runtime's transformer fusions on exported ViTs (BiasGelu; residual add + LayerNorm is
     left unfused, see `runtime.SLOW_FUSIONS`) and its graph optimisations (`quant_pre_process`)
     before static calibration."""
-    accuracy_tolerance: float = 0.5
-    """A variant may be deployed only within this many accuracy points of the pruned FP32 model."""
 
     def __post_init__(self) -> None:
         _check(self.opset >= 17, f"quantize.opset={self.opset} must be >= 17")
@@ -260,7 +270,6 @@ class QuantizeConfig:
         )
         _check(len(self.static_op_types) > 0, "quantize.static_op_types must not be empty")
         _check(len(self.dynamic_op_types) > 0, "quantize.dynamic_op_types must not be empty")
-        _check(self.accuracy_tolerance >= 0, "quantize.accuracy_tolerance must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -294,6 +303,28 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class DeployConfig:
+    """What `slimvit bench` / `slimvit deploy` deploy: chosen on validation accuracy, never on test."""
+
+    budget_ms: float | None = None
+    """Batch-1 latency budget in ms (p50 measured by the bench at `bench.threads`); None: no budget."""
+    budget_mb: float | None = None
+    """File size budget in MB; None: no budget."""
+    max_drop: float = 0.5
+    """Validation accuracy points a deployed model may lose against the distilled student (at least one
+    validation image is always allowed: with 180 images one image is 0.56 points)."""
+
+    def __post_init__(self) -> None:
+        for name in ("budget_ms", "budget_mb"):
+            v = getattr(self, name)
+            _check(v is None or (math.isfinite(v) and v > 0), f"deploy.{name}={v} must be a number > 0")
+        _check(
+            math.isfinite(self.max_drop) and 0 <= self.max_drop <= 100,
+            f"deploy.max_drop={self.max_drop} must be in [0, 100] (accuracy points)",
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str = "neu-det"
     """Name of the preset this config started from (informational)."""
@@ -304,6 +335,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def to_dict(self) -> dict:
         """Plain dict (tuples become lists) that `from_dict` turns back into an equal Config."""
@@ -374,14 +406,19 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return int(value)
         raise ConfigError(f"{name}={value!r} must be an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name}={value!r} must be a number")
+        if number is None:
+            raise ConfigError(f"{name}={value!r} must be a number")
+        if not math.isfinite(number):  # .inf / nan pass every range check below and fail much later
+            raise ConfigError(f"{name}={value!r} must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -435,12 +472,28 @@ def _read_yaml(text: str, source: str) -> dict:
     try:
         d = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"{source} is not valid YAML ({getattr(e, 'problem', None) or 'parse error'}{where})"
+        ) from None
     if d is None:
         return {}
     if not isinstance(d, dict):
         raise ConfigError(f"{source} must hold a mapping of sections, got {type(d).__name__}")
-    return d
+    return _nest_dotted(d)
+
+
+def _nest_dotted(d: dict) -> dict:
+    """``train.epochs: 5`` at the top of a config file means ``train: {epochs: 5}``."""
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(k, str) and "." in k.strip("."):
+            section, _, key = k.partition(".")
+            v = _nest_dotted({key: v})
+            k = section
+        out = _deep_merge(out, {k: v})
+    return out
 
 
 def load_preset(name: str) -> dict:
@@ -474,18 +527,34 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+DEFAULT_PRESET = "neu-det"
+
+
 def load_config(
-    preset: str | None = "neu-det",
+    preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: typing.Sequence[str] = (),
+    data_path: str | None = None,
 ) -> Config:
-    """Preset, then user YAML file, then ``--set`` overrides; validated."""
-    d: dict = load_preset(preset) if preset else {}
+    """Preset, then user YAML file, then ``--set`` overrides, then the dataset path; validated.
+
+    Args:
+        preset: the base; None means the config file's ``preset:`` if it has one, else `DEFAULT_PRESET`.
+            A file holding only ``train.teacher_epochs: 25`` changes that one value of the preset.
+        data_path: ``--data``, taken literally as ``data.path`` (never read as YAML: ``null``, ``2024``
+            or ``#mine`` are folder names).
+    """
+    user: dict = {}
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        d = _deep_merge(d, _read_yaml(path.read_text(), f"config file '{path}'"))
+        user = _read_yaml(path.read_text(), f"config file '{path}'")
+    base = preset or user.get("preset") or DEFAULT_PRESET
+    if not isinstance(base, str):
+        raise ConfigError(f"config file '{config_file}': preset={base!r} must be a preset name")
+    d = _deep_merge(load_preset(base), user)
+    d["preset"] = base
     for item in overrides:
         parts, value = parse_override(item)
         node = d
@@ -494,6 +563,11 @@ def load_config(
             if not isinstance(node, dict):
                 raise ConfigError(f"--set '{item}': '{p}' is not a section")
         node[parts[-1]] = value
+    if data_path is not None:
+        data = d.setdefault("data", {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"config section 'data' must be a mapping, got {data!r}")
+        data["path"] = str(data_path)
     return Config.from_dict(d)
 
 

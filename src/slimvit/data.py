@@ -244,6 +244,7 @@ def load_or_create_split(index: DatasetIndex, cfg: DataConfig, run_dir: Path | N
             )
         return split
     split = make_split(index, cfg.split, cfg.seed)  # deterministic: every rank computes the same
+    check_split_classes(index, split)  # before the write: a refused split must not be kept for later
     if path is not None and is_main_process():
         atomic_write_json(
             path,
@@ -258,19 +259,32 @@ def load_or_create_split(index: DatasetIndex, cfg: DataConfig, run_dir: Path | N
     return split
 
 
+def check_split_classes(index: DatasetIndex, split: dict[str, list[int]]) -> None:
+    """Every class must have images in the train and test splits (val may lack a rare class)."""
+    counts = index.counts()
+    for s in SPLITS:
+        present = {index.samples[i].label for i in split[s]}
+        if len(present) < len(index.classes) and s != "val":
+            missing = [c for i, c in enumerate(index.classes) if i not in present]
+            raise DataError(
+                f"the {s} split has no images of class '{missing[0]}' ({counts[missing[0]]} image(s) "
+                f"in all); the class needs more images"
+            )
+
+
 def decode_all(index: DatasetIndex, size: int, progress: bool = True) -> np.ndarray:
     """Decode every image to uint8 (N, size, size, 3); one error lists every unreadable file."""
     from tqdm.auto import tqdm
 
     paths = [index.root / s.path for s in index.samples]
     out = np.empty((len(paths), size, size, 3), np.uint8)
-    bad: list[str] = []
+    bad: list[tuple[str, str]] = []
 
     def work(i: int) -> None:
         try:
             out[i] = load_rgb(paths[i], size)
-        except ImageDecodeError:
-            bad.append(str(paths[i]))
+        except ImageDecodeError as e:
+            bad.append((str(paths[i]), str(e)))
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as ex:
         list(
@@ -283,10 +297,8 @@ def decode_all(index: DatasetIndex, size: int, progress: bool = True) -> np.ndar
             )
         )
     if bad:
-        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise DataError(
-            f"cannot decode image '{sorted(bad)[0]}'{more}; remove or replace the corrupt file(s)"
-        )
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{sorted(bad)[0][1]}{more}; remove or replace the file(s)")
     return out
 
 
@@ -320,13 +332,7 @@ def load_data(
     root = resolve_data_path(path or cfg.path)
     index = discover(root)
     split = load_or_create_split(index, cfg, run_dir)
-    for s in SPLITS:
-        present = {index.samples[i].label for i in split[s]}
-        if len(present) < len(index.classes) and s != "val":
-            missing = [c for i, c in enumerate(index.classes) if i not in present]
-            raise DataError(
-                f"the {s} split has no images of class '{missing[0]}'; the class needs more images"
-            )
+    check_split_classes(index, split)  # again for a split.json written by an older version
     images = decode_all(index, cfg.img_size, progress=progress)
     labels = np.asarray([s.label for s in index.samples], dtype=np.int64)
     return Data(index, split, images, labels, cfg.img_size)

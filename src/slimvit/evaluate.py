@@ -6,7 +6,43 @@ same numbers as the PyTorch path.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (sound near 100%, unlike the normal one)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar(correct_a, correct_b) -> dict:
+    """Exact McNemar test of two classifiers on the same images (two-sided binomial on the discordant pairs).
+
+    Returns ``{"a_only", "b_only", "p", "n"}``: images only A got right, only B got right, and the
+    probability of a split at least that uneven if both were equally accurate.
+    """
+    a = np.asarray(correct_a, bool)
+    b = np.asarray(correct_b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired test needs the same images ({a.shape} vs {b.shape})")
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    m = a_only + b_only
+    tail = sum(math.comb(m, i) for i in range(min(a_only, b_only) + 1)) / 2**m if m else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p": min(1.0, 2 * tail), "n": int(a.size)}
+
+
+def compare(correct_a, correct_b, alpha: float = 0.05) -> str:
+    """`better`, `worse` or `same` for A against B on the same images, by the exact McNemar test."""
+    t = mcnemar(correct_a, correct_b)
+    if t["p"] >= alpha:
+        return "same"
+    return "better" if t["a_only"] > t["b_only"] else "worse"
 
 
 def metrics_from_predictions(pred: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
@@ -25,10 +61,13 @@ def metrics_from_predictions(pred: np.ndarray, labels: np.ndarray, classes: list
     return {
         "n": int(len(labels)),
         "accuracy": float(tp.sum() / max(1, len(labels))),
+        "accuracy_ci": list(wilson(int(tp.sum()), int(len(labels)))),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "per_class_recall": {c: float(r) for c, r in zip(classes, recall, strict=True)},
         "classes": list(classes),
         "confusion": cm.tolist(),
+        "pred": np.asarray(pred).astype(int).tolist(),
+        "labels": np.asarray(labels).astype(int).tolist(),
     }
 
 

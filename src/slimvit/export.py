@@ -32,7 +32,25 @@ from slimvit.io import atomic_path, atomic_write_json, is_main_process
 log = logging.getLogger(__name__)
 
 STAGES = ("teacher", "student", "pruned")
-"""Models of a run that are exported, in this order (the pruned one is what gets quantized)."""
+"""Models of a run that are always exported, in this order."""
+
+
+def candidates(run_dir: str | Path) -> list[str]:
+    """The deployment candidates of a run: the pruned model, then every pruning-sweep model (by ratio).
+
+    Each is exported, quantized in every mode and benchmarked; the deploy step chooses among them.
+    """
+    run_dir = Path(run_dir)
+    sweep = sorted(
+        (p.parent for p in (run_dir / "sweep").glob("r*/model.json")),
+        key=lambda p: float(p.name[1:]) if p.name[1:].replace(".", "", 1).isdigit() else 1.0,
+    )
+    return ["pruned", *(str(p.relative_to(run_dir)) for p in sweep)]
+
+
+def onnx_name(stage: str, precision: str) -> str:
+    """`onnx/<stage>_<precision>.onnx`, with a sweep model's folder flattened (sweep/r0.5 -> sweep_r0.5)."""
+    return f"onnx/{stage.replace('/', '_')}_{precision}.onnx"
 
 
 # --------------------------------------------------------------------------- fused attention
@@ -259,7 +277,10 @@ MIN_AGREEMENT = 0.999
 
 
 def run_export(cfg, run_dir: str | Path, data=None) -> dict:
-    """Export the teacher, the student and the pruned student; check each against PyTorch on the test split."""
+    """Export the teacher, the student and every candidate; check each against PyTorch on the test split.
+
+    The parity check compares two runtimes of one model (no selection), so it may read test images.
+    """
     from slimvit.data import load_data, to_tensor_batch
 
     run_dir = Path(run_dir)
@@ -275,9 +296,9 @@ def run_export(cfg, run_dir: str | Path, data=None) -> dict:
     images, _ = data.arrays("test")
     q = cfg.quantize
     results = {}
-    for stage in STAGES:
+    for stage in dict.fromkeys([*STAGES, *candidates(run_dir)]):
         model, spec = models.load(run_dir / stage)
-        path = run_dir / "onnx" / f"{stage}_fp32.onnx"
+        path = run_dir / onnx_name(stage, "fp32")
         info = export_onnx(
             model,
             spec,

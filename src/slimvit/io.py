@@ -40,6 +40,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def is_temp_name(name: str) -> bool:
+    """The names `atomic_path` gives its temporary files (`.<name>.<random>.tmp`)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_temp_files(root: str | Path) -> list[Path]:
+    """Remove the temporary files under `root` that a killed process left (call it only while no other
+    process writes there: the run folder's lock says so). Returns what was removed."""
+    removed = []
+    for folder, _, files in os.walk(root):  # symlinks to folders are not followed
+        for name in files:
+            if is_temp_name(name):
+                p = Path(folder) / name
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -1,32 +1,93 @@
 """`slimvit predict MODEL PATH...`: classify image files and folders with a deployed ONNX model.
 
-The edge path: onnxruntime + numpy + Pillow only; this module never imports torch (a test checks
-`sys.modules`). The classes, input size and normalisation come from the metadata inside the ONNX
-file, and the pixels go through the same `preprocess` functions as every accuracy slimvit reports.
-An image that cannot be decoded is reported and skipped; the exit code is then 1.
+The edge path: onnxruntime + numpy + Pillow (+ rich for the terminal table) only; this module never
+imports torch (a test checks `sys.modules`, another runs it where torch cannot be imported). The
+classes, input size and normalisation come from the metadata inside the ONNX file, and the pixels go
+through the same `preprocess` functions as every accuracy slimvit reports.
+
+MODEL is an ONNX file or a deploy folder (`runs/<name>/deploy/`: the file its `deploy.json` names, else
+`model.onnx`). PATH `-` reads file paths from stdin, one a line, so `find ... | slimvit predict DIR -`
+works. Images are decoded on `threads` threads while the previous batch runs. An image that cannot be
+decoded is reported and skipped; the exit code is then 1 (`EXIT_CODES`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
+import os
 import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from slimvit import runtime
-from slimvit.errors import DataError
+from slimvit.errors import DataError, ModelError, SlimvitError
 from slimvit.io import atomic_write_json, atomic_write_text
 from slimvit.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb, normalize
 
 log = logging.getLogger(__name__)
 
 BATCH = 32
+"""Images per ONNX Runtime call (and decoded ahead of it)."""
+
+EXIT_CODES = {
+    0: "every image was classified",
+    1: "some images could not be decoded (listed on stderr and in --json); the others were classified",
+    2: "bad usage or a bad model (one line on stderr); nothing was classified",
+}
 
 
-def collect(paths: list[str | Path]) -> list[Path]:
+@dataclass
+class Prediction:
+    """The outcome of one `classify` call."""
+
+    results: list[dict] = field(default_factory=list)
+    """``{"path", "class", "confidence", "probs"}`` (+ ``"top"`` for top_k > 1) per image, input order."""
+    failed: list[dict] = field(default_factory=list)
+    """``{"path", "error"}`` per file that could not be decoded."""
+    seconds: float = 0.0
+    """Decoding, preprocessing and inference of every file (the model load excluded)."""
+    load_seconds: float = 0.0
+    """Loading the model into ONNX Runtime."""
+
+    @property
+    def images_per_s(self) -> float:
+        n = len(self.results) + len(self.failed)
+        return n / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_model(path: str | Path) -> Path:
+    """An ONNX file as given, or the model of a deploy folder: `deploy.json`'s "file" if it names an
+    ONNX file there, else `model.onnx`."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    name = "model.onnx"
+    info = p / "deploy.json"
+    if info.is_file():
+        try:
+            named = json.loads(info.read_text()).get("file")
+        except (json.JSONDecodeError, OSError, AttributeError):
+            raise ModelError(f"'{info}' is not a valid deploy record; run `slimvit bench` again") from None
+        if isinstance(named, str) and named.lower().endswith(".onnx"):
+            name = named
+    model = p / name
+    if not model.is_file():
+        raise ModelError(
+            f"model folder '{p}' has no {name}; pass an ONNX file or a deploy folder "
+            "written by `slimvit bench` (runs/<name>/deploy/)"
+        )
+    return model
+
+
+def collect(paths: Iterable[str | Path]) -> list[Path]:
     """Image files named directly, plus every image file under named folders (sorted)."""
     out: list[Path] = []
     for p in map(Path, paths):
@@ -46,78 +107,205 @@ def collect(paths: list[str | Path]) -> list[Path]:
     return out
 
 
+def read_path_lines(lines: Iterable[str]) -> list[Path]:
+    """File paths, one a line (stdin of `slimvit predict MODEL -`). Blank lines and folders are
+    skipped, so the output of `find DIR` can be piped in as it is; a path that does not exist is kept
+    and reported as undecodable, like a corrupt file, so one vanished file does not stop a batch job."""
+    out = []
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if line and not Path(line).is_dir():
+            out.append(Path(line))
+    return out
+
+
+def gather(paths: list[str], stdin: Iterable[str] | None = None) -> list[Path]:
+    """The files to classify: `collect` of PATH arguments, with `-` replaced by the stdin paths."""
+    files: list[Path] = []
+    for p in paths:
+        if p == "-":
+            from_stdin = read_path_lines(stdin if stdin is not None else sys.stdin)
+            if not from_stdin:
+                raise DataError("'-' was given but stdin holds no file paths (one path a line)")
+            files += from_stdin
+        else:
+            files += collect([p])
+    return files
+
+
+def _decode(path: Path, size: int) -> np.ndarray | str:
+    try:
+        return load_rgb(path, size)
+    except ImageDecodeError as e:
+        return str(e)
+
+
+def classify(
+    model: str | Path, files: list[Path], threads: int = 2, batch: int = BATCH, top_k: int = 1
+) -> Prediction:
+    """Classify `files` with `model` (file or deploy folder); decoding overlaps the previous batch's run."""
+    t0 = time.perf_counter()
+    sess = runtime.session(resolve_model(model), threads)
+    meta = runtime.metadata(sess)
+    classes = list(meta["classes"])
+    if top_k > len(classes):
+        raise SlimvitError(f"--top-k {top_k} is more than the model's {len(classes)} classes")
+    size = int(meta["input_size"][-1])
+    out = Prediction(load_seconds=time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    chunks = [files[i : i + batch] for i in range(0, len(files), batch)]
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+
+        def submit(chunk: list[Path]) -> list[Future]:
+            return [pool.submit(_decode, f, size) for f in chunk]
+
+        ahead = submit(chunks[0]) if chunks else []
+        for i, chunk in enumerate(chunks):
+            current, ahead = ahead, (submit(chunks[i + 1]) if i + 1 < len(chunks) else [])
+            ok, pixels = [], []
+            for f, fut in zip(chunk, current, strict=True):
+                got = fut.result()
+                if isinstance(got, str):
+                    out.failed.append({"path": str(f), "error": got})
+                else:
+                    ok.append(f)
+                    pixels.append(got)
+            if ok:
+                probs = _probabilities(sess, meta, np.stack(pixels))
+                out.results += [_record(f, p, classes, top_k) for f, p in zip(ok, probs, strict=True)]
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _probabilities(sess, meta: dict, pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> class probabilities (N, classes) in one ONNX Runtime call."""
+    x = normalize(pixels, meta["mean"], meta["std"])
+    probs = runtime.softmax(runtime.run_logits(sess, x, batch_size=len(x)))
+    if probs.shape[1] != len(meta["classes"]):  # a symbolic output width escapes `runtime.metadata`
+        raise ModelError(
+            f"the ONNX model's slimvit metadata field 'classes' names {len(meta['classes'])} classes "
+            f"but the model outputs {probs.shape[1]} scores; re-export the model"
+        )
+    return probs
+
+
+def _record(path: Path, p: np.ndarray, classes: list[str], top_k: int) -> dict:
+    k = int(p.argmax())
+    r = {
+        "path": str(path),
+        "class": classes[k],
+        "confidence": float(p[k]),
+        "probs": {c: float(v) for c, v in zip(classes, p, strict=True)},
+    }
+    if top_k > 1:
+        order = np.argsort(-p, kind="stable")[:top_k]
+        r["top"] = [{"class": classes[j], "confidence": float(p[j])} for j in order]
+    return r
+
+
 def predict_files(
     model: str | Path, paths: list[str | Path], threads: int = 2
 ) -> tuple[list[dict], list[dict]]:
-    """Predictions for every decodable image, and the files that could not be decoded.
+    """Predictions for every decodable image under `paths`, and the files that could not be decoded.
 
     Returns:
         (results, failed): results are ``{"path", "class", "confidence", "probs"}`` in input order;
         failed are ``{"path", "error"}``.
     """
-    sess = runtime.session(model, threads)
-    meta = runtime.metadata(sess)
-    size = int(meta["input_size"][-1])
-    classes = list(meta["classes"])
-    files = collect(paths)
-    results, failed = [], []
-    for i in range(0, len(files), BATCH):
-        chunk, pixels = [], []
-        for f in files[i : i + BATCH]:
-            try:
-                pixels.append(load_rgb(f, size))
-                chunk.append(f)
-            except ImageDecodeError as e:
-                failed.append({"path": str(f), "error": str(e)})
-        if not chunk:
-            continue
-        probs = runtime.softmax(
-            runtime.run_logits(sess, normalize(np.stack(pixels), meta["mean"], meta["std"]))
-        )
-        for f, p in zip(chunk, probs, strict=True):
-            k = int(p.argmax())
-            results.append(
-                {
-                    "path": str(f),
-                    "class": classes[k],
-                    "confidence": float(p[k]),
-                    "probs": {c: float(v) for c, v in zip(classes, p, strict=True)},
-                }
-            )
-    return results, failed
+    pred = classify(model, collect(paths), threads)
+    return pred.results, pred.failed
+
+
+def _top(r: dict) -> list[tuple[str, float]]:
+    return [(t["class"], t["confidence"]) for t in r.get("top", [])[1:]]
 
 
 def to_csv(results: list[dict]) -> str:
+    """path, class, confidence, then class_2, confidence_2, ... (with --top-k), then p_<class> for all."""
     buf = io.StringIO()
     classes = list(results[0]["probs"]) if results else []
+    extra = len(results[0].get("top", [])) if results else 0
     w = csv.writer(buf)
-    w.writerow(["path", "class", "confidence", *(f"p_{c}" for c in classes)])
+    ranks = [h for j in range(2, extra + 1) for h in (f"class_{j}", f"confidence_{j}")]
+    w.writerow(["path", "class", "confidence", *ranks, *(f"p_{c}" for c in classes)])
     for r in results:
+        tops = [v for c, p in _top(r) for v in (c, f"{p:.6f}")]
         w.writerow(
-            [r["path"], r["class"], f"{r['confidence']:.6f}", *(f"{r['probs'][c]:.6f}" for c in classes)]
+            [
+                r["path"],
+                r["class"],
+                f"{r['confidence']:.6f}",
+                *tops,
+                *(f"{r['probs'][c]:.6f}" for c in classes),
+            ]
         )
     return buf.getvalue()
 
 
-def main(
-    model: str, paths: list[str], json_path: str | None = None, csv_path: str | None = None, threads: int = 2
-) -> int:
+def _print_results(results: list[dict]) -> None:
+    """A table on a terminal; piped, one tab-separated line per image (path, class, confidence, ...)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    results, failed = predict_files(model, paths, threads)
     console = Console()
+    if not console.is_terminal:
+        try:
+            for r in results:
+                tops = "".join(f"\t{c}\t{p:.4f}" for c, p in _top(r))
+                sys.stdout.write(f"{r['path']}\t{r['class']}\t{r['confidence']:.4f}{tops}\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader stopped early (`| head`): not an error of predict's
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
     table = Table("image", "class", "confidence")
+    if results and "top" in results[0]:
+        table.add_column("next")
     for r in results:
-        table.add_row(r["path"], r["class"], f"{r['confidence']:.3f}")
+        # Text cells: file and class names are shown as they are, never read as rich markup
+        cells = [Text(r["path"]), Text(r["class"]), f"{r['confidence']:.3f}"]
+        if "top" in r:
+            cells.append(Text(", ".join(f"{c} {p:.3f}" for c, p in _top(r))))
+        table.add_row(*cells)
     console.print(table)
-    if json_path:
-        atomic_write_json(json_path, {"model": str(model), "predictions": results, "failed": failed})
-    if csv_path:
-        atomic_write_text(csv_path, to_csv(results))
-    for f in failed:
-        print(f"error: {f['error']}", file=sys.stderr)
-    console.print(
-        f"{len(results)} images classified" + (f", {len(failed)} could not be decoded" if failed else "")
+
+
+def summary(pred: Prediction, threads: int, batch: int) -> str:
+    n = len(pred.results) + len(pred.failed)
+    return (
+        f"{len(pred.results)} images classified, {len(pred.failed)} could not be decoded; "
+        f"{pred.images_per_s:.1f} images/s end to end ({n} files decoded, resized and classified in "
+        f"{pred.seconds:.2f} s; {threads} threads, batch {batch}; model load {pred.load_seconds:.2f} s)"
     )
-    return 1 if failed else 0
+
+
+def main(
+    model: str,
+    paths: list[str],
+    json_path: str | None = None,
+    csv_path: str | None = None,
+    threads: int = 2,
+    batch: int = BATCH,
+    top_k: int = 1,
+    stdin: Iterable[str] | None = None,
+) -> int:
+    """`slimvit predict`: outputs first (files, then stdout), failures and the summary on stderr."""
+    pred = classify(model, gather(paths, stdin), threads, batch, top_k)
+    if json_path:
+        atomic_write_json(
+            json_path,
+            {
+                "model": str(resolve_model(model)),
+                "predictions": pred.results,
+                "failed": pred.failed,
+                "seconds": pred.seconds,
+                "images_per_s": pred.images_per_s,
+            },
+        )
+    if csv_path:
+        atomic_write_text(csv_path, to_csv(pred.results))
+    _print_results(pred.results)
+    for f in pred.failed:
+        print(f"error: {f['error']}", file=sys.stderr)
+    print(summary(pred, threads, batch), file=sys.stderr)
+    return 1 if pred.failed else 0

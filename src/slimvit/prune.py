@@ -792,10 +792,20 @@ def _settings(pcfg: PruneConfig, ratio: float) -> dict:
     }
 
 
-def _prune_or_resume(cfg, student: nn.Module, spec: dict, data, out: Path, ratio: float, resume) -> tuple:
-    """The pruned, not yet fine-tuned model: made now (and saved in out/init/), or read back on resume."""
+def _prune_or_resume(
+    cfg, student: nn.Module, spec: dict, data, out: Path, ratio: float, resume, source=("student", 0.0)
+) -> tuple:
+    """The pruned, not yet fine-tuned model: made now (and saved in out/init/), or read back on resume.
+
+    `source` is (folder, its ratio): the model pruned further, by the step that brings it to `ratio` of
+    the student's widths.
+    """
     init = out / "init"
-    settings = _settings(cfg.prune, ratio)
+    step = 1 - (1 - ratio) / (1 - source[1])
+    settings = {
+        **_settings(cfg.prune, ratio),
+        **({"source": source[0], "step_ratio": step} if source[1] else {}),
+    }
     if resume and (init / "pruning.json").exists():
         info = read_json(init / "pruning.json")
         if info.get("settings") != settings:
@@ -816,7 +826,7 @@ def _prune_or_resume(cfg, student: nn.Module, spec: dict, data, out: Path, ratio
     if criterion(cfg.prune.importance).needs_gradients:
         batches = _taylor_batches(data, spec, cfg.prune.taylor_batches, cfg.train.batch_size, cfg.train.seed)
     t0 = time.perf_counter()
-    widths = prune_model(model, torch.randn(1, *spec["input_size"]), cfg.prune, ratio=ratio, batches=batches)
+    widths = prune_model(model, torch.randn(1, *spec["input_size"]), cfg.prune, ratio=step, batches=batches)
     pspec = dict(spec, widths=widths)
     from slimvit.evaluate import evaluate_model
 
@@ -839,6 +849,7 @@ def run_prune(
     ratio: float | None = None,
     out_name: str = "pruned",
     epochs: int | None = None,
+    source: str = "student",
 ) -> dict:
     """Prune the distilled student, fine-tune it with distillation, evaluate, and write prune.json.
 
@@ -848,6 +859,8 @@ def run_prune(
         ratio: pruning ratio; default `cfg.prune.ratio`.
         out_name: output folder inside `run_dir` (the sweep uses sweep/r<ratio>).
         epochs: fine-tuning epochs; default `cfg.prune.finetune_epochs`.
+        source: folder of the model to prune: the student, or a pruned model of a lower ratio (iterative
+            pruning: it is pruned by the step to `ratio` of the student's widths, then fine-tuned).
 
     Returns:
         A compact summary (ratio, params/MACs/latency before and after, val/test accuracy).
@@ -872,7 +885,15 @@ def run_prune(
     widths_before = read_widths(student)
     macs_before, params_before = count_macs_params(student, spec["input_size"])
     reference = copy.deepcopy(student)  # pruning works in place; keep the student for the latency comparison
-    model, pspec, info, resumed = _prune_or_resume(cfg, student, spec, data, out, ratio, resume)
+    src_ratio = 0.0
+    if source != "student":
+        src_ratio = float(read_json(run_dir / source / "prune.json")["ratio"])
+        student, spec = models.load(run_dir / source)
+        if src_ratio >= ratio:
+            raise ConfigError(f"cannot prune '{source}' (ratio {src_ratio:g}) to the lower ratio {ratio:g}")
+    model, pspec, info, resumed = _prune_or_resume(
+        cfg, student, spec, data, out, ratio, resume, source=(source, src_ratio)
+    )
     macs_after, params_after = count_macs_params(model, pspec["input_size"])
     log.info(
         "prune r=%.2f: params %.2fM -> %.2fM (%.2fx), MACs %.1fM -> %.1fM (%.2fx); %s",
@@ -967,6 +988,9 @@ def sweep_dir_name(ratio: float) -> str:
 def run_sweep(cfg, run_dir: str | Path, ratios: Sequence[float], data=None) -> list[dict]:
     """Prune + fine-tune (`prune.sweep_epochs`) at each ratio; write prune_sweep.json and .md.
 
+    With `prune.sweep_from: previous` (the default) the ratios are pruned iteratively: each from the model
+    of the next lower ratio (the main pruned model stands for its own ratio), so a high ratio starts from
+    an already fine-tuned, partly pruned model. `student` prunes every ratio from the student.
     Ratios already done (prune.json and eval.json present) are read back, not redone.
     """
     from slimvit.data import load_data
@@ -976,15 +1000,22 @@ def run_sweep(cfg, run_dir: str | Path, ratios: Sequence[float], data=None) -> l
         raise ConfigError("no ratios to sweep; pass --sweep 0.1,0.2,0.3,0.5 or set prune.sweep")
     run_dir = Path(run_dir)
     rows = []
+    chain = cfg.prune.sweep_from == "previous"
+    main = run_dir / "pruned" / "prune.json"
+    source = "student"
     for r in sorted(set(ratios)):
         out = run_dir / sweep_dir_name(r)
+        if chain and abs(r - cfg.prune.ratio) < 1e-9 and main.exists():
+            log.info("sweep r=%g: the main pruned model (pruned/) is this point", r)
+            rows.append({**_summary(read_json(main)), "model": "pruned"})
+            source = "pruned"
+            continue
         if (out / "prune.json").exists() and (out / "eval.json").exists():
             log.info("sweep r=%g: done, skipped", r)
-            rows.append(_summary(read_json(out / "prune.json")))
-            continue
-        data = data or load_data(cfg.data, run_dir)
-        rows.append(
-            run_prune(
+            rows.append({**_summary(read_json(out / "prune.json")), "model": sweep_dir_name(r)})
+        else:
+            data = data or load_data(cfg.data, run_dir)
+            summary = run_prune(
                 cfg,
                 run_dir,
                 data,
@@ -992,8 +1023,11 @@ def run_sweep(cfg, run_dir: str | Path, ratios: Sequence[float], data=None) -> l
                 ratio=r,
                 out_name=sweep_dir_name(r),
                 epochs=cfg.prune.sweep_epochs,
+                source=source,
             )
-        )
+            rows.append({**summary, "model": sweep_dir_name(r)})
+        if chain:
+            source = sweep_dir_name(r)
     baseline = _baseline(run_dir, rows)
     if is_main_process():
         atomic_write_json(run_dir / "prune_sweep.json", {"baseline": baseline, "points": rows})

@@ -34,7 +34,7 @@ import numpy as np
 from slimvit import runtime
 from slimvit.config import QuantizeConfig
 from slimvit.errors import ConfigError, ModelError, first_line
-from slimvit.io import atomic_path, atomic_write_json, is_main_process
+from slimvit.io import atomic_path, atomic_write_json, is_main_process, read_json
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +114,13 @@ def quantize_dynamic(src: Path, dst: Path, cfg: QuantizeConfig, calib=None) -> d
             str(tmp),
             op_types_to_quantize=list(cfg.dynamic_op_types),
             weight_type=QuantType.QInt8,
+            reduce_range=cfg.reduce_range,
             # The fused Attention op is from ORT's contrib domain, which onnx shape inference skips.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
         )
     return {
         "op_types": list(cfg.dynamic_op_types),
-        "weights": "int8 per-tensor",
+        "weights": "int8 per-tensor" + (", 7-bit range" if cfg.reduce_range else ""),
         "activations": "int8 at run time",
     }
 
@@ -166,6 +167,7 @@ def quantize_static(src: Path, dst: Path, cfg: QuantizeConfig, calib: np.ndarray
                 per_channel=cfg.per_channel,
                 activation_type=act,
                 weight_type=QuantType.QInt8,
+                reduce_range=cfg.reduce_range,
                 calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[cfg.calibration]),
                 extra_options={
                     "DefaultTensorType": onnx.TensorProto.FLOAT,
@@ -176,7 +178,9 @@ def quantize_static(src: Path, dst: Path, cfg: QuantizeConfig, calib: np.ndarray
     dst.with_suffix(".pre.onnx").unlink(missing_ok=True)
     return {
         "op_types": list(cfg.static_op_types),
-        "weights": "int8 " + ("per-channel" if cfg.per_channel else "per-tensor"),
+        "weights": "int8 "
+        + ("per-channel" if cfg.per_channel else "per-tensor")
+        + (", 7-bit range" if cfg.reduce_range else ""),
         "activations": f"{cfg.static_activations} calibrated ({cfg.calibration}, {len(calib)} training images)",
         "format": "QDQ",
     }
@@ -190,12 +194,16 @@ def quantize_mixed(src: Path, dst: Path, cfg: QuantizeConfig, calib: np.ndarray 
             "int8-mixed needs an op type in quantize.static_op_types that is not in quantize.dynamic_op_types "
             "(by default Conv)"
         )
-    with atomic_path(dst.with_suffix(".static.onnx")) as mid:
+    mid = dst.with_suffix(".static.onnx")
+    try:
         static = quantize_static(src, mid, dataclasses.replace(cfg, static_op_types=static_only), calib)
         quantize_dynamic(mid, dst, cfg)
+    finally:
+        mid.unlink(missing_ok=True)  # the intermediate model is not an artifact
     return {
         "op_types": [*static_only, *cfg.dynamic_op_types],
-        "weights": f"int8 ({static['weights'].split()[-1]} for {', '.join(static_only)}, per-tensor for the rest)",
+        "weights": f"int8 ({static['weights'].split()[1].rstrip(',')} for {', '.join(static_only)}, per-tensor "
+        "for the rest)" + (", 7-bit range" if cfg.reduce_range else ""),
         "activations": f"{static['activations']} for {', '.join(static_only)}; int8 at run time for "
         f"{', '.join(cfg.dynamic_op_types)}",
         "format": "QDQ + dynamic",
@@ -242,6 +250,84 @@ def _stamp(path: Path, mode: str) -> None:
 
 def _input_name(path: Path) -> str:
     return _load(path).graph.input[0].name
+
+
+# --------------------------------------------------------------------------- portability
+
+SAFE_WEIGHT = 64
+"""Largest int8 weight magnitude that x86's non-VNNI u8 x s8 kernels (VPMADDUBSW: two products summed
+into a saturating int16) never saturate on: 2 x 255 x 64 = 32,640 <= 32,767. A signed activation is
+shifted to uint8 on those CPUs, so the bound holds for both activation types."""
+
+_WEIGHT_INPUT = {
+    "MatMulInteger": 1,
+    "ConvInteger": 1,
+    "QAttention": 1,
+    "DynamicQuantizeMatMul": 1,
+    "MatMulIntegerToFloat": 1,
+    "QLinearMatMul": 3,
+    "QLinearConv": 3,
+}
+"""Int8 product ops -> the input index of their weight."""
+
+SAFE_EVERYWHERE = ("x86-64 AVX2", "x86-64 AVX-512", "x86-64 AVX-512 VNNI / AMX", "ARM64")
+SAFE_WITH_VNNI = ("x86-64 AVX-512 VNNI / AMX", "ARM64")
+
+
+def int8_products(model_or_path) -> list[dict]:
+    """Every int8 matrix product of a quantized model with its weight tensor's value range.
+
+    Products are the int8 ops of `_WEIGHT_INPUT`, and QDQ MatMul / Conv / Gemm whose weight comes
+    through a DequantizeLinear of an int8 initializer.
+    """
+    from onnx import numpy_helper
+
+    model = _load(Path(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def weight_range(name: str) -> tuple[int, int] | None:
+        t = inits.get(name)
+        if t is None or t.data_type != 3:  # onnx.TensorProto.INT8
+            return None
+        w = numpy_helper.to_array(t)
+        return int(w.min()), int(w.max())
+
+    out = []
+    for n in g.node:
+        if n.op_type in _WEIGHT_INPUT and len(n.input) > _WEIGHT_INPUT[n.op_type]:
+            rng = weight_range(n.input[_WEIGHT_INPUT[n.op_type]])
+        elif n.op_type in QDQ_COMPUTE and len(n.input) >= 2:
+            dq = producer.get(n.input[1])
+            rng = weight_range(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        else:
+            continue
+        if rng is not None:
+            out.append({"node": n.name, "op": n.op_type, "weight_min": rng[0], "weight_max": rng[1]})
+    return out
+
+
+def portability(model_or_path) -> dict:
+    """Whether every int8 product of a model is exact on every CPU class ONNX Runtime runs on.
+
+    Checked on the graph, so the answer does not depend on the CPU running the check.
+    """
+    products = int8_products(model_or_path)
+    peak = max((max(-p["weight_min"], p["weight_max"]) for p in products), default=0)
+    portable = peak <= SAFE_WEIGHT
+    return {
+        "portable": portable,
+        "int8_products": len(products),
+        "max_abs_weight": peak,
+        "safe_on": list(SAFE_EVERYWHERE if portable else SAFE_WITH_VNNI),
+        "why": (
+            f"every int8 weight within +-{SAFE_WEIGHT}: no 16-bit saturation in x86's non-VNNI u8 x s8 kernels"
+            if portable
+            else f"int8 weights up to {peak} (> {SAFE_WEIGHT}) saturate x86's non-VNNI u8 x s8 kernels "
+            "(AVX2, AVX-512 without VNNI); exact only with VNNI/AMX or on ARM64"
+        ),
+    }
 
 
 # --------------------------------------------------------------------------- what stayed float
@@ -312,42 +398,86 @@ def calibration_images(data, spec: dict, n: int, seed: int) -> np.ndarray:
 
 
 def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
-    """Build every configured variant of `onnx/pruned_fp32.onnx` and measure its test accuracy."""
-    from slimvit import models
+    """Build every configured variant of every candidate's FP32 ONNX model; measure val and test accuracy.
+
+    quantize.json: ``{"validated_on": {...}, "models": {stage: {"fp32": {...}, mode: {...}}}}`` with the
+    pruned model first, then the sweep models. Validation accuracy is what the deploy step reads; test
+    accuracy is reported only.
+    """
     from slimvit.data import load_data
-    from slimvit.preprocess import normalize
+    from slimvit.export import candidates
 
     run_dir = Path(run_dir)
-    src = run_dir / "onnx" / "pruned_fp32.onnx"
-    if not src.exists() or not (run_dir / "onnx" / "export.json").exists():
+    if not (run_dir / "onnx" / "export.json").exists():
         raise ModelError(
-            f"no exported pruned model at '{src}'; run `slimvit export` (or `slimvit run`) first"
+            f"no exported models in '{run_dir / 'onnx'}'; run `slimvit export` (or `slimvit run`) first"
         )
     unknown = [m for m in cfg.quantize.modes if m not in MODES]
     if unknown:
         raise ConfigError(f"quantize.modes: unknown mode '{unknown[0]}'; known: {', '.join(MODES)}")
+    exported = read_json(run_dir / "onnx" / "export.json")
+    missing = [s for s in candidates(run_dir) if s not in exported]
+    if missing:
+        raise ModelError(
+            f"the {missing[0]} model was not exported (onnx/export.json); run `slimvit export --force` first"
+        )
     data = data or load_data(cfg.data, run_dir)
-    spec = models.read_spec(run_dir / "pruned")
+    models_out = {}
+    for stage in candidates(run_dir):
+        models_out[stage] = quantize_candidate(cfg, run_dir, stage, exported[stage]["file"], data)
+    results = {"validated_on": validated_on(), "models": models_out}
+    if is_main_process():
+        atomic_write_json(run_dir / "onnx" / "quantize.json", results)
+    return {
+        f"{stage}/{mode}": {
+            "size_mb": v["size_mb"],
+            "accuracy": v["accuracy"],
+            "val_accuracy": v["val_accuracy"],
+        }
+        for stage, variants in models_out.items()
+        for mode, v in variants.items()
+    }
+
+
+def quantize_candidate(cfg, run_dir: Path, stage: str, fp32_file: str, data) -> dict:
+    """Every mode of one candidate: ``{"fp32": {...}, mode: {...}}``."""
+    from slimvit import models
+    from slimvit.export import onnx_name
+    from slimvit.preprocess import normalize
+
+    src = run_dir / fp32_file
+    if not src.exists():
+        raise ModelError(f"no exported {stage} model at '{src}'; run `slimvit export --force` first")
+    spec = models.read_spec(run_dir / stage)
     images, labels = data.arrays("test")
     x = normalize(images, spec["mean"], spec["std"])
+    val_images, val_labels = data.arrays("val")
+    xv = normalize(val_images, spec["mean"], spec["std"])
     threads = cfg.bench.threads
     base, base_logits = evaluate_onnx(src, x, labels, data.classes, threads)
+    base_val, _ = evaluate_onnx(src, xv, val_labels, data.classes, threads)
     results: dict = {
         "fp32": {
             "file": str(src.relative_to(run_dir)),
             "size_mb": src.stat().st_size / 1e6,
             "accuracy": base["accuracy"],
             "macro_f1": base["macro_f1"],
+            "val_accuracy": base_val["accuracy"],
             "ops": op_census(src),
         }
     }
-    log.info("quantize: pruned fp32 ONNX test accuracy %.4f", base["accuracy"])
+    log.info(
+        "quantize %s: fp32 ONNX accuracy: validation %.4f, test %.4f",
+        stage,
+        base_val["accuracy"],
+        base["accuracy"],
+    )
     calib = None
     for mode in cfg.quantize.modes:
         fn, needs_calib = MODES[mode]
         if needs_calib and calib is None:
             calib = calibration_images(data, spec, cfg.quantize.calibration_images, cfg.train.seed)
-        dst = run_dir / "onnx" / f"pruned_{mode}.onnx"
+        dst = run_dir / onnx_name(stage, mode)
         t0 = time.perf_counter()
         others = ",".join(m for m in cfg.quantize.modes if m != mode)
         skip = f"; leave it out with --set quantize.modes=[{others}]"
@@ -364,6 +494,7 @@ def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
         seconds = time.perf_counter() - t0
         try:
             m, logits = evaluate_onnx(dst, x, labels, data.classes, threads)
+            mv, _ = evaluate_onnx(dst, xv, val_labels, data.classes, threads)
         except ModelError as e:
             dst.unlink(missing_ok=True)
             raise ModelError(f"ONNX Runtime cannot run the {mode} model on this machine: {e}{skip}") from None
@@ -374,22 +505,37 @@ def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
             "size_mb": dst.stat().st_size / 1e6,
             "accuracy": m["accuracy"],
             "macro_f1": m["macro_f1"],
+            "val_accuracy": mv["accuracy"],
             "agreement_fp32": float(np.mean(logits.argmax(1) == base_logits.argmax(1))),
             "max_abs_diff_fp32": float(np.abs(logits - base_logits).max()),
+            **({"portability": portability(dst)} if mode.startswith("int8") else {}),
             "ops": census,
             "float_reasons": float_reasons(census),
             "seconds": seconds,
         }
         log.info(
-            "quantize %s: %s (%.2f MB, %.2fx of fp32), test accuracy %.4f (fp32 %.4f), agreement with fp32 %.2f%%",
+            "quantize %s %s: %.2f MB (%.2fx of fp32), accuracy: validation %.4f, test %.4f (fp32 %.4f), "
+            "agreement with fp32 %.2f%%",
+            stage,
             mode,
-            dst,
             results[mode]["size_mb"],
             results[mode]["size_mb"] / results["fp32"]["size_mb"],
+            mv["accuracy"],
             m["accuracy"],
             base["accuracy"],
             100 * results[mode]["agreement_fp32"],
         )
-    if is_main_process():
-        atomic_write_json(run_dir / "onnx" / "quantize.json", results)
-    return {k: {"size_mb": v["size_mb"], "accuracy": v["accuracy"]} for k, v in results.items()}
+    return results
+
+
+def validated_on() -> dict:
+    """The CPU and runtime the accuracies were measured with: a quantized model's numbers hold there."""
+    import onnxruntime as ort
+
+    from slimvit.timing import ISA_FLAGS, cpu_flags, cpu_name
+
+    return {
+        "cpu": cpu_name(),
+        "isa": sorted(set(ISA_FLAGS) & cpu_flags(), key=ISA_FLAGS.index),
+        "onnxruntime": ort.__version__,
+    }

@@ -61,6 +61,7 @@ def load_run(run_dir: Path) -> dict:
         "eval": {},
         "curves": {},
     }
+    _apply_deploy(r["bench"], _maybe(run_dir / "deploy" / "deploy.json"))
     for name, _ in TRAINED:
         d = run_dir / name
         if (d / "train.json").exists():
@@ -69,6 +70,18 @@ def load_run(run_dir: Path) -> dict:
         if (d / "eval.json").exists():
             r["eval"][name] = read_json(d / "eval.json")
     return r
+
+
+def _apply_deploy(bench: dict, dep: dict | None) -> None:
+    """Mark the deployed row and carry the deploy step's record into the bench dict the report reads."""
+    key = dep.get("key") if dep and dep.get("deployed") else None
+    for r in bench["rows"]:
+        r["deployed"] = key is not None and r.get("key") == key
+    dep = dep or {}
+    bench["deployed_why"] = dep.get("why")
+    bench["deploy_error"] = dep.get("error") if dep else "the deploy stage has not run"
+    bench["predict_check"] = dep.get("predict_check")
+    bench["budgets"] = dep.get("budgets") or {}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -89,8 +102,59 @@ def _ref(run: dict) -> dict:
     return next(r for r in _rows(run) if r["reference"])
 
 
-def _deployed(run: dict) -> dict:
-    return next(r for r in _rows(run) if r["deployed"])
+def _deployed(run: dict) -> dict | None:
+    """The deployed row, or None when no candidate fitted the budgets."""
+    return next((r for r in _rows(run) if r["deployed"]), None)
+
+
+def pct_ci(x: float | None, ci) -> str:
+    """An accuracy with its 95% interval, e.g. `98.89% (97.2-99.6)`."""
+    if x is None:
+        return "-"
+    return pct(x) + (f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci else "")
+
+
+def _paired(run: dict, key_a: str, key_b: str) -> dict | None:
+    """Exact McNemar test of two bench rows on the same test images (None if predictions are missing)."""
+    from slimvit.evaluate import mcnemar
+
+    preds = run["bench"].get("predictions") or {}
+    labels = (run["bench"].get("test_images") or {}).get("labels")
+    if key_a not in preds or key_b not in preds or not labels:
+        return None
+    classes = run["bench"]["classes"]
+    y = np.array([classes.index(c) for c in labels])
+    return mcnemar(np.array(preds[key_a]) == y, np.array(preds[key_b]) == y)
+
+
+def _verdict(t: dict | None, a: str, b: str) -> str:
+    """One phrase for a paired test: whether A and B differ on these images."""
+    if t is None:
+        return "no paired test (predictions missing)"
+    diff = t["a_only"] - t["b_only"]
+    if t["p"] >= 0.05:
+        return (
+            f"no real difference ({t['a_only']} images only {a} got right, {t['b_only']} only {b}; "
+            f"exact McNemar p={t['p']:.2g})"
+        )
+    better = a if diff > 0 else b
+    return (
+        f"{better} is better ({t['a_only']} vs {t['b_only']} discordant images, exact McNemar p={t['p']:.2g})"
+    )
+
+
+def front(rows: list[dict]) -> list[dict]:
+    """Candidates no other candidate beats on both validation accuracy and batch-1 latency (fastest first)."""
+    cands = sorted(
+        (r for r in rows if r.get("candidate") and r.get("val_accuracy") is not None),
+        key=lambda r: (r["latency_ms_p50"], -r["val_accuracy"]),
+    )
+    out, best = [], -1.0
+    for r in cands:
+        if r["val_accuracy"] > best + 1e-12:
+            out.append(r)
+            best = r["val_accuracy"]
+    return out
 
 
 def pct(x: float | None, digits: int = 2) -> str:
@@ -125,45 +189,85 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_pareto(run: dict, path: Path) -> None:
-    """Accuracy vs batch-1 latency; marker area ~ file size; the deployed and reference rows marked."""
+    """Every deployment candidate: validation accuracy vs batch-1 latency, the front joined, budgets drawn.
+
+    Marker shape per runtime, marker area ~ file size, colour per pruning ratio; the deployed point is
+    ringed red, the reference (eager student) is a grey square.
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
-    rows = sorted(_rows(run), key=lambda r: r["latency_ms_p50"])
-    sizes = np.array([r["size_mb"] for r in rows])
-    area = 30 + 400 * sizes / max(sizes.max(), 1e-9)
-    colors = {"teacher": "tab:gray", "student": "tab:blue", "pruned": "tab:orange"}
-    # Variants often tie on accuracy: neighbours in latency get labels above and below, further out each time.
-    offsets = [(0, 12), (0, -22), (0, 30), (0, -40)]
-    for k, (r, a) in enumerate(zip(rows, area, strict=True)):
-        marker = "s" if r["runtime"] == "pytorch" else "o"
-        edge = "red" if r["deployed"] else "black" if r["reference"] else "none"
+    rows = [r for r in _rows(run) if r.get("candidate")]
+    ref = _ref(run)
+    if not rows:
+        rows = [r for r in _rows(run) if r["runtime"] != "pytorch"]
+    sizes = np.array([r["size_mb"] for r in rows] or [1.0])
+    ratios = sorted({r.get("ratio") or 0.0 for r in rows})
+    cmap = plt.get_cmap("viridis")
+    markers = {"onnxruntime": "o", "openvino": "D"}
+    for r in rows:
+        c = cmap(ratios.index(r.get("ratio") or 0.0) / max(1, len(ratios) - 1))
+        acc = r.get("val_accuracy") if r.get("val_accuracy") is not None else r["accuracy"]
         ax.scatter(
             r["latency_ms_p50"],
-            100 * r["accuracy"],
-            s=a,
-            marker=marker,
-            c=colors.get(r["stage"], "tab:green"),
-            alpha=0.6,
-            edgecolors=edge,
+            100 * acc,
+            s=30 + 300 * r["size_mb"] / max(sizes.max(), 1e-9),
+            marker=markers.get(r["runtime"], "o"),
+            color=c,
+            alpha=0.65,
+            edgecolors="red" if r["deployed"] else "none",
             linewidths=2,
         )
-        tag = " (deployed)" if r["deployed"] else " (reference)" if r["reference"] else ""
-        ax.annotate(
-            f"{_label(r)}{tag}\n{r['size_mb']:.1f} MB",
-            (r["latency_ms_p50"], 100 * r["accuracy"]),
-            fontsize=7,
-            xytext=offsets[k % len(offsets)],
-            textcoords="offset points",
-            ha="center",
-            va="center",
-            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5},
+    f = front(rows)
+    if f:
+        ax.plot(
+            [r["latency_ms_p50"] for r in f], [100 * r["val_accuracy"] for r in f], "k--", lw=1, label="front"
         )
+        for r in f:
+            ax.annotate(
+                f"r={r.get('ratio') or 0:g} {r['precision']}\n{r['size_mb']:.1f} MB",
+                (r["latency_ms_p50"], 100 * r["val_accuracy"]),
+                fontsize=7,
+                xytext=(6, -10),
+                textcoords="offset points",
+            )
+    if ref.get("val_accuracy") is not None:
+        ax.scatter(ref["latency_ms_p50"], 100 * ref["val_accuracy"], marker="s", color="0.5", s=60)
+        ax.annotate(
+            "reference (eager student)",
+            (ref["latency_ms_p50"], 100 * ref["val_accuracy"]),
+            fontsize=7,
+            xytext=(-10, 8),
+            textcoords="offset points",
+            ha="right",
+        )
+    budget = run["bench"].get("budgets") or {}
+    if budget.get("budget_ms"):
+        ax.axvline(
+            budget["budget_ms"], color="tab:red", lw=1, label=f"latency budget {budget['budget_ms']:g} ms"
+        )
+    for r in rows:
+        if budget.get("budget_mb") and r["size_mb"] > budget["budget_mb"]:
+            ax.scatter(
+                r["latency_ms_p50"],
+                100 * (r.get("val_accuracy") or r["accuracy"]),
+                marker="x",
+                color="tab:red",
+                s=25,
+                linewidths=1,
+            )
+    for ratio in ratios:
+        ax.scatter(
+            [], [], color=cmap(ratios.index(ratio) / max(1, len(ratios) - 1)), label=f"ratio {ratio:g}"
+        )
+    if budget.get("budget_mb"):
+        ax.scatter([], [], marker="x", color="tab:red", label=f"over the {budget['budget_mb']:g} MB budget")
     ax.set_xscale("log")
-    ax.margins(x=0.12, y=0.35)
+    ax.margins(x=0.1, y=0.2)
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel(f"batch-1 latency p50, ms (log scale; {run['bench']['threads']} threads)")
-    ax.set_ylabel("test accuracy %")
+    ax.set_ylabel("validation accuracy % (what the choice reads)")
     ax.set_title(
-        "Accuracy vs latency\nmarker area ~ file size; squares PyTorch, circles ONNX Runtime", fontsize=9
+        "Deployment candidates: accuracy vs latency\nmarker area ~ file size; red ring: deployed", fontsize=9
     )
     _save(fig, path)
 
@@ -189,7 +293,7 @@ def plot_latency(run: dict, path: Path) -> None:
 
 def plot_confusion(run: dict, path: Path) -> None:
     plt = _plt()
-    dep = _deployed(run)
+    dep = _deployed(run) or _find(run, "pruned", "onnxruntime", "fp32") or _ref(run)
     key = f"{dep['stage']}/{dep['runtime']}/{dep['precision']}"
     cm = np.asarray(run["bench"]["confusion"][key])
     classes = run["bench"]["classes"]
@@ -210,7 +314,8 @@ def plot_confusion(run: dict, path: Path) -> None:
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"Deployed model ({_label(dep)}), test split: {pct(dep['accuracy'])}")
+    what = "Deployed model" if dep["deployed"] else "Nothing deployed; shown"
+    ax.set_title(f"{what} ({_label(dep)}), test split: {pct(dep['accuracy'])}")
     _save(fig, path)
 
 
@@ -317,16 +422,18 @@ def _stage_table(run: dict) -> list[str]:
         f"row: the unpruned distilled student in eager FP32 PyTorch ({ref['latency_ms_p50']:.2f} ms, "
         f"{ref['size_mb']:.2f} MB), which is how the older project measured.",
         "",
-        "| stage | runtime | precision | params (M) | size MB | MACs (M) | accuracy | macro-F1 | p50 ms | p90 ms | "
+        "| stage | runtime | precision | params (M) | size MB | MACs (M) | test accuracy (95% CI) | macro-F1 | p50 ms | p90 ms | "
         "images/s (batch) | latency x ref | size x ref |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     batch = run["bench"]["settings"]["throughput_batch"]
     for r in _rows(run):
+        if r["stage"].startswith("sweep/") and not r["deployed"]:
+            continue  # the sweep models' variants are in the candidates table
         tag = " (reference)" if r["reference"] else " **(deployed)**" if r["deployed"] else ""
         out.append(
             f"| {r['stage']}{tag} | {r['runtime']} | {r['precision']} | {r['params'] / 1e6:.2f} | {r['size_mb']:.2f} | "
-            f"{r['macs'] / 1e6:.0f} | {pct(r['accuracy'])} | {r['macro_f1']:.4f} | {r['latency_ms_p50']:.2f} | "
+            f"{r['macs'] / 1e6:.0f} | {pct_ci(r['accuracy'], r.get('accuracy_ci'))} | {r['macro_f1']:.4f} | {r['latency_ms_p50']:.2f} | "
             f"{r['latency_ms_p90']:.2f} | {r['throughput_ips']:.0f} ({batch}) | "
             f"{r['latency_ms_p50'] / ref['latency_ms_p50']:.2f} | {r['size_mb'] / ref['size_mb']:.2f} |"
         )
@@ -359,11 +466,11 @@ def _stage_table(run: dict) -> list[str]:
             f"| {old['stage']} | {old['size_mb']:.2f} | {pct(old['accuracy'], 1)} | {old['latency_ms']:.0f} | "
             f"{new['size_mb']:.2f} | {pct(new['accuracy'])} | {new['latency_ms_p50']:.2f} |"
         )
-    out += [
-        f"| deployed ({_label(dep)}) | | | | {dep['size_mb']:.2f} | {pct(dep['accuracy'])} | {dep['latency_ms_p50']:.2f} |",
-        "",
-    ]
-    return out
+    if dep:
+        out.append(
+            f"| deployed ({_label(dep)}) | | | | {dep['size_mb']:.2f} | {pct(dep['accuracy'])} | {dep['latency_ms_p50']:.2f} |"
+        )
+    return [*out, ""]
 
 
 def _distillation(run: dict) -> list[str]:
@@ -438,8 +545,13 @@ def _pruning(run: dict) -> list[str]:
     return out
 
 
+def _modes(q: dict) -> dict:
+    """The quantized variants of one candidate's entry in quantize.json (its other key: fp32)."""
+    return {k: v for k, v in q.items() if k != "fp32"}
+
+
 def _quantization(run: dict) -> list[str]:
-    q = run["quantize"]
+    q = ((run["quantize"] or {}).get("models") or {}).get("pruned")
     out = ["## Quantization", ""]
     if not q:
         return out + ["The quantization stage has not run.", ""]
@@ -458,18 +570,14 @@ def _quantization(run: dict) -> list[str]:
     out.append(
         f"| fp32 | {fp32['size_mb']:.2f} | 1.00 | {pct(fp32['accuracy'])} | - | - | - | {ops(fp32['ops']['float32'])} |"
     )
-    for mode, info in q.items():
-        if mode == "fp32":
-            continue
+    for mode, info in _modes(q).items():
         out.append(
             f"| {mode} | {info['size_mb']:.2f} | {info['size_mb'] / fp32['size_mb']:.2f} | {pct(info['accuracy'])} | "
             f"{pct(info['agreement_fp32'])} | {ops(info['ops']['int8'])} | {ops(info['ops']['fp16'])} | "
             f"{ops(info['ops']['float32'])} |"
         )
     out.append("")
-    for mode, info in q.items():
-        if mode == "fp32":
-            continue
+    for mode, info in _modes(q).items():
         details = [
             f"{k}: {v}" for k, v in info.items() if k in ("weights", "activations", "op_types", "format")
         ]
@@ -483,10 +591,159 @@ def _quantization(run: dict) -> list[str]:
     return out
 
 
+def _ratio_text(r: dict) -> str:
+    return f", pruning ratio {r['ratio']:g}" if r.get("ratio") is not None else ""
+
+
+def _budget_sentences(run: dict) -> list[str]:
+    """One sentence per budget: what it cost in validation accuracy against the best candidate without it."""
+    b = run["bench"]
+    budget = b.get("budgets") or {}
+    rows = [r for r in _rows(run) if r.get("candidate") and r.get("portable", True) is not False]
+    if not rows:
+        return []
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    out = []
+    for key, unit, field in (("budget_ms", "ms", "latency_ms_p50"), ("budget_mb", "MB", "size_mb")):
+        limit = budget.get(key)
+        if limit is None:
+            continue
+        fit = [r for r in rows if r[field] <= limit]
+        if not fit:
+            out.append(f"- The {limit:g} {unit} budget: no candidate fits it.")
+            continue
+        top = max(fit, key=lambda r: r["val_accuracy"])
+        cost = 100 * (best["val_accuracy"] - top["val_accuracy"])
+        out.append(
+            f"- The {limit:g} {unit} budget cost {cost:.2f} validation points: the most accurate candidate within it "
+            f"({_label(top)}{_ratio_text(top)}, {top[field]:.2f} {unit}) scores {pct(top['val_accuracy'])} against "
+            f"{pct(best['val_accuracy'])} for the most accurate of all ({_label(best)}{_ratio_text(best)})."
+        )
+    return out
+
+
+def _candidates(run: dict) -> list[str]:
+    """The deployment candidates: the front table, the plot, and each precision's paired test against FP32."""
+    rows = [r for r in _rows(run) if r.get("candidate")]
+    out = ["## Deployment candidates", ""]
+    if not rows:
+        return out + ["No deployment candidates were benchmarked in this run.", ""]
+    n_val = max(r.get("val_n") or 0 for r in rows)
+    f = front(rows)
+    out += [
+        f"Every ONNX variant of the pruned model and of every pruning-sweep model ({len(rows)} candidates) was "
+        f"exported, quantized and timed in the same bench run. The choice reads **validation** accuracy only "
+        f"({n_val} images: one image is {100 / max(1, n_val):.2f} points); test accuracy is reported, never used "
+        "to choose. The front: candidates that no other candidate beats on both validation accuracy and batch-1 "
+        "latency.",
+        "",
+        "| ratio | runtime | precision | size MB | p50 ms | val accuracy (95% CI) | test accuracy (95% CI) | "
+        "x FP32 of same ratio: test | portable |",
+        "|---:|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for r in f:
+        base = _find(run, r["stage"], r["runtime"], "fp32")
+        vs = (
+            "-"
+            if base is None or base is r
+            else _verdict(_paired(run, r["key"], base["key"]), r["precision"], "fp32").split(" (")[0]
+        )
+        tag = " **(deployed)**" if r["deployed"] else ""
+        out.append(
+            f"| {r.get('ratio') or 0:g}{tag} | {r['runtime']} | {r['precision']} | {r['size_mb']:.2f} | "
+            f"{r['latency_ms_p50']:.2f} | {pct_ci(r['val_accuracy'], r.get('val_accuracy_ci'))} | "
+            f"{pct_ci(r['accuracy'], r.get('accuracy_ci'))} | {vs} | "
+            f"{'yes' if r.get('portable', True) else 'VNNI only'} |"
+        )
+    out += ["", "![deployment candidates](plots/pareto.png)", "", *_runtimes(run)]
+    ref = _ref(run)
+    small = [r for r in rows if r["size_mb"] <= 2.5]
+    fast = [r for r in rows if r["latency_ms_p50"] <= ref["latency_ms_p50"] / 8]
+    for name, group in (
+        ("<= 2.5 MB", small),
+        (f"<= 1/8 of the reference's {ref['latency_ms_p50']:.2f} ms", fast),
+    ):
+        if group:
+            top = max(group, key=lambda r: r["val_accuracy"])
+            out.append(
+                f"- Most accurate candidate {name}: {_label(top)}{_ratio_text(top)}, {top['size_mb']:.2f} MB, "
+                f"{top['latency_ms_p50']:.2f} ms, validation {pct(top['val_accuracy'])}, test "
+                f"{pct_ci(top['accuracy'], top.get('accuracy_ci'))}."
+            )
+        else:
+            out.append(f"- No candidate {name}.")
+    return [*out, ""]
+
+
+def _runtimes(run: dict) -> list[str]:
+    """ONNX Runtime against OpenVINO on the same files of the pruned model: which is faster here, at what precision."""
+    ov = run["bench"].get("openvino") or {}
+    if not ov.get("available", False):
+        why = ov.get("why") or "not measured by this bench"
+        return [f"OpenVINO was skipped: {why}.", ""]
+    out = []
+    for precision in ("fp32", "int8-static"):
+        a = _find(run, "pruned", "onnxruntime", precision)
+        b = _find(run, "pruned", "openvino", precision)
+        if not a or not b:
+            continue
+        speed = a["latency_ms_p50"] / b["latency_ms_p50"]
+        faster = (
+            f"OpenVINO is {speed:.2f}x faster" if speed >= 1 else f"ONNX Runtime is {1 / speed:.2f}x faster"
+        )
+        out.append(
+            f"- Pruned model, {precision} file: ONNX Runtime {a['latency_ms_p50']:.2f} ms, OpenVINO "
+            f"{b['latency_ms_p50']:.2f} ms (computing in {b.get('ran_precision') or precision}), timed in the "
+            f"same interleaved rounds: {faster} on this CPU. Test accuracy {pct(a['accuracy'])} vs {pct(b['accuracy'])}: "
+            f"{_verdict(_paired(run, a['key'], b['key']), 'ONNX Runtime', 'OpenVINO')}."
+        )
+    skipped = ov.get("skipped") or []
+    if skipped:
+        out.append(
+            f"- OpenVINO {ov.get('version', '')} could not load {len(skipped)} file(s), e.g. "
+            f"`{skipped[0]['file']}`: {skipped[0]['why']}."
+        )
+    return [*out, ""] if out else []
+
+
+def _portability(run: dict) -> list[str]:
+    """Which CPUs the quantized files are exact on, and where they were validated."""
+    b = run["bench"]
+    v = b.get("validated_on") or {}
+    rows = [r for r in _rows(run) if r.get("candidate") and r["precision"].startswith("int8")]
+    out = ["## Portability", ""]
+    if not rows:
+        return out + ["No int8 candidates in this run.", ""]
+    portable = [r for r in rows if r.get("portable", True)]
+    out += [
+        f"Accuracies were measured on {v.get('cpu', '?')} ({', '.join(v.get('isa', [])) or 'no AVX2'}) with "
+        f"ONNX Runtime {v.get('onnxruntime', '?')}; `deploy/deploy.json` and the model's metadata record it, and "
+        "`slimvit verify deploy/` re-measures accuracy and latency on the machine it lands on.",
+        "",
+        "x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply uint8 activations by int8 weights with "
+        "VPMADDUBSW, which adds two products into a saturating 16-bit integer: with full 8-bit weights "
+        "(255 x 127 x 2 = 64,770) sums clip, and a model validated on a VNNI CPU lost 8 points on an AVX2 one. "
+        "slimvit quantizes weights to 7 bits (`quantize.reduce_range`, |w| <= 64, so 255 x 64 x 2 = 32,640 never "
+        "clips); VNNI/AMX and ARM64 accumulate in 32 bits and are exact either way. The check reads the weights "
+        "in each file, so it does not depend on the CPU that runs it.",
+        "",
+        f"{len(portable)} of {len(rows)} int8 candidates are safe on every x86 class and ARM64"
+        + (
+            "."
+            if len(portable) == len(rows)
+            else "; the others (marked VNNI only) are exact only with VNNI/AMX or on ARM64, and are never deployed."
+        ),
+        "",
+    ]
+    return out
+
+
 def _deployment(run: dict) -> list[str]:
     b = run["bench"]
     dep = _deployed(run)
     check = b.get("predict_check")
+    if dep is None:
+        return ["## Deployed model", "", f"Nothing deployed: {b.get('deploy_error')}.", ""]
     out = [
         "## Deployed model",
         "",
@@ -512,26 +769,36 @@ def _thread_scaling(b: dict) -> list[str]:
     """Batch-1 p50 of the pruned FP32 ONNX model and the deployed one by intra-op thread count."""
     scaling = b.get("thread_scaling") or []
     counts = sorted({r["threads"] for r in scaling})
-    by = {(r["precision"], r["threads"]): r["latency_ms_p50"] for r in scaling}
-    deployed = [r["precision"] for r in scaling if r["deployed"]]
-    cols = list(dict.fromkeys(["fp32", *deployed[:1]]))
+
+    def cid(r: dict) -> tuple:
+        return (r.get("stage", "pruned"), r.get("runtime", "onnxruntime"), r["precision"])
+
+    base = ("pruned", "onnxruntime", "fp32")
+    by = {(cid(r), r["threads"]): r["latency_ms_p50"] for r in scaling}
+    deployed = [cid(r) for r in scaling if r.get("default_choice", r.get("deployed"))]
+    cols = list(dict.fromkeys([base, *deployed[:1]]))
     if len(counts) < 2 or any((c, t) not in by for c in cols for t in counts):
         return []
-    names = [
-        f"pruned FP32 ONNX{' (deployed)' if c in deployed else ''}" if c == "fp32" else f"deployed ({c})"
-        for c in cols
-    ]
+
+    def name(c: tuple) -> str:
+        if c == base:
+            return f"pruned FP32 ONNX{' (default choice)' if c in deployed else ''}"
+        where = (" on OpenVINO" if c[1] == "openvino" else "") + (f", {c[0]}" if c[0] != "pruned" else "")
+        return f"default choice ({c[2]}{where})"
+
+    names = [name(c) for c in cols]
     ratio = len(cols) == 2
     out = [
-        f"Batch-1 p50 by intra-op thread count (the tables above use {b['threads']}; timed in a pass of "
+        f"Batch-1 p50 by intra-op thread count of the pruned FP32 ONNX model and the model the default rule "
+        f"(no budgets) deploys (the tables above use {b['threads']}; timed in a pass of "
         "their own, so the figures at that count can differ a little from the tables'):",
         "",
-        "| threads | " + " | ".join(f"{n} ms" for n in names) + (" | deployed / FP32 |" if ratio else " |"),
+        "| threads | " + " | ".join(f"{n} ms" for n in names) + (" | choice / FP32 |" if ratio else " |"),
         "|---:|" + "---:|" * (len(cols) + ratio),
     ]
     for t in counts:
         cells = [f"{by[c, t]:.2f}" for c in cols] + (
-            [f"{by[cols[1], t] / by['fp32', t]:.2f}x"] if ratio else []
+            [f"{by[cols[1], t] / by[base, t]:.2f}x"] if ratio else []
         )
         out.append(f"| {t} | " + " | ".join(cells) + " |")
     lo, hi = counts[0], counts[-1]
@@ -540,12 +807,12 @@ def _thread_scaling(b: dict) -> list[str]:
     def change(g: float) -> str:
         return f"{g:.2f}x faster" if g >= 1 else f"slower ({1 / g:.2f}x the time)"
 
-    text = f"From {lo} to {hi} threads FP32 ONNX got {change(gains['fp32'])}"
+    text = f"From {lo} to {hi} threads FP32 ONNX got {change(gains[base])}"
     if ratio:
-        text += f" and the deployed model {change(gains[cols[1]])}."
-        if cols[1].startswith("int8") and gains[cols[1]] < gains["fp32"] - 0.1:
+        text += f" and the default choice {change(gains[cols[1]])}."
+        if cols[1][2].startswith("int8") and gains[cols[1]] < gains[base] - 0.1:
             text += (
-                " At batch 1 the int8 matrix products are too small to split well across cores, so the deployed "
+                " At batch 1 the int8 matrix products are too small to split well across cores, so the int8 "
                 "model's lead over FP32 is largest on one core."
             )
     else:
@@ -571,13 +838,13 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
         out.append(("distilled student test accuracy >= 98.5%", pct(a), a >= 0.985))
         if "student_nokd" in ev:
             b = ev["student_nokd"]["accuracy"]
-            n = ev["student"].get("n") or (run["data"]["split"]["test"] if run["data"] else 0)
-            images = round((a - b) * n)
+            t = eval_paired(ev, "student", "student_nokd")
             out.append(
                 (
-                    f"distillation helps (distilled beats the same student without by > {NOISE_IMAGES} test images)",
-                    f"{pct(a)} vs {pct(b)} ({images:+d} of {n} images)",
-                    images > NOISE_IMAGES,
+                    "distillation helps (distilled beats the same student without, exact McNemar p < 0.05)",
+                    f"{pct(a)} vs {pct(b)}"
+                    + (f" ({t['a_only']} vs {t['b_only']} images, p={t['p']:.2g})" if t else ""),
+                    None if t is None else t["p"] < 0.05 and t["a_only"] > t["b_only"],
                 )
             )
     m = _minutes(run, "teacher", "distill")
@@ -614,7 +881,7 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
     onnx32 = _find(run, "pruned", "onnxruntime", "fp32")
     static = _find(run, "pruned", "onnxruntime", "int8-static")
     fp16 = _find(run, "pruned", "onnxruntime", "fp16")
-    if q and onnx32:
+    if q and onnx32 and dep:
         if static:
             r = static["size_mb"] / onnx32["size_mb"]
             out.append(("INT8 static file <= 0.3x pruned FP32 file", f"{r:.2f}x", r <= 0.3))
@@ -636,7 +903,7 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
                 ("FP16 accuracy within 0.1 point of pruned FP32", f"{100 * d:+.2f} points", abs(d) <= 0.001)
             )
     check = run["bench"].get("predict_check")
-    if check:
+    if check and dep:
         out.append(
             (
                 "`slimvit predict` agrees with bench accuracy",
@@ -675,44 +942,47 @@ def _targets_section(run: dict) -> list[str]:
     return out
 
 
-NOISE_IMAGES = 3
-"""Test images by which two single-seed runs can differ by chance: a rough bound, since the same
-distilled student on this project's 360 test images scored 98.6% and 99.2% (two images apart)
-only five epochs apart."""
+def eval_paired(ev: dict, a: str, b: str) -> dict | None:
+    """Exact McNemar test of two trained models' eval.json predictions on the same test images."""
+    from slimvit.evaluate import mcnemar
+
+    if a not in ev or b not in ev or "pred" not in ev[a] or "pred" not in ev[b]:
+        return None
+    y_a, y_b = np.array(ev[a]["labels"]), np.array(ev[b]["labels"])
+    if y_a.shape != y_b.shape or (y_a != y_b).any():
+        return None
+    return mcnemar(np.array(ev[a]["pred"]) == y_a, np.array(ev[b]["pred"]) == y_b)
 
 
 def conclusions(run: dict) -> list[str]:
     """Plain-language findings, each computed from the numbers above."""
     ref, dep = _ref(run), _deployed(run)
     out = []
-    out.append(
-        f"- **Deploy `deploy/model.onnx` ({_label(dep)}) on this CPU**: {dep['latency_ms_p50']:.2f} ms per image "
-        f"({ref['latency_ms_p50'] / dep['latency_ms_p50']:.1f}x faster than the reference eager student), "
-        f"{dep['size_mb']:.2f} MB ({ref['size_mb'] / dep['size_mb']:.1f}x smaller), test accuracy {pct(dep['accuracy'])} "
-        f"(reference {pct(ref['accuracy'])})."
-    )
+    if dep:
+        out.append(
+            f"- **Deploy `deploy/model.onnx` ({_label(dep)}{_ratio_text(dep)}) on this CPU**: "
+            f"{dep['latency_ms_p50']:.2f} ms per image "
+            f"({ref['latency_ms_p50'] / dep['latency_ms_p50']:.1f}x faster than the reference eager student), "
+            f"{dep['size_mb']:.2f} MB ({ref['size_mb'] / dep['size_mb']:.1f}x smaller), test accuracy "
+            f"{pct_ci(dep['accuracy'], dep.get('accuracy_ci'))} (reference {pct_ci(ref['accuracy'], ref.get('accuracy_ci'))})."
+        )
+    else:
+        out.append(f"- **Nothing was deployed**: {run['bench'].get('deploy_error')}.")
+    out += _budget_sentences(run)
     ev = run["eval"]
     if "student" in ev and "student_nokd" in ev:
         d = ev["student"]["accuracy"] - ev["student_nokd"]["accuracy"]
-        n = run["data"]["split"]["test"] if run["data"] else None
-        images = round(d * n) if n else None
-        if images is not None and abs(images) <= NOISE_IMAGES:
-            out.append(
-                f"- Distillation changed the student's test accuracy by {100 * d:+.2f} points ({images:+d} of {n} "
-                f"images) against the same student trained without it: with one seed per arm, a difference of "
-                f"{NOISE_IMAGES} images or fewer is within run-to-run noise, so this run does not show that it helps."
-            )
-        elif d > 0:
-            out.append(
-                f"- Distillation from the teacher helped the student by {100 * d:.2f} points on the test split"
-                + (f" ({images} of {n} images)" if n else "")
-                + " with the same architecture, epochs and schedule (one seed each)."
-            )
-        else:
-            out.append(
-                f"- Distillation did **not** help in this run: {100 * d:+.2f} points against the same student trained "
-                "without it."
-            )
+        t = eval_paired(ev, "student", "student_nokd")
+        out.append(
+            f"- Distillation: the distilled student scored {pct(ev['student']['accuracy'])} and the same student "
+            f"trained without it {pct(ev['student_nokd']['accuracy'])} ({100 * d:+.2f} points) on the same test "
+            f"images: {_verdict(t, 'the distilled student', 'the student without distillation')}."
+        )
+    else:
+        out.append(
+            "- Distillation against no distillation: not measured in this run (the ablation is opt-in: "
+            "`--set distill.ablation=true`)."
+        )
     p = run["prune"]
     if p:
         out.append(
@@ -775,14 +1045,17 @@ def _timing(run: dict) -> list[str]:
 
 def render(run: dict, command: str | None = None) -> str:
     ref, dep = _ref(run), _deployed(run)
-    head = [
-        "# slimvit report",
-        "",
-        f"Deployed: **{_label(dep)}**, {pct(dep['accuracy'])} test accuracy, {dep['latency_ms_p50']:.2f} ms batch-1 "
-        f"latency, {dep['size_mb']:.2f} MB, against the reference (unpruned distilled student, eager FP32 PyTorch) "
-        f"at {pct(ref['accuracy'])}, {ref['latency_ms_p50']:.2f} ms, {ref['size_mb']:.2f} MB.",
-        "",
-    ]
+    against = (
+        f"against the reference (unpruned distilled student, eager FP32 PyTorch) at {pct(ref['accuracy'])}, "
+        f"{ref['latency_ms_p50']:.2f} ms, {ref['size_mb']:.2f} MB."
+    )
+    summary = (
+        f"Deployed: **{_label(dep)}{_ratio_text(dep)}**, {pct_ci(dep['accuracy'], dep.get('accuracy_ci'))} test "
+        f"accuracy, {dep['latency_ms_p50']:.2f} ms batch-1 latency, {dep['size_mb']:.2f} MB, {against}"
+        if dep
+        else f"**Nothing deployed**: {run['bench'].get('deploy_error')}."
+    )
+    head = ["# slimvit report", "", summary, ""]
     if command:
         head += [f"Produced by `{command}`.", ""]
     sections = [
@@ -793,7 +1066,9 @@ def render(run: dict, command: str | None = None) -> str:
         _distillation(run),
         _pruning(run),
         _quantization(run),
+        _candidates(run),
         _deployment(run),
+        _portability(run),
         _environment(run),
         _dataset(run),
         _timing(run),

@@ -1,45 +1,116 @@
-"""The run folder: the resolved config saved once, and refused when a later call differs."""
+"""The run folder: one writer at a time, the resolved config saved once and checked on every call."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from slimvit.config import Config, read_config, save_config
-from slimvit.errors import ConfigError
+from slimvit.errors import ConfigError, SlimvitError
 from slimvit.io import is_main_process
 
 log = logging.getLogger(__name__)
 
-# The first stage a changed config key invalidates (longest matching prefix wins); every stage after
-# it depends on it and is redone too.
-FIRST_AFFECTED = {
-    "data.": "data",
-    "model.teacher": "teacher",
-    "model.student": "distill",
-    "train.": "teacher",
-    "train.epochs": "distill",
-    "train.lr": "distill",
-    "distill.": "distill",
-    "prune.": "prune",
-    "prune.sweep": "sweep",
-    "quantize.": "quantize",
-    "quantize.opset": "export",
-    "quantize.fuse_attention": "export",
-    "quantize.accuracy_tolerance": "bench",
-    "bench.": "bench",
-}
+LOCK_FILE = ".lock"
+
+
+class RunFolderBusy(SlimvitError):
+    """Another slimvit command is writing the run folder."""
+
+
+def _holder_text(holder: dict | None) -> str:
+    if not holder:
+        return "another process (starting up)"
+    return f"PID {holder.get('pid')} (`{holder.get('command')}`, since {holder.get('since')})"
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        raw = os.pread(fd, 65536, 0)
+        return json.loads(raw) if raw.strip() else None
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | Path, command: str | None = None) -> Iterator[None]:
+    """Hold the run folder's lock (`<run_dir>/.lock`, an flock) for the block: one writer per run folder.
+
+    A second command gets RunFolderBusy naming the holder (PID, command, since when). The kernel
+    releases an flock when its process dies, so a lock left by a killed process is simply taken over
+    (the file still names the dead holder: that is logged). Ranks other than 0 of a distributed
+    launch do not lock: rank 0 holds it for them.
+    """
+    if not is_main_process():
+        yield
+        return
+    import fcntl
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out '{run_dir}' is a file; it must be a folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderBusy(
+                f"run folder '{run_dir}' is in use by {_holder_text(_read_holder(fd))}; "
+                "wait for it to finish (or stop it), or use another --out"
+            ) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            log.warning(
+                "the file system of '%s' has no file locks; two commands on it would collide", run_dir
+            )
+        previous = _read_holder(fd)
+        if previous and previous.get("pid") != os.getpid():
+            log.warning(
+                "run folder '%s': the previous command, %s, ended without releasing its lock "
+                "(killed?); taken over",
+                run_dir,
+                _holder_text(previous),
+            )
+        me = {
+            "pid": os.getpid(),
+            "command": command or " ".join(["slimvit", *sys.argv[1:]]),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released in order: nobody to name
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def first_affected_stage(changed_keys: list[str]) -> str | None:
-    """The earliest pipeline stage that a change of these `section.key` names invalidates."""
-    from slimvit.pipeline import STAGE_NAMES
+    """The earliest pipeline stage that depends on one of these `section.key` names."""
+    from slimvit.pipeline import stages_for_keys
 
-    hits = []
-    for key in changed_keys:
-        prefix = max((p for p in FIRST_AFFECTED if key.startswith(p)), key=len, default=None)
-        hits.append(FIRST_AFFECTED[prefix] if prefix else STAGE_NAMES[0])
-    return min(hits, key=STAGE_NAMES.index, default=None)
+    hits = stages_for_keys(changed_keys)
+    return hits[0].name if hits else None
+
+
+def affected_stages(changed_keys: list[str]) -> list:
+    """The stages that depend on these config keys and every stage built from their outputs, in order."""
+    from slimvit.pipeline import STAGES, dependents, stages_for_keys
+
+    names = set()
+    for s in stages_for_keys(changed_keys):
+        names |= {s.name, *(d.name for d in dependents(s.name))}
+    return [s for s in STAGES if s.name in names]
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -61,8 +132,20 @@ def _comparable(cfg: Config) -> dict:
     return d
 
 
+FREE_KEYS = ("deploy.",)
+"""Config keys a run folder accepts changed without --force: the budgets re-choose the deployed model
+from the existing bench (seconds), and nothing built before it changes."""
+
+
 def prepare_run_dir(cfg: Config, out: str | Path, force: bool = False) -> Path:
-    """Create the run folder and save `config.yaml`; refuse a different config unless forced."""
+    """Create the run folder and save `config.yaml`; refuse a different config unless forced.
+
+    With `force`, the stages that depend on a changed key, and the stages built from them, are reset
+    (the manifest's fingerprints would find them stale anyway; resetting here also covers stages
+    recorded before fingerprints existed).
+    """
+    from slimvit.pipeline import STAGES
+
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out '{run_dir}' is a file; it must be a folder")
@@ -70,35 +153,34 @@ def prepare_run_dir(cfg: Config, out: str | Path, force: bool = False) -> Path:
     if path.exists():
         try:
             diff = config_diff(_comparable(read_config(path)), _comparable(cfg))
-            first = first_affected_stage([d.split(":")[0] for d in diff])
+            redo = affected_stages([d.split(":")[0] for d in diff])
         except ConfigError as e:
             if not force:
                 why = str(e).splitlines()[0]
                 raise ConfigError(f"'{path}' cannot be read ({why}); use another --out or --force") from None
-            diff, first = [f"unreadable {path.name}"], "data"  # nothing in the folder can be trusted
-        if diff and not force:
+            diff, redo = [f"unreadable {path.name}"], list(STAGES)  # nothing in the folder can be trusted
+        if diff and not force and not all(d.startswith(FREE_KEYS) for d in diff):
             shown = "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
             raise ConfigError(
                 f"run folder '{run_dir}' was made with a different config ({shown}); "
                 "use another --out, or add --force to redo the affected stages with the new config"
             )
         if diff:
-            _reset_from(run_dir, first)
+            _reset(run_dir, redo)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_config(cfg, path)
     return run_dir
 
 
-def _reset_from(run_dir: Path, stage: str | None) -> None:
-    """Remove the outputs of `stage` and of every stage after it (the config they were made with changed)."""
-    from slimvit.pipeline import Manifest, redo_from
+def _reset(run_dir: Path, stages: list) -> None:
+    """Remove the outputs of these stages (the config they were made with changed)."""
+    from slimvit.pipeline import Manifest
 
-    if stage is None or not is_main_process():
+    if not stages or not is_main_process():
         return
     manifest = Manifest(run_dir)
-    redo = redo_from(stage)
-    for s in redo:
+    for s in stages:
         manifest.reset(s)
     manifest.save()
-    log.warning("config changed: %s will be redone", ", ".join(s.name for s in redo))
+    log.warning("config changed: %s will be redone", ", ".join(s.name for s in stages))

@@ -7,6 +7,8 @@ and `bench`/`quantize` use the very same session settings, so what is measured i
 from __future__ import annotations
 
 import json
+import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +63,42 @@ def session(path: str | Path, threads: int = 2, options=None):
 
 
 def metadata(sess) -> dict:
-    """The slimvit metadata of a session's model, checked; ModelError if absent or incomplete."""
-    return _parse_metadata(sess.get_modelmeta().custom_metadata_map.get(META_KEY))
+    """The slimvit metadata of a session's model, checked against its input and output shapes; ModelError
+    naming the field if absent, malformed or inconsistent."""
+    return _parse_metadata(
+        sess.get_modelmeta().custom_metadata_map.get(META_KEY),
+        output_shape=sess.get_outputs()[0].shape,
+        input_shape=sess.get_inputs()[0].shape,
+    )
 
 
 def proto_metadata(model_proto: Any) -> dict:
     """The slimvit metadata of an onnx.ModelProto, checked like `metadata`."""
-    return _parse_metadata({p.key: p.value for p in model_proto.metadata_props}.get(META_KEY))
+    graph = model_proto.graph
+
+    def dims(values) -> list | None:
+        if not values:
+            return None
+        return [
+            d.dim_value if d.HasField("dim_value") else None for d in values[0].type.tensor_type.shape.dim
+        ]
+
+    return _parse_metadata(
+        {p.key: p.value for p in model_proto.metadata_props}.get(META_KEY),
+        output_shape=dims(graph.output),
+        input_shape=dims(graph.input),
+    )
 
 
-def _parse_metadata(raw: str | None) -> dict:
+def _parse_metadata(
+    raw: str | None, output_shape: list | None = None, input_shape: list | None = None
+) -> dict:
+    """Parse and check the metadata JSON; each problem is one ModelError line naming the field.
+
+    Args:
+        output_shape / input_shape: the model's first output and input shapes (ints where static); the
+            number of classes must equal the output width and `input_size` the input's (C, H, W).
+    """
     if raw is None:
         raise ModelError(
             "the ONNX model has no slimvit metadata (classes, input size, mean/std); "
@@ -80,10 +108,63 @@ def _parse_metadata(raw: str | None) -> dict:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise ModelError("the ONNX model's slimvit metadata is not valid JSON; re-export the model") from None
-    missing = [k for k in META_FIELDS if k not in meta]
+    if not isinstance(meta, dict):
+        raise ModelError("the ONNX model's slimvit metadata is not a JSON object; re-export the model")
+    missing = [k for k in META_FIELDS if k not in meta] + (["format"] if "format" not in meta else [])
     if missing:
         raise ModelError(f"the ONNX model's slimvit metadata lacks {', '.join(missing)}; re-export the model")
+    if meta["format"] != META_FORMAT:
+        _bad_field(
+            "format", meta["format"], f"must be {META_FORMAT!r} (this version of slimvit reads only that)"
+        )
+    classes = meta["classes"]
+    if not (
+        isinstance(classes, list)
+        and classes
+        and all(isinstance(c, str) and c for c in classes)
+        and len(set(classes)) == len(classes)
+    ):
+        _bad_field("classes", classes, "must be a list of distinct, non-empty class names")
+    size = meta["input_size"]
+    if not (
+        isinstance(size, list)
+        and len(size) == 3
+        and all(_is_int(v) and v > 0 for v in size)
+        and size[0] == 3
+        and size[1] == size[2]
+    ):
+        _bad_field("input_size", size, "must be [3, H, W] with H = W (positive integers)")
+    for key in ("mean", "std"):
+        v = meta[key]
+        if not (isinstance(v, list) and len(v) == 3 and all(_is_number(x) and math.isfinite(x) for x in v)):
+            _bad_field(key, v, "must be 3 finite numbers (one per RGB channel)")
+    if any(x <= 0 for x in meta["std"]):
+        _bad_field("std", meta["std"], "must be 3 positive numbers")
+    if output_shape is not None and len(output_shape) == 2:
+        width = output_shape[1]
+        if _is_int(width) and width > 0 and width != len(classes):
+            _bad_field(
+                "classes", f"{len(classes)} names", f"must name one class per model output ({width} outputs)"
+            )
+    if input_shape is not None and len(input_shape) == 4:
+        if any(_is_int(d) and d > 0 and d != s for d, s in zip(input_shape[1:], size, strict=True)):
+            _bad_field("input_size", size, f"must match the model's input (N, C, H, W) = {list(input_shape)}")
     return meta
+
+
+def _bad_field(key: str, value: Any, rule: str) -> typing.NoReturn:
+    shown = value if isinstance(value, str) else json.dumps(value)
+    raise ModelError(
+        f"the ONNX model's slimvit metadata field '{key}' {rule}, got {shown[:120]}; re-export the model"
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def run_logits(sess, x: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -5,9 +5,13 @@ GPU, or several (``accelerate launch`` / ``torchrun``). Autocast (bf16/fp16) is 
 rather than through Accelerate's global state, so stages with different settings can run in one
 process.
 
-Each epoch ends with an atomic checkpoint in ``out_dir/last/`` (weights as safetensors, optimizer
-and schedule state loadable with ``weights_only=True``), so an interrupted run resumes at the next
-epoch with the same data order and augmentations: both are seeded from (seed, epoch, rank).
+Each epoch ends with a checkpoint that is one unit: ``out_dir/checkpoint.pt`` holds the weights, the
+best weights so far, the optimizer, the schedule and the epoch, written to a temporary file and
+renamed over the old one, so a kill at any moment leaves the old checkpoint or the new one, never
+a mix (it is loaded with ``weights_only=True``: tensors and numbers, no pickled objects). Every RNG an
+epoch draws from (torch's for the data order, augmentations and dropout, numpy's for timm's
+mixup/cutmix, Python's) is seeded at the start of the epoch from (seed, epoch, rank), so the epoch
+stored in the checkpoint determines them: a resumed run trains exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import contextlib
 import json
 import logging
 import math
+import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,12 +34,21 @@ from slimvit import models
 from slimvit.config import DistillConfig, TrainConfig
 from slimvit.data import Data, EvalDataset, TrainDataset
 from slimvit.distill import cross_entropy, make_loss
-from slimvit.errors import ConfigError, ModelError
-from slimvit.io import append_jsonl, atomic_path, atomic_write_json, is_main_process, read_jsonl
+from slimvit.errors import ConfigError, ModelError, first_line
+from slimvit.io import (
+    append_jsonl,
+    atomic_path,
+    atomic_write_json,
+    is_main_process,
+    read_jsonl,
+    remove_temp_files,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "train_state.pt"
+CHECKPOINT = "checkpoint.pt"
+LEGACY_CHECKPOINT = "last"
+"""The folder older versions kept their checkpoint in (three files, each renamed on its own)."""
 
 
 def make_accelerator():
@@ -91,27 +106,55 @@ def _epoch_batches(n: int, batch: int, seed: int, epoch: int, rank: int, world: 
     return [mine[i : i + per_rank] for i in range(0, len(mine), max(1, per_rank))]
 
 
-def _save_checkpoint(out_dir: Path, model: nn.Module, spec: dict, state: dict) -> None:
-    last = out_dir / "last"
-    models.save(model, spec, last)
-    with atomic_path(last / STATE_FILE) as tmp:
+def _save_checkpoint(out_dir: Path, state: dict) -> None:
+    """Write the whole training state as one file, renamed into place: the old or the new one survives."""
+    with atomic_path(out_dir / CHECKPOINT) as tmp:
         torch.save(state, tmp)
+    shutil.rmtree(out_dir / LEGACY_CHECKPOINT, ignore_errors=True)
 
 
-def _load_checkpoint(out_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _has_checkpoint(out_dir: Path) -> bool:
+    return (out_dir / CHECKPOINT).exists() or (out_dir / LEGACY_CHECKPOINT / "train_state.pt").exists()
+
+
+def _remove_checkpoint(out_dir: Path) -> None:
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / LEGACY_CHECKPOINT, ignore_errors=True)
+
+
+def _load_checkpoint(out_dir: Path) -> dict:
+    """The training state: model, best_model (or None), optimizer, scheduler, [ema,] epoch, epochs, best, seconds."""
     from safetensors.torch import load_file
 
-    last = out_dir / "last"
+    path = out_dir / CHECKPOINT
     try:
-        state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
-        weights = load_file(str(last / "model.safetensors"))
+        if path.exists():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        legacy = out_dir / LEGACY_CHECKPOINT
+        state = torch.load(legacy / "train_state.pt", map_location="cpu", weights_only=True)
+        best = out_dir / "model.safetensors"
+        state["model"] = load_file(str(legacy / "model.safetensors"))
+        state["best_model"] = load_file(str(best)) if best.exists() else None
+        return state
     except FileNotFoundError:
-        raise ModelError(f"no checkpoint to resume in '{last}'; run the stage without --resume") from None
+        raise ModelError(f"no checkpoint to resume in '{out_dir}'; run the stage without --resume") from None
     except Exception as e:
         raise ModelError(
-            f"the checkpoint in '{last}' is corrupt ({e}); run the stage without --resume"
+            f"the checkpoint in '{out_dir}' is corrupt ({first_line(e)}); run the stage without --resume"
         ) from None
-    return weights, state
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed every RNG an epoch draws from: torch (augmentations, dropout), numpy (timm's mixup/cutmix),
+    Python's `random`. A function of (seed, epoch, rank) only, so a resumed epoch repeats exactly."""
+    s = seed * 1_000_003 + epoch * 101 + rank
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()
@@ -148,7 +191,7 @@ def fit(
 
     Args:
         spec: the model's artifact description (models.make_spec), saved with every checkpoint.
-        out_dir: stage folder; receives model.safetensors/json (best), last/, metrics.jsonl, train.json.
+        out_dir: stage folder; receives model.safetensors/json (best), checkpoint.pt, metrics.jsonl, train.json.
         teacher: eval-mode teacher for distillation; required unless the loss is `none`.
         resume: True continues from out_dir/last (error if absent), "auto" continues if present.
         select_initial: the weights `model` starts with compete as "epoch 0" for the best checkpoint
@@ -193,23 +236,27 @@ def fit(
         ema = ModelEmaV3(model, decay=tcfg.ema_decay)
 
     start_epoch, best, elapsed = 0, {"val_acc": -1.0, "val_loss": float("inf"), "epoch": -1}, 0.0
-    has_ckpt = (out_dir / "last" / STATE_FILE).exists()
-    if resume is True or (resume == "auto" and has_ckpt):
-        weights, state = _load_checkpoint(out_dir)
-        model.load_state_dict(weights)
+    best_weights = None  # of the best epoch so far: what model.safetensors gets at the end
+    if acc.is_main_process and out_dir.is_dir():
+        remove_temp_files(out_dir)  # half-written files of a killed run
+    if resume is True or (resume == "auto" and _has_checkpoint(out_dir)):
+        state = _load_checkpoint(out_dir)
+        if state.get("epochs") != epochs:
+            raise ConfigError(
+                f"the checkpoint in '{out_dir}' was made for {state.get('epochs')} epochs, not {epochs}; "
+                "run the stage without --resume (or --force) to start over"
+            )
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
         start_epoch, best, elapsed = int(state["epoch"]) + 1, dict(state["best"]), float(state["seconds"])
-        if state.get("epochs") != epochs:
-            raise ConfigError(
-                f"the checkpoint in '{out_dir / 'last'}' was made for {state.get('epochs')} epochs, not {epochs}; "
-                "run the stage without --resume (or --force) to start over"
-            )
+        best_weights = state.get("best_model")
         log.info("%s: resuming at epoch %d/%d", desc, start_epoch + 1, epochs)
     elif acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_checkpoint(out_dir)  # another run's: never resumed into this one
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         (out_dir / "train.json").unlink(missing_ok=True)
     if acc.is_main_process and start_epoch:
@@ -224,8 +271,7 @@ def fit(
     if select_initial and start_epoch == 0:
         val_acc, val_loss = _validate(acc.unwrap_model(model), val_ds, 256, device)
         best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": 0}
-        if acc.is_main_process:
-            models.save(acc.unwrap_model(model), spec, out_dir)
+        best_weights = _weights(acc.unwrap_model(model))
         log.info("%s 0/%d  (initial weights)  val acc %.4f  val loss %.4f", desc, epochs, val_acc, val_loss)
     if teacher is not None and loss_name != "none":
         teacher = teacher.to(device, memory_format=mem_format).eval()
@@ -242,10 +288,11 @@ def fit(
         )
     show_bar = acc.is_main_process and sys.stderr.isatty()
 
+    t_session = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         model.train()
-        torch.manual_seed(tcfg.seed * 1_000_003 + epoch * 101 + rank)  # augmentations of this epoch
+        _seed_epoch(tcfg.seed, epoch, rank)
         batches = _epoch_batches(len(train_ds), tcfg.batch_size, tcfg.seed, epoch, rank, world)
         sums = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
         seen, correct = 0, 0
@@ -304,11 +351,11 @@ def fit(
         improved = (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"])
         if improved:
             best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
+            best_weights = _weights(eval_model)
         if acc.is_main_process:
-            unwrapped = acc.unwrap_model(model)
-            if improved:
-                models.save(eval_model, spec, out_dir)
             state = {
+                "model": _weights(acc.unwrap_model(model)),
+                "best_model": best_weights,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch,
@@ -320,9 +367,11 @@ def fit(
                 state["ema"] = ema.module.state_dict()
             # Metrics first: a resume drops rows past the checkpoint, so a crash between the two is safe.
             append_jsonl(out_dir / "metrics.jsonl", row)
-            _save_checkpoint(out_dir, unwrapped, spec, state)
+            _save_checkpoint(out_dir, state)
+            per_epoch = (time.perf_counter() - t_session) / (epoch + 1 - start_epoch)
+            left = per_epoch * (epochs - epoch - 1)
             log.info(
-                "%s %d/%d  loss %.4f  train acc %.4f  val acc %.4f  val loss %.4f  %.1fs%s",
+                "%s %d/%d  loss %.4f  train acc %.4f  val acc %.4f  val loss %.4f  %.1fs%s%s",
                 desc,
                 epoch + 1,
                 epochs,
@@ -332,6 +381,7 @@ def fit(
                 val_loss,
                 row["seconds"],
                 "  *" if improved else "",
+                f"  ({int(left // 60)}m{int(left % 60):02d}s left)" if left > 0 else "",
             )
         acc.wait_for_everyone()
 
@@ -348,13 +398,17 @@ def fit(
     model = acc.unwrap_model(model).to(memory_format=torch.contiguous_format)
     if loss_name == "token":
         model.set_distilled_training(False)
+    model = model.cpu()  # what follows (evaluation, pruning, export, timing) runs on the CPU
     if acc.is_main_process:
+        if best_weights is not None:
+            model.load_state_dict(best_weights)
+        models.save(model, spec, out_dir)
         atomic_write_json(out_dir / "train.json", summary)
     acc.wait_for_everyone()
-    from safetensors.torch import load_file
+    if not acc.is_main_process:  # rank 0's best (BatchNorm statistics differ between ranks)
+        from safetensors.torch import load_file
 
-    model = model.cpu()  # what follows (evaluation, pruning, export, timing) runs on the CPU
-    model.load_state_dict(load_file(str(out_dir / "model.safetensors")))
+        model.load_state_dict(load_file(str(out_dir / "model.safetensors")))
     model.eval()
     return model, summary
 

@@ -1,0 +1,422 @@
+"""Choose the model to deploy from bench.json, write `deploy/`, and re-check it where it runs.
+
+Torch-free (numpy + onnxruntime + Pillow): `slimvit deploy` re-chooses from an existing bench.json
+in seconds, and `slimvit verify` runs on the edge box itself.
+
+The choice reads **validation** accuracy only; test accuracy is reported, never used to choose.
+With 180 validation images one image is 0.56 points, so accuracies within one image count as a tie.
+
+- Without budgets: the fastest candidate within `deploy.max_drop` validation points of the distilled
+  student (at least one validation image), the smaller file among those within `TIE` of the fastest.
+- With budgets (`deploy.budget_ms`, `deploy.budget_mb`): the most accurate candidate on validation that
+  fits every budget (and the drop); candidates within one image of the best are a tie, won by the faster,
+  then the smaller.
+- Candidates are the ONNX variants of the pruned model and of every pruning-sweep model. A variant
+  marked not portable (int8 weights that saturate x86's non-VNNI kernels) is never deployed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from slimvit.errors import ModelError, SlimvitError
+from slimvit.io import atomic_path, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+TIE = 0.05
+"""Latencies within this fraction of the fastest count as a tie: run-to-run noise on a shared 2-core
+machine is larger than that, so the smaller file wins among them."""
+
+
+class NothingFits(SlimvitError):
+    """No candidate fits the budgets; the message names the budget and the closest candidate."""
+
+
+def _val(r: dict) -> float:
+    return r["val_accuracy"]
+
+
+def _n_val(rows: list[dict]) -> int:
+    return max((r.get("val_n") or 0) for r in rows) or 180
+
+
+def is_candidate(r: dict) -> bool:
+    return bool(r.get("candidate")) and r["runtime"] != "pytorch"
+
+
+def describe(r: dict) -> str:
+    ratio = f"r={r['ratio']:g} " if r.get("ratio") is not None else ""
+    return (
+        f"{r['stage']} {ratio}{r['runtime']} {r['precision']}: {r['latency_ms_p50']:.2f} ms, "
+        f"{r['size_mb']:.2f} MB, validation {100 * _val(r):.2f}%"
+    )
+
+
+def choose(
+    rows: list[dict],
+    max_drop: float = 0.5,
+    budget_ms: float | None = None,
+    budget_mb: float | None = None,
+) -> tuple[dict, str]:
+    """The candidate to deploy and a sentence saying why; NothingFits when no candidate fits.
+
+    Args:
+        rows: bench rows; candidates have ``candidate: True``, every row ``val_accuracy``.
+        max_drop: validation accuracy points a candidate may lose against the distilled student.
+    """
+    cands = [r for r in rows if is_candidate(r)]
+    if not cands:
+        raise ModelError("bench.json has no deployment candidates (pruned ONNX models); run `slimvit bench`")
+    one_image = 1 / _n_val(cands)
+    ref = next((r for r in rows if r.get("reference")), None)
+    ref_val = _val(ref) if ref is not None and ref.get("val_accuracy") is not None else max(map(_val, cands))
+    floor = ref_val - max(max_drop / 100, one_image) - 1e-9
+    portable = [r for r in cands if r.get("portable", True) is not False]
+    checks = [
+        (
+            f"validation accuracy >= {100 * floor:.2f}% (max drop {max_drop:g} points of the student's "
+            f"{100 * ref_val:.2f}%, at least one image)",
+            lambda r: _val(r) >= floor,
+        ),
+    ]
+    if budget_ms is not None:
+        checks.append((f"batch-1 p50 <= {budget_ms:g} ms", lambda r: r["latency_ms_p50"] <= budget_ms))
+    if budget_mb is not None:
+        checks.append((f"file <= {budget_mb:g} MB", lambda r: r["size_mb"] <= budget_mb))
+    ok = [r for r in portable if all(c(r) for _, c in checks)]
+    if not ok:
+        closest = min(portable or cands, key=lambda r: _excess(r, floor, budget_ms, budget_mb))
+        failed = [name for name, c in checks if not c(closest)]
+        raise NothingFits(
+            f"no candidate fits {' and '.join(failed) or 'the budgets'}; closest: {describe(closest)}"
+        )
+    if budget_ms is None and budget_mb is None:
+        fastest = min(r["latency_ms_p50"] for r in ok)
+        best = min((r for r in ok if r["latency_ms_p50"] <= fastest * (1 + TIE)), key=lambda r: r["size_mb"])
+        rule = (
+            f"the fastest candidate with {checks[0][0]}; the smallest file among those within {TIE:.0%} "
+            "of the fastest p50"
+        )
+    else:
+        top = max(map(_val, ok))
+        tied = [r for r in ok if _val(r) >= top - one_image - 1e-9]
+        best = min(tied, key=lambda r: (r["latency_ms_p50"], r["size_mb"]))
+        rule = (
+            f"the most accurate candidate on validation that fits {', '.join(n for n, _ in checks)} "
+            f"(within one validation image of the best counts as a tie, won by the faster)"
+        )
+    excluded = len(cands) - len(portable)
+    why = (
+        f"{rule}: {describe(best)} (test {100 * best['accuracy']:.2f}%, reported only); "
+        f"{len(ok)} of {len(cands)} candidates qualified"
+        + (f"; {excluded} not portable to x86 CPUs without VNNI, never deployed" if excluded else "")
+    )
+    return best, why
+
+
+def _excess(r: dict, floor: float, budget_ms, budget_mb) -> float:
+    """How far a candidate is from fitting: the largest relative overshoot of any budget."""
+    over = [max(0.0, (floor - _val(r)) * 10)]
+    if budget_ms is not None:
+        over.append(max(0.0, r["latency_ms_p50"] / budget_ms - 1))
+    if budget_mb is not None:
+        over.append(max(0.0, r["size_mb"] / budget_mb - 1))
+    return max(over)
+
+
+def budgets(cfg) -> dict:
+    d = cfg.deploy
+    return {"budget_ms": d.budget_ms, "budget_mb": d.budget_mb, "max_drop": d.max_drop}
+
+
+def write_deploy(run_dir: Path, bench: dict, chosen: dict, why: str, budget: dict) -> Path:
+    """`deploy/model.onnx` (the chosen file, its metadata completed) and `deploy/deploy.json`."""
+    from slimvit import runtime
+
+    run_dir = Path(run_dir)
+    dst = run_dir / "deploy" / "model.onnx"
+    validated = bench.get("validated_on") or {}
+    try:
+        import onnx
+    except ImportError:  # the core (edge) install: the file as built; deploy.json says the rest
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(run_dir / chosen["file"], tmp)
+    else:
+        model = onnx.load(str(run_dir / chosen["file"]))
+        meta = runtime.proto_metadata(model)
+        meta.update(
+            runtime=chosen["runtime"],
+            precision=chosen["precision"],
+            stage=chosen["stage"],
+            ratio=chosen.get("ratio"),
+            portable=chosen.get("portable", True),
+            validated_on=validated,
+        )
+        runtime.embed_metadata(model, meta)
+        with atomic_path(dst) as tmp:
+            onnx.save_model(model, str(tmp))
+    record = {
+        "deployed": True,
+        "key": chosen["key"],
+        "file": "model.onnx",
+        "source": chosen["file"],
+        "runtime": chosen["runtime"],
+        "precision": chosen["precision"],
+        "stage": chosen["stage"],
+        "ratio": chosen.get("ratio"),
+        "why": why,
+        "budgets": budget,
+        "chosen": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "threads": bench["threads"],
+        "latency_ms_p50": chosen["latency_ms_p50"],
+        "size_mb": dst.stat().st_size / 1e6,
+        "val_accuracy": chosen["val_accuracy"],
+        "val_accuracy_ci": chosen.get("val_accuracy_ci"),
+        "accuracy": chosen["accuracy"],
+        "accuracy_ci": chosen.get("accuracy_ci"),
+        "portable": chosen.get("portable", True),
+        "safe_on": chosen.get("safe_on"),
+        "validated_on": validated,
+        "test_images": _test_images(bench, chosen),
+    }
+    atomic_write_json(run_dir / "deploy" / "deploy.json", record)
+    return dst
+
+
+def _test_images(bench: dict, chosen: dict) -> dict | None:
+    """The test images with their labels and the deployed model's predictions: `verify` re-checks them."""
+    t = bench.get("test_images")
+    preds = (bench.get("predictions") or {}).get(chosen["key"])
+    if not t or preds is None:
+        return None
+    classes = bench["classes"]
+    return {
+        "root": t["root"],
+        "paths": t["paths"],
+        "labels": t["labels"],
+        "pred": [classes[i] for i in preds],
+    }
+
+
+def clear_deploy(run_dir: Path) -> None:
+    shutil.rmtree(Path(run_dir) / "deploy", ignore_errors=True)
+
+
+def run_deploy(cfg, run_dir: str | Path, strict: bool = True) -> dict:
+    """Choose from an existing bench.json (no re-timing), write `deploy/`, and check it where it will run.
+
+    The check is `slimvit verify` in a process of its own (no torch, as on an edge box): the edge path's
+    accuracy on the test images must equal bench's (paired), and its batch-1 latency is recorded beside
+    bench's. When nothing fits the budgets, `deploy/` holds only deploy.json saying why; `strict` then
+    raises NothingFits (the `slimvit deploy` command), else the pipeline goes on to the report and the
+    CLI exits non-zero at the end.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "bench.json"
+    if not path.exists():
+        raise ModelError(f"no '{path}'; run `slimvit bench` (or `slimvit run`) first")
+    bench = read_json(path)
+    budget = budgets(cfg)
+    clear_deploy(run_dir)
+    try:
+        chosen, why = choose(bench["rows"], **budget)
+    except NothingFits as e:
+        atomic_write_json(
+            run_dir / "deploy" / "deploy.json", {"deployed": False, "error": str(e), "budgets": budget}
+        )
+        if strict:
+            raise
+        return {"deployed": None, "error": str(e)}  # the CLI says it in one line at the end
+    dst = write_deploy(run_dir, bench, chosen, why, budget)
+    check = standalone_check(dst.parent, chosen)
+    record = read_json(dst.parent / "deploy.json")
+    record["predict_check"] = check
+    atomic_write_json(dst.parent / "deploy.json", record)
+    log.info("deployed: %s", why)
+    if check and not check["agrees"]:
+        log.warning(
+            "slimvit predict gives %.4f on the test images, bench measured %.4f for the deployed model",
+            check["accuracy"],
+            chosen["accuracy"],
+        )
+    return {
+        "deployed": chosen["key"],
+        "latency_ms_p50": chosen["latency_ms_p50"],
+        "size_mb": chosen["size_mb"],
+        "val_accuracy": chosen["val_accuracy"],
+    }
+
+
+def standalone_check(deploy_dir: Path, chosen: dict) -> dict | None:
+    """`slimvit verify` on the deployed model in a fresh process (torch-free, as deployed)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    rec = read_json(deploy_dir / "deploy.json")
+    t = rec.get("test_images")
+    if not t or not all((Path(t["root"]) / q).exists() for q in t["paths"][:1]):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "verify.json"
+        r = subprocess.run(
+            [sys.executable, "-m", "slimvit", "verify", str(deploy_dir), "--json", str(out)],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode not in (0, 1) or not out.exists():
+            msg = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            log.warning("deploy: the standalone check failed: %s", msg)
+            return {"agrees": False, "error": msg}
+        v = json.loads(out.read_text())
+    return {
+        "n": v["n"],
+        "failed": v["failed"],
+        "accuracy": v["accuracy"],
+        "agrees": abs(v["accuracy"] - chosen["accuracy"]) < 1e-9 and not v["failed"],
+        "paired": v.get("paired"),
+        "latency_ms_p50": v["latency_ms_p50"],
+        "bench_latency_ms_p50": chosen["latency_ms_p50"],
+        "torch_loaded": v.get("torch_loaded"),
+        "line": v["line"],
+    }
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def load_runner(model: str | Path, threads: int = 2):
+    """(float32 NCHW -> logits, slimvit metadata) of a deployed ONNX file, on the runtime its metadata names.
+
+    ONNX Runtime unless the deploy step chose OpenVINO (`runtime: openvino` in the metadata).
+    """
+    from slimvit import runtime
+
+    sess = runtime.session(model, threads)
+    meta = runtime.metadata(sess)
+    rec = Path(model).parent / "deploy.json"
+    if "runtime" not in meta and rec.exists():  # a copy deployed without onnx: deploy.json says the runtime
+        meta["runtime"] = read_json(rec).get("runtime", "onnxruntime")
+    if meta.get("runtime") == "openvino":
+        from slimvit import openvino_runtime
+
+        ok, why = openvino_runtime.available()
+        if not ok:
+            raise ModelError(f"'{model}' was deployed on OpenVINO: {why}")
+        del sess
+        predict, _ = openvino_runtime.compile_model(model, threads)
+        return predict, meta
+    name = sess.get_inputs()[0].name
+    return (lambda x: sess.run(None, {name: x})[0]), meta
+
+
+def deploy_model_path(deploy_dir: Path) -> Path:
+    d = Path(deploy_dir)
+    if d.is_file():
+        return d
+    rec = d / "deploy.json"
+    name = read_json(rec).get("file", "model.onnx") if rec.exists() else "model.onnx"
+    return d / name
+
+
+def verify(deploy_dir: str | Path, images: str | Path | None = None, threads: int | None = None) -> dict:
+    """Re-measure the deployed model's accuracy and batch-1 latency here, against its recorded figures.
+
+    On the run's own test images (paired: exact McNemar on the same images) when no folder is given,
+    else on a labelled image folder (`<class>/<image>`; unpaired: the recorded test accuracy must lie
+    in this measurement's 95% interval). Returns the figures and a one-line verdict.
+    """
+    import sys
+
+    from slimvit.evaluate import mcnemar, wilson
+    from slimvit.predict import predict_files
+    from slimvit.preprocess import IMAGE_EXTENSIONS
+    from slimvit.timing import ISA_FLAGS, cpu_flags, cpu_name, time_calls
+
+    deploy_dir = Path(deploy_dir)
+    rec_path = deploy_dir / "deploy.json"
+    if not rec_path.exists():
+        raise ModelError(f"no deploy.json in '{deploy_dir}'; point at a folder written by `slimvit deploy`")
+    rec = read_json(rec_path)
+    if not rec.get("deployed", True):
+        raise ModelError(f"nothing is deployed in '{deploy_dir}': {rec.get('error')}")
+    model = deploy_model_path(deploy_dir)
+    threads = threads or rec.get("threads", 2)
+    if images is None:
+        t = rec.get("test_images")
+        if not t:
+            raise ModelError(
+                f"'{rec_path}' records no test images; pass a labelled image folder: slimvit verify {deploy_dir} IMAGES"
+            )
+        root = Path(t["root"])
+        paths = [root / p for p in t["paths"]]
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise ModelError(
+                f"the run's test images are not here ('{missing[0]}' is missing); "
+                f"pass a labelled image folder: slimvit verify {deploy_dir} IMAGES"
+            )
+        labels = t["labels"]
+        source = f"the run's {len(paths)} test images"
+    else:
+        root = Path(images)
+        if not root.is_dir():
+            raise ModelError(f"'{root}' is not a folder of class subfolders (<class>/<image>)")
+        paths, labels = [], []
+        for cdir in sorted(p for p in root.iterdir() if p.is_dir()):
+            for f in sorted(cdir.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    paths.append(f)
+                    labels.append(cdir.name)
+        if not paths:
+            raise ModelError(f"'{root}' has no images in class subfolders (<class>/<image>)")
+        source = f"{len(paths)} labelled images in '{root}'"
+    results, failed = predict_files(model, paths, threads=threads)
+    by_path = {r["path"]: r["class"] for r in results}
+    pred = [by_path.get(str(p)) for p in paths]
+    correct = np.array([p == y for p, y in zip(pred, labels, strict=True)])
+    acc = float(correct.mean())
+    lo, hi = wilson(int(correct.sum()), len(correct))
+    predict, meta = load_runner(model, threads)
+    x = np.random.default_rng(0).standard_normal((1, 3, *meta["input_size"][-2:]), dtype=np.float32)
+    ms = float(np.median(time_calls(lambda: predict(x), 200, 20)))
+    out = {
+        "source": source,
+        "n": len(paths),
+        "failed": len(failed),
+        "accuracy": acc,
+        "accuracy_ci": [lo, hi],
+        "recorded_accuracy": rec["accuracy"],
+        "latency_ms_p50": ms,
+        "recorded_latency_ms_p50": rec["latency_ms_p50"],
+        "threads": threads,
+        "cpu": cpu_name(),
+        "isa": sorted(set(ISA_FLAGS) & cpu_flags(), key=ISA_FLAGS.index),
+        "validated_on": rec.get("validated_on"),
+        "torch_loaded": "torch" in sys.modules,
+    }
+    if images is None:
+        recorded = np.array([p == y for p, y in zip(rec["test_images"]["pred"], labels, strict=True)])
+        test = mcnemar(correct, recorded)
+        out["paired"] = test
+        out["agrees"] = test["p"] >= 0.05 and not failed
+        noise = f"paired test p={test['p']:.2g}: {test['a_only']} images right only here, {test['b_only']} only there"
+    else:
+        out["agrees"] = lo - 1e-9 <= rec["accuracy"] <= hi + 1e-9 and not failed
+        noise = f"95% interval {100 * lo:.1f}-{100 * hi:.1f}%"
+    ratio = ms / rec["latency_ms_p50"]
+    out["line"] = (
+        f"{'agrees' if out['agrees'] else 'DIFFERS'}: accuracy {100 * acc:.2f}% on {source} "
+        f"(recorded {100 * rec['accuracy']:.2f}% on {', '.join(rec.get('validated_on', {}).get('isa', [])) or '?'}"
+        f"; {noise}); batch-1 p50 {ms:.2f} ms at {threads} threads here vs {rec['latency_ms_p50']:.2f} ms "
+        f"recorded ({ratio:.2f}x; {out['cpu']})"
+        + (f"; {len(failed)} images could not be decoded" if failed else "")
+    )
+    return out

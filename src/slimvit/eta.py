@@ -1,0 +1,144 @@
+"""How long the rest of a pipeline will take, measured on this machine: a time a person can plan with.
+
+Before the first stage, one training step of each model to be trained (and one teacher forward,
+for the distilling stages) is timed here at the run's batch size, image size and precision; each
+training stage's estimate is then epochs x steps per epoch x that time. As stages finish, the
+ratio of measured to estimated time corrects the estimates of the training stages still to come.
+The other stages (export, quantize, bench, report) are estimated from their last run in this
+folder, when there was one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+log = logging.getLogger(__name__)
+
+
+def _time_steps(model, x, y, precision: str, train: bool, steps: int) -> float:
+    """Seconds per call, after one untimed call (allocation, kernel selection)."""
+    import torch
+
+    from slimvit.train import autocast_context
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+    model.train(train)
+
+    def once() -> None:
+        with autocast_context(precision, x.device):
+            if not train:
+                with torch.no_grad():
+                    model(x)
+                return
+            out = model(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            loss = torch.nn.functional.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    once()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        once()
+    return (time.perf_counter() - t0) / steps
+
+
+def measure_step(spec: dict, tcfg, batch: int, train: bool = True, steps: int = 1) -> float:
+    """Seconds of one training step (or one forward, `train=False`) of the model `spec` describes."""
+    import torch
+
+    from slimvit import models
+    from slimvit.train import resolve_precision
+
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fmt = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+    model = models.build(spec).to(device, memory_format=fmt)
+    x = torch.randn(batch, *spec["input_size"], device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, spec["num_classes"], (batch,), device=device)
+    with torch.random.fork_rng(devices=[]):  # leave the training's RNG streams alone
+        return _time_steps(model, x, y, resolve_precision(tcfg.precision, device), train, steps)
+
+
+class Estimate:
+    """Seconds each stage still to run should take; `line()` says it in one line."""
+
+    TRAINING = ("teacher", "distill", "ablation", "prune", "sweep")
+
+    def __init__(self, cfg, data, to_run: list[str], previous: dict[str, float]) -> None:
+        self.seconds: dict[str, float | None] = {}
+        self.factor = 1.0
+        t, d, p = cfg.train, cfg.distill, cfg.prune
+        n_train, n_val = len(data.split["train"]), len(data.split["val"])
+        batch = min(t.batch_size, max(1, n_train))
+        steps = max(1, n_train // batch)
+        trains = [s for s in to_run if s in self.TRAINING]
+        rates = self._measure(cfg, data, trains, batch) if trains else {}
+        val_batches = math.ceil(n_val / 256) * 256 / batch  # validation runs 256 at a time
+
+        def epochs_of(n_epochs: int, step: float, fwd: float) -> float:
+            return n_epochs * (steps * step + val_batches * fwd)
+
+        t_fwd = rates.get("teacher_fwd", 0.0) if d.loss != "none" else 0.0
+        for s in to_run:
+            if s == "teacher":
+                est = epochs_of(t.teacher_epochs, rates["teacher"], rates["teacher"] / 3)
+            elif s in ("distill", "ablation"):
+                teacher = t_fwd if s == "distill" else 0.0
+                est = epochs_of(t.epochs, rates["student"] + teacher, rates["student_fwd"])
+            elif s == "prune":
+                est = epochs_of(p.finetune_epochs, rates["student"] + t_fwd, rates["student_fwd"])
+            elif s == "sweep":
+                est = len(p.sweep) * epochs_of(p.sweep_epochs, rates["student"] + t_fwd, rates["student_fwd"])
+            else:
+                est = previous.get(s)
+            self.seconds[s] = est
+
+    @staticmethod
+    def _measure(cfg, data, trains: list[str], batch: int) -> dict[str, float]:
+        """Step times of the models to train; a forward (validation) is taken as a third of a step, the
+        teacher's forward in distillation is measured when a stage distils."""
+        from slimvit.train import _role_spec
+
+        t0 = time.perf_counter()
+        rates = {}
+        teacher_spec = _role_spec(cfg, "teacher", data)[0]
+        if "teacher" in trains:
+            rates["teacher"] = measure_step(teacher_spec, cfg.train, batch)
+            rates["teacher_fwd"] = rates["teacher"] / 3
+        if set(trains) - {"teacher"}:
+            rates["student"] = measure_step(_role_spec(cfg, "student", data)[0], cfg.train, batch)
+            rates["student_fwd"] = rates["student"] / 3
+            if cfg.distill.loss != "none" and set(trains) & {"distill", "prune", "sweep"}:
+                rates["teacher_fwd"] = measure_step(teacher_spec, cfg.train, batch, train=False)
+        log.debug("eta: step times %s measured in %.1fs", rates, time.perf_counter() - t0)
+        return rates
+
+    def finished(self, stage: str, seconds: float) -> None:
+        """A stage took `seconds`: correct the estimates of the training stages still to come."""
+        est = self.seconds.pop(stage, None)
+        if stage in self.TRAINING and est:
+            self.factor = seconds / est
+
+    def line(self, parts: bool = True) -> str:
+        """'about 31m to go (teacher 4m50s, distill 10m12s, ...; export, bench not measured here yet)'."""
+        known = {s: v * (self.factor if s in self.TRAINING else 1.0) for s, v in self.seconds.items() if v}
+        unknown = [s for s, v in self.seconds.items() if not v]
+        if not known:
+            return f"time to go not estimated: {', '.join(unknown)} not measured on this machine yet"
+        text = f"about {_fmt(sum(known.values()))} to go"
+        if not parts:
+            return text + (f" + {', '.join(unknown)}" if unknown else "")
+        text += " (" + ", ".join(f"{s} {_fmt(v)}" for s, v in known.items())
+        if unknown:
+            text += f"; plus {', '.join(unknown)}, not measured on this machine yet"
+        return text + ")"
+
+
+def _fmt(seconds: float) -> str:
+    m = int(round(seconds)) // 60
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{int(round(seconds)) % 60:02d}s"

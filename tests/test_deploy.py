@@ -1,0 +1,164 @@
+"""The deploy choice (validation only, budgets, portability), the statistics it reports, and int8 portability."""
+
+import math
+
+import numpy as np
+import pytest
+from test_export import tiny
+
+from slimvit.config import DeployConfig, QuantizeConfig
+from slimvit.deploy import NothingFits, choose
+from slimvit.errors import ConfigError
+from slimvit.evaluate import compare, mcnemar, wilson
+from slimvit.export import export_onnx
+from slimvit.quantize import MODES, SAFE_WEIGHT, int8_products, portability
+
+
+def _row(ratio, precision, ms, mb, val, test, portable=True, **kw):
+    return {
+        "key": f"r{ratio}/{precision}",
+        "stage": "pruned" if ratio == 0.2 else f"sweep/r{ratio}",
+        "ratio": ratio,
+        "runtime": "onnxruntime",
+        "precision": precision,
+        "candidate": True,
+        "reference": False,
+        "latency_ms_p50": ms,
+        "size_mb": mb,
+        "val_accuracy": val,
+        "val_n": 180,
+        "accuracy": test,
+        "portable": portable,
+        **kw,
+    }
+
+
+STUDENT = {
+    "key": "student/pytorch/fp32",
+    "stage": "student",
+    "runtime": "pytorch",
+    "precision": "fp32",
+    "candidate": False,
+    "reference": True,
+    "latency_ms_p50": 8.0,
+    "size_mb": 22.0,
+    "val_accuracy": 0.99,
+    "accuracy": 0.99,
+}
+
+
+def rows():
+    return [
+        STUDENT,
+        _row(0.2, "fp32", 2.0, 14.0, 0.99, 0.99),
+        _row(0.2, "int8-dynamic", 1.2, 4.6, 0.99, 0.9833),
+        _row(0.5, "fp32", 1.0, 5.0, 0.9722, 0.9972),  # best on test, 3 images worse on validation
+        _row(0.5, "int8-dynamic", 0.7, 1.6, 0.9667, 0.9972),
+    ]
+
+
+def test_no_budget_fastest_within_the_drop_on_validation():
+    best, why = choose(rows(), max_drop=0.5)
+    assert best["key"] == "r0.2/int8-dynamic"  # r=0.5 is faster but 3+ validation images below the student
+    assert "validation" in why and "reported only" in why
+    best, _ = choose(rows(), max_drop=3.0)
+    assert best["key"] == "r0.5/int8-dynamic"  # a looser drop admits the faster ratio
+
+
+def test_choice_never_reads_test_accuracy():
+    base = rows()
+    shuffled = [
+        dict(r, accuracy=float(a))
+        for r, a in zip(base, np.random.default_rng(0).random(len(base)), strict=True)
+    ]
+    for kw in ({}, {"budget_mb": 6.0}, {"budget_ms": 1.5}, {"max_drop": 5.0}):
+        assert choose(base, **kw)[0]["key"] == choose(shuffled, **kw)[0]["key"], kw
+
+
+def test_budgets_pick_the_most_accurate_that_fits():
+    best, why = choose(rows(), max_drop=5.0, budget_mb=2.5)
+    assert best["key"] == "r0.5/int8-dynamic" and best["size_mb"] <= 2.5
+    assert "file <= 2.5 MB" in why
+    best, _ = choose(rows(), max_drop=5.0, budget_ms=1.5)
+    assert best["key"] == "r0.2/int8-dynamic"  # as accurate as fp32 r=0.2 on validation, and within budget
+
+
+def test_ties_within_one_validation_image_go_to_the_faster():
+    r = rows()
+    r[3]["val_accuracy"] = 0.99 - 0.5 / 180  # half an image below the best: a tie
+    best, _ = choose(r, max_drop=5.0, budget_ms=5.0)
+    assert best["key"] == "r0.5/fp32"
+
+
+def test_nothing_fits_names_the_budget_and_the_closest():
+    with pytest.raises(NothingFits) as e:
+        choose(rows(), budget_ms=0.01)
+    msg = str(e.value)
+    assert "batch-1 p50 <= 0.01 ms" in msg and "closest:" in msg and "r=0.5" in msg and "0.70 ms" in msg
+    assert "\n" not in msg
+
+
+def test_non_portable_variants_are_never_deployed():
+    r = rows()
+    r.append(_row(0.2, "int8-static", 0.5, 3.0, 0.995, 0.995, portable=False))
+    best, why = choose(r)
+    assert best["precision"] != "int8-static" and "not portable" in why
+    with pytest.raises(NothingFits):
+        choose([STUDENT, r[-1]])
+
+
+def test_deploy_config_checks_values():
+    assert DeployConfig(budget_ms=1.0, budget_mb=2.5).max_drop == 0.5
+    for bad in ({"budget_ms": 0}, {"budget_mb": -1.0}, {"budget_ms": math.inf}, {"max_drop": math.nan}):
+        with pytest.raises(ConfigError, match="deploy."):
+            DeployConfig(**bad)
+
+
+def test_wilson_interval():
+    lo, hi = wilson(356, 360)
+    assert 0.971 < lo < 0.973 and 0.995 < hi < 0.997  # 98.89% of 360
+    assert wilson(360, 360)[1] == 1.0 and wilson(360, 360)[0] > 0.989
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_mcnemar_exact():
+    a = np.array([1] * 90 + [0] * 10, bool)
+    b = a.copy()
+    assert mcnemar(a, b) == {"a_only": 0, "b_only": 0, "p": 1.0, "n": 100}
+    b[:6] = False  # A right and B wrong on 6 images, never the other way: p = 2 / 2**6
+    t = mcnemar(a, b)
+    assert (t["a_only"], t["b_only"]) == (6, 0) and t["p"] == pytest.approx(2 / 64)
+    assert compare(a, b) == "better" and compare(b, a) == "worse"
+    b[:6] = True
+    b[:2] = False  # 2 discordant images: never significant
+    assert compare(a, b) == "same"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("port")
+    model, spec = tiny(pruned=True)
+    export_onnx(model, spec, d / "fp32.onnx", stage="pruned")
+    return d
+
+
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static", "int8-mixed"])
+def test_int8_weights_fit_non_vnni_kernels(exported, mode):
+    """Read from the graph, so the check holds whatever CPU runs the test."""
+    fn, needs_calib = MODES[mode]
+    calib = (
+        np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32) if needs_calib else None
+    )
+    safe, full = exported / f"{mode}.onnx", exported / f"{mode}_full.onnx"
+    fn(exported / "fp32.onnx", safe, QuantizeConfig(calibration_images=16), calib)
+    fn(exported / "fp32.onnx", full, QuantizeConfig(calibration_images=16, reduce_range=False), calib)
+    products = int8_products(safe)
+    assert products, "no int8 products found"
+    assert all(-SAFE_WEIGHT <= p["weight_min"] and p["weight_max"] <= SAFE_WEIGHT for p in products)
+    assert portability(safe)["portable"] and "x86-64 AVX2" in portability(safe)["safe_on"]
+    p_full = portability(full)
+    assert (
+        not p_full["portable"]
+        and p_full["max_abs_weight"] > SAFE_WEIGHT
+        and "x86-64 AVX2" not in p_full["safe_on"]
+    )

@@ -1,0 +1,245 @@
+"""The stage declaration and the staleness check, on a generated dataset with stand-in stages (seconds).
+
+The stand-ins write every file their stage declares, with contents that depend only on what the
+stage reads (files and config keys), so a stage redone on unchanged inputs writes the same bytes.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from types import SimpleNamespace
+
+import pytest
+from conftest import make_imagefolder
+
+from slimvit import cli, eta, pipeline
+from slimvit.config import Config, load_config
+from slimvit.errors import ConfigError, ModelError
+
+ALL = ["data", "teacher", "distill", "ablation", "prune", "export", "quantize", "bench", "report"]
+"""The stages the smoke preset runs (no sweep)."""
+
+
+# --------------------------------------------------------------------------- the declaration
+
+
+def test_every_read_has_an_earlier_writer_and_no_file_has_two():
+    for stage in pipeline.STAGES[1:]:
+        required = [r for r in stage.reads if not r.startswith("?")]
+        assert required, stage.name
+        for r in stage.reads:
+            writers = [
+                p.name for p in pipeline.STAGES if any(pipeline._overlap(r.lstrip("?"), w) for w in p.writes)
+            ]
+            assert writers, f"{stage.name} reads {r}, which no stage writes"
+            assert all(
+                pipeline.STAGE_NAMES.index(w) < pipeline.STAGE_NAMES.index(stage.name) for w in writers
+            ), r
+    for i, a in enumerate(pipeline.STAGES):
+        for b in pipeline.STAGES[i + 1 :]:
+            both = [(x, y) for x in a.writes for y in b.writes if pipeline._overlap(x, y)]
+            assert not both, f"{a.name} and {b.name} both write {both[0]}"
+
+
+def test_every_config_key_is_an_input_of_some_stage_and_the_report_quotes_all():
+    keys = pipeline.flat_config(Config())
+    assert "data.path" not in keys  # where the data lives is not an input; its content is
+    for key in keys:
+        assert pipeline.get_stage("report").depends_on(key), key
+    assert [s.name for s in pipeline.stages_for_keys(["quantize.optimize"])] == ["export", "report"]
+    assert [s.name for s in pipeline.stages_for_keys(["train.epochs"])] == ["distill", "ablation", "report"]
+    assert [s.name for s in pipeline.stages_for_keys(["prune.sweep"])] == ["sweep", "report"]
+
+
+def test_cli_subcommands_come_from_the_declaration():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for stage in pipeline.STAGES:
+        name = stage.command or stage.name
+        assert name in sub.choices, name
+        if stage.flags:
+            opts = sub.choices[name]._option_string_actions
+            assert all(f"--{f}" in opts for f in stage.flags), stage.name
+    assert pipeline.get_stage("sweep").cli == "slimvit prune --sweep"
+    assert pipeline.get_stage("ablation").cli == "slimvit distill"
+
+
+# --------------------------------------------------------------------------- staleness
+
+
+def _stand_in(stage, calls, noise):
+    def run(cfg, run_dir, data, resume=False, **_):
+        calls.append(stage.name)
+        fp = pipeline.Fingerprints(run_dir, cfg)
+        config = {k: v for k, v in fp.config.items() if stage.depends_on(k)}
+        text = json.dumps([stage.name, fp.files(stage.reads), config, noise and len(calls)], sort_keys=True)
+        for rel in stage.writes:
+            if not any(c in rel for c in "*?["):
+                (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                (run_dir / rel).write_text(text)
+        return {}
+
+    return run
+
+
+@pytest.fixture
+def stand_ins(monkeypatch, tmp_path):
+    """Stand-in stages (the data stage is real), a generated dataset and a `run(cfg=None)` helper."""
+    calls: list[str] = []
+    noise: list = []  # non-empty: a redone stage writes different bytes (as retraining does)
+    stages = tuple(
+        s if s.name == "data" else dataclasses.replace(s, run=_stand_in(s, calls, noise))
+        for s in pipeline.STAGES
+    )
+    monkeypatch.setattr(pipeline, "STAGES", stages)
+    monkeypatch.setattr(eta, "measure_step", lambda *a, **k: 0.01)  # no model is trained here
+    ds = make_imagefolder(tmp_path / "ds", per_class=10, size=32)
+    run_dir = tmp_path / "run"
+    cfg = load_config("smoke", overrides=[f"data.path={ds}"])
+
+    def run(c=None):
+        calls.clear()
+        pipeline.run_pipeline(c or cfg, run_dir)
+        return list(calls)
+
+    return SimpleNamespace(run=run, calls=calls, cfg=cfg, run_dir=run_dir, ds=ds, noise=noise)
+
+
+def _redone(caplog) -> dict[str, str]:
+    """stage -> the reason logged for redoing it."""
+    out = {}
+    for r in caplog.records:
+        msg = r.getMessage()
+        if ": redoing it: " in msg:
+            head, why = msg.split(": redoing it: ", 1)
+            out[head.split("] ")[-1]] = why
+    return out
+
+
+def test_each_change_redoes_exactly_the_stages_that_read_it(stand_ins, caplog):
+    s, run_dir = stand_ins, stand_ins.run_dir
+    caplog.set_level(logging.INFO, logger="slimvit.pipeline")
+    assert s.run() == ALL[1:]  # the data stage is real: not a stand-in call
+    assert s.run() == []
+
+    # an artifact replaced by hand: its writer is redone, then everything built from it
+    (run_dir / "student" / "model.safetensors").write_text("another model")
+    caplog.clear()
+    s.noise.append(1)
+    assert s.run() == ["distill", "prune", "export", "quantize", "bench", "report"]
+    s.noise.clear()
+    why = _redone(caplog)
+    assert why["distill"] == "student/model.safetensors was changed since distill wrote it"
+    assert why["prune"].startswith("student/model.json changed (and 2 more)")  # student/* rewritten
+
+    # a config key: the stages that depend on it and their readers (quantize.optimize: export onwards)
+    caplog.clear()
+    changed = dataclasses.replace(s.cfg, quantize=dataclasses.replace(s.cfg.quantize, optimize=False))
+    assert s.run(changed) == ["export", "quantize", "bench", "report"]
+    assert _redone(caplog)["export"] == "config quantize.optimize: True -> False"
+    assert _redone(caplog)["quantize"].startswith("onnx/export.json changed")
+    assert s.run(changed) == []
+
+    # split.json removed: the data stage makes the same split again, nobody else is touched
+    (run_dir / "split.json").unlink()
+    caplog.clear()
+    assert s.run(changed) == [] and _redone(caplog) == {"data": "split.json is missing"}
+
+    # the dataset changed: a new split, so every stage
+    make_imagefolder(s.ds, classes=("a",), per_class=12, size=32)  # two more images of class a
+    caplog.clear()
+    assert s.run(changed) == ALL[1:]
+    assert _redone(caplog)["data"] == "the dataset changed (2 images added, 0 removed)"
+    assert _redone(caplog)["teacher"] == "split.json changed"
+
+
+def test_a_rewrite_on_purpose_is_recorded_and_only_readers_are_redone(stand_ins):
+    """`slimvit deploy` rewrites bench's outputs from bench.json with new budgets: bench stays done."""
+    s = stand_ins
+    s.run()
+    (s.run_dir / "bench.json").write_text('{"rewritten": true}')
+    budget = dataclasses.replace(s.cfg, deploy=dataclasses.replace(s.cfg.deploy, budget_ms=5.0))
+    pipeline.record_rewrite(budget, s.run_dir, "bench")
+    assert s.run(budget) == ["report"]  # it reads bench.json (and quotes the whole config)
+
+
+def test_interrupted_stage_resumes_unless_its_inputs_changed(stand_ins):
+    s = stand_ins
+    s.run()
+    manifest = pipeline.Manifest(s.run_dir)
+    fp = pipeline.Fingerprints(s.run_dir, s.cfg)
+    manifest.entry("distill")["status"] = "interrupted"
+    assert pipeline.assess(pipeline.get_stage("distill"), manifest, fp) == ("resume", "interrupted before")
+    (s.run_dir / "teacher" / "model.json").write_text("{}")  # and the teacher changes meanwhile
+    verdict, why = pipeline.assess(pipeline.get_stage("distill"), manifest, fp)
+    assert (verdict, why) == ("redo", "teacher/model.json changed")  # its checkpoint is of the old teacher
+
+
+def test_single_stage_force_redoes_only_that_stage_and_refuses_stale_inputs(stand_ins):
+    s = stand_ins
+    s.run()
+    args = SimpleNamespace(force=True, resume=False, sweep=None)
+    s.calls.clear()
+    pipeline.run_single("teacher", s.cfg, s.run_dir, args)
+    assert s.calls == ["teacher"]
+    assert s.run() == []  # same inputs, same bytes: nothing read a change
+    (s.run_dir / "teacher" / "model.safetensors").write_text("retrained elsewhere")
+    with pytest.raises(ModelError) as e:
+        pipeline.run_single("prune", s.cfg, s.run_dir, SimpleNamespace(force=False, resume=False, sweep=None))
+    msg = str(e.value)
+    assert msg.startswith(
+        "prune reads the outputs of teacher (out of date: teacher/model.safetensors was changed"
+    )
+    assert "distill (out of date: teacher/model.safetensors changed)" in msg
+    assert msg.endswith("run `slimvit teacher`, `slimvit distill` (or `slimvit run`) first")
+
+
+def test_manifest_without_fingerprints_is_adopted_unless_stale_by_time(stand_ins, caplog):
+    """A run folder from an older slimvit: finished stages are kept, and their inputs recorded from then
+    on; a stage whose outputs are older than a file it reads is redone."""
+    s = stand_ins
+    s.run()
+    manifest = json.loads((s.run_dir / "manifest.json").read_text())
+    for name, entry in manifest["stages"].items():
+        entry.pop("inputs")
+        entry["outputs"] = list(pipeline.get_stage(name).outputs)  # the old format
+    (s.run_dir / "manifest.json").write_text(json.dumps(manifest))
+    later = (s.run_dir / "student" / "eval.json").stat().st_mtime + 60
+    os.utime(s.run_dir / "teacher" / "model.safetensors", (later, later))  # retrained after the student
+    caplog.set_level(logging.INFO, logger="slimvit.pipeline")
+    assert s.run() == ["distill", "prune", "export", "quantize", "bench", "report"]
+    assert "distill: teacher/model.safetensors is newer than its outputs; it will be redone" in caplog.text
+    assert "quantize: built from prune, which will be redone; it will be redone too" in caplog.text
+    assert "teacher: finished before its inputs were recorded; recorded them now" in caplog.text
+    assert s.run() == []
+
+
+def test_unreadable_manifest_is_one_line_naming_it(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"stages": {"data": {"sta')
+    with pytest.raises(ConfigError) as e:
+        pipeline.Manifest(tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "manifest.json") in msg and "delete it and run again" in msg and "\n" not in msg
+
+
+def test_time_estimate_from_step_times_corrected_as_stages_finish(monkeypatch):
+    """Training stages: epochs x steps x the step time measured here; then scaled by measured / estimated."""
+    from test_train import synthetic_data
+
+    monkeypatch.setattr(
+        eta, "measure_step", lambda spec, tcfg, batch, train=True, steps=1: 2.0 if train else 0.5
+    )
+    cfg = load_config("smoke", overrides=["train.teacher_epochs=3", "train.epochs=4", "train.batch_size=8"])
+    data = synthetic_data(n_per_class=20)  # 36 training images: 4 steps of 8; 12 validation images
+    est = eta.Estimate(cfg, data, ["teacher", "distill", "ablation", "export"], {"export": 30.0})
+    val = 256 / 8  # validation runs 256 images at a time, at a third of a step each
+    assert est.seconds["teacher"] == pytest.approx(3 * (4 * 2.0 + val * 2.0 / 3))
+    assert est.seconds["distill"] == pytest.approx(4 * (4 * (2.0 + 0.5) + val * 2.0 / 3))
+    assert est.seconds["ablation"] == pytest.approx(4 * (4 * 2.0 + val * 2.0 / 3))
+    assert est.seconds["export"] == 30.0  # from its last run in this folder
+    est.finished("teacher", est.seconds["teacher"] / 2)  # this machine is twice as fast as measured
+    left = est.seconds["distill"] / 2 + est.seconds["ablation"] / 2 + 30.0
+    assert est.line(parts=False) == f"about {eta._fmt(left)} to go"
+    assert est.line().startswith(f"about {eta._fmt(left)} to go (distill ")
+    assert eta._fmt(3725) == "1h02m" and eta._fmt(65) == "1m05s"
