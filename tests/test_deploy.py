@@ -162,3 +162,27 @@ def test_int8_weights_fit_non_vnni_kernels(exported, mode):
         and p_full["max_abs_weight"] > SAFE_WEIGHT
         and "x86-64 AVX2" not in p_full["safe_on"]
     )
+
+
+def test_predict_runs_a_model_deployed_on_openvino(exported, tmp_path):
+    """A model the deploy step put on OpenVINO is run by OpenVINO in predict, with the same answers."""
+    pytest.importorskip("openvino")
+    import onnx
+    from conftest import write_image
+
+    from slimvit import runtime
+    from slimvit.predict import predict_files
+
+    model = onnx.load(str(exported / "fp32.onnx"))
+    runtime.embed_metadata(model, {**runtime.proto_metadata(model), "runtime": "openvino"})
+    dep = tmp_path / "deploy"
+    dep.mkdir()
+    onnx.save_model(model, str(dep / "model.onnx"))
+    images = [write_image(tmp_path / "img" / f"{i}.png", seed=i, size=40) for i in range(6)]
+    run, meta = runtime.runner(dep / "model.onnx", 1)
+    assert meta["runtime"] == "openvino" and run.__module__ == "slimvit.openvino_runtime"
+    got, failed = predict_files(dep, images, threads=1)
+    ref, _ = predict_files(exported / "fp32.onnx", images, threads=1)
+    assert not failed and len(got) == 6
+    for a, b in zip(got, ref, strict=True):
+        assert abs(a["confidence"] - b["confidence"]) < 0.05  # bf16 on CPUs that have it, else fp32

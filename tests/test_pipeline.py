@@ -112,7 +112,9 @@ def test_verify_and_deploy_for_budgets(smoke_run, tmp_path):
     out, _, _ = smoke_run
     run = tmp_path / "run"
     shutil.copytree(out, run)
-    r = _cli("verify", str(run / "deploy"))
+    from test_edge import _blocked
+
+    r = _blocked(["verify", str(run / "deploy")])  # as on an edge box: torch, onnx, timm unimportable
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("agrees: accuracy") and "paired test p=1" in r.stdout
     assert len(r.stdout.strip().splitlines()) == 1
@@ -126,7 +128,7 @@ def test_verify_and_deploy_for_budgets(smoke_run, tmp_path):
     assert r.returncode == 2 and "nothing is deployed" in r.stderr
     bench = json.loads((run / "bench.json").read_text())
     smallest = min(r["size_mb"] for r in bench["rows"] if r["candidate"])
-    r = _cli("deploy", "--out", str(run), "--budget-mb", f"{smallest * 1.001:.6f}")
+    r = _blocked(["deploy", "--out", str(run), "--budget-mb", f"{smallest * 1.001:.6f}"])
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads((run / "deploy" / "deploy.json").read_text())
     assert rec["size_mb"] <= smallest * 1.01 and rec["budgets"]["budget_mb"] > 0
@@ -199,7 +201,7 @@ def test_forced_config_change_redoes_the_affected_stages(smoke_run, tmp_path):
         (["data.seed"], "data"),
         (["quantize.optimize"], "export"),  # export applies it (it used to reset only from quantize)
         (["bench.threads"], "bench"),
-        (["deploy.budget_ms"], "bench"),
+        (["deploy.budget_ms"], "deploy"),
     ],
 )
 def test_first_affected_stage(keys, first):
@@ -211,13 +213,23 @@ def test_first_affected_stage(keys, first):
 def test_redo_from_covers_dependents():
     names = lambda s: [x.name for x in pipeline.redo_from(s)]  # noqa: E731
     # the ablation reads no teacher and no student: it does not depend on the distilled student
-    assert names("distill") == ["distill", "prune", "sweep", "export", "quantize", "bench", "report"]
+    assert names("distill") == [
+        "distill",
+        "prune",
+        "sweep",
+        "export",
+        "quantize",
+        "bench",
+        "deploy",
+        "report",
+    ]
     assert names("teacher") == ["teacher", *names("distill")]
     assert names("data") == list(pipeline.STAGE_NAMES)
     assert names("ablation") == ["ablation", "report"]
     # the sweep models are deployment candidates: exported, quantized and benchmarked
-    assert names("sweep") == ["sweep", "export", "quantize", "bench", "report"]
-    assert names("bench") == ["bench", "report"]
+    assert names("sweep") == ["sweep", "export", "quantize", "bench", "deploy", "report"]
+    assert names("bench") == ["bench", "deploy", "report"]
+    assert names("deploy") == ["deploy", "report"]  # new budgets re-time nothing
 
 
 class _Stop(Exception):
@@ -327,21 +339,30 @@ def test_report_thread_scaling_table():
     from slimvit.report import _thread_scaling
 
     rows = [
-        {"precision": "fp32", "deployed": False, "threads": 1, "latency_ms_p50": 4.0},
-        {"precision": "int8-mixed", "deployed": True, "threads": 1, "latency_ms_p50": 1.6},
-        {"precision": "fp32", "deployed": False, "threads": 2, "latency_ms_p50": 2.0},
-        {"precision": "int8-mixed", "deployed": True, "threads": 2, "latency_ms_p50": 1.2},
+        {"precision": "fp32", "default_choice": False, "threads": 1, "latency_ms_p50": 4.0},
+        {"precision": "int8-mixed", "default_choice": True, "threads": 1, "latency_ms_p50": 1.6},
+        {"precision": "fp32", "default_choice": False, "threads": 2, "latency_ms_p50": 2.0},
+        {"precision": "int8-mixed", "default_choice": True, "threads": 2, "latency_ms_p50": 1.2},
     ]
     text = "\n".join(_thread_scaling({"threads": 2, "thread_scaling": rows}))
     assert "| 1 | 4.00 | 1.60 | 0.40x |" in text and "| 2 | 2.00 | 1.20 | 0.60x |" in text
-    assert "FP32 ONNX got 2.00x faster and the deployed model 1.33x" in text and "too small to split" in text
-    fp16 = [dict(r, precision="fp16") if r["deployed"] else r for r in rows]
+    assert "FP32 ONNX got 2.00x faster and the default choice 1.33x" in text and "too small to split" in text
+    fp16 = [dict(r, precision="fp16") if r["default_choice"] else r for r in rows]
     assert "too small to split" not in "\n".join(_thread_scaling({"threads": 2, "thread_scaling": fp16}))
     assert _thread_scaling({"threads": 2, "thread_scaling": rows[:3]}) == []  # incomplete: no table
-    slower = [dict(r, latency_ms_p50=2.0) if r["deployed"] and r["threads"] == 2 else r for r in rows]
-    assert "deployed model slower (1.25x the time)" in "\n".join(
+    slower = [dict(r, latency_ms_p50=2.0) if r["default_choice"] and r["threads"] == 2 else r for r in rows]
+    assert "default choice slower (1.25x the time)" in "\n".join(
         _thread_scaling({"threads": 2, "thread_scaling": slower})
     )
-    fp32_deployed = [dict(r, deployed=True) for r in rows if r["precision"] == "fp32"]
-    text = "\n".join(_thread_scaling({"threads": 2, "thread_scaling": fp32_deployed}))
-    assert "| 1 | 4.00 |" in text and "(deployed)" in text and "deployed / FP32" not in text
+    fp32_chosen = [dict(r, default_choice=True) for r in rows if r["precision"] == "fp32"]
+    text = "\n".join(_thread_scaling({"threads": 2, "thread_scaling": fp32_chosen}))
+    assert "| 1 | 4.00 |" in text and "(default choice)" in text and "choice / FP32" not in text
+    # a sweep model on OpenVINO is its own column, not merged with the pruned FP32 ONNX one
+    ov = [
+        dict(r, stage="sweep/r0.5", runtime="openvino", precision="fp32") if r["default_choice"] else r
+        for r in rows
+    ]
+    text = "\n".join(_thread_scaling({"threads": 2, "thread_scaling": ov}))
+    assert (
+        "default choice (fp32 on OpenVINO, sweep/r0.5) ms" in text and "| 2 | 2.00 | 1.20 | 0.60x |" in text
+    )

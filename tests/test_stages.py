@@ -17,7 +17,7 @@ from slimvit import cli, eta, pipeline
 from slimvit.config import Config, load_config
 from slimvit.errors import ConfigError, ModelError
 
-ALL = ["data", "teacher", "distill", "ablation", "prune", "export", "quantize", "bench", "report"]
+ALL = ["data", "teacher", "distill", "ablation", "prune", "export", "quantize", "bench", "deploy", "report"]
 """The stages the smoke preset runs (no sweep)."""
 
 
@@ -127,7 +127,7 @@ def test_each_change_redoes_exactly_the_stages_that_read_it(stand_ins, caplog):
     (run_dir / "student" / "model.safetensors").write_text("another model")
     caplog.clear()
     s.noise.append(1)
-    assert s.run() == ["distill", "prune", "export", "quantize", "bench", "report"]
+    assert s.run() == ["distill", "prune", "export", "quantize", "bench", "deploy", "report"]
     s.noise.clear()
     why = _redone(caplog)
     assert why["distill"] == "student/model.safetensors was changed since distill wrote it"
@@ -136,7 +136,7 @@ def test_each_change_redoes_exactly_the_stages_that_read_it(stand_ins, caplog):
     # a config key: the stages that depend on it and their readers (quantize.optimize: export onwards)
     caplog.clear()
     changed = dataclasses.replace(s.cfg, quantize=dataclasses.replace(s.cfg.quantize, optimize=False))
-    assert s.run(changed) == ["export", "quantize", "bench", "report"]
+    assert s.run(changed) == ["export", "quantize", "bench", "deploy", "report"]
     assert _redone(caplog)["export"] == "config quantize.optimize: True -> False"
     assert _redone(caplog)["quantize"].startswith("onnx/export.json changed")
     assert s.run(changed) == []
@@ -154,14 +154,13 @@ def test_each_change_redoes_exactly_the_stages_that_read_it(stand_ins, caplog):
     assert _redone(caplog)["teacher"] == "split.json changed"
 
 
-def test_a_rewrite_on_purpose_is_recorded_and_only_readers_are_redone(stand_ins):
-    """`slimvit deploy` rewrites bench's outputs from bench.json with new budgets: bench stays done."""
+def test_new_budgets_redo_only_the_deploy_stage_and_the_report(stand_ins):
+    """`slimvit deploy --budget-ms ...` re-chooses from bench.json: nothing is re-timed or retrained."""
     s = stand_ins
     s.run()
-    (s.run_dir / "bench.json").write_text('{"rewritten": true}')
     budget = dataclasses.replace(s.cfg, deploy=dataclasses.replace(s.cfg.deploy, budget_ms=5.0))
-    pipeline.record_rewrite(budget, s.run_dir, "bench")
-    assert s.run(budget) == ["report"]  # it reads bench.json (and quotes the whole config)
+    assert s.run(budget) == ["deploy", "report"]  # the report reads deploy.json and quotes the config
+    assert s.run(budget) == []
 
 
 def test_interrupted_stage_resumes_unless_its_inputs_changed(stand_ins):
@@ -208,7 +207,7 @@ def test_manifest_without_fingerprints_is_adopted_unless_stale_by_time(stand_ins
     later = (s.run_dir / "student" / "eval.json").stat().st_mtime + 60
     os.utime(s.run_dir / "teacher" / "model.safetensors", (later, later))  # retrained after the student
     caplog.set_level(logging.INFO, logger="slimvit.pipeline")
-    assert s.run() == ["distill", "prune", "export", "quantize", "bench", "report"]
+    assert s.run() == ["distill", "prune", "export", "quantize", "bench", "deploy", "report"]
     assert "distill: teacher/model.safetensors is newer than its outputs; it will be redone" in caplog.text
     assert "quantize: built from prune, which will be redone; it will be redone too" in caplog.text
     assert "teacher: finished before its inputs were recorded; recorded them now" in caplog.text

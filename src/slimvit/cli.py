@@ -50,7 +50,6 @@ EXTRA_MODULES = {
         "safetensors",
         "onnx",
         "onnxscript",
-        "yaml",
         "tqdm",
         "matplotlib",
     ),

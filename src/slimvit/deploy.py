@@ -293,28 +293,10 @@ def standalone_check(deploy_dir: Path, chosen: dict) -> dict | None:
 
 
 def load_runner(model: str | Path, threads: int = 2):
-    """(float32 NCHW -> logits, slimvit metadata) of a deployed ONNX file, on the runtime its metadata names.
-
-    ONNX Runtime unless the deploy step chose OpenVINO (`runtime: openvino` in the metadata).
-    """
+    """(float32 NCHW -> logits, metadata) of a deployed file on its runtime (see `runtime.runner`)."""
     from slimvit import runtime
 
-    sess = runtime.session(model, threads)
-    meta = runtime.metadata(sess)
-    rec = Path(model).parent / "deploy.json"
-    if "runtime" not in meta and rec.exists():  # a copy deployed without onnx: deploy.json says the runtime
-        meta["runtime"] = read_json(rec).get("runtime", "onnxruntime")
-    if meta.get("runtime") == "openvino":
-        from slimvit import openvino_runtime
-
-        ok, why = openvino_runtime.available()
-        if not ok:
-            raise ModelError(f"'{model}' was deployed on OpenVINO: {why}")
-        del sess
-        predict, _ = openvino_runtime.compile_model(model, threads)
-        return predict, meta
-    name = sess.get_inputs()[0].name
-    return (lambda x: sess.run(None, {name: x})[0]), meta
+    return runtime.runner(model, threads)
 
 
 def deploy_model_path(deploy_dir: Path) -> Path:

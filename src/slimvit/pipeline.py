@@ -356,6 +356,7 @@ STAGES: tuple[Stage, ...] = (
             "?onnx/quantize.json",
         ),
         params=("",),  # the report quotes the whole config
+        needs_data=False,  # it reads the other stages' records, not the images
     ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -637,19 +638,6 @@ def adopt(stages: list[Stage], manifest: Manifest, fp: Fingerprints) -> None:
             log.info("%s: finished before its inputs were recorded; recorded them now", stage.name)
         changed = True
     if changed:
-        manifest.save()
-
-
-def record_rewrite(cfg, run_dir: Path, name: str) -> None:
-    """Record that a finished stage's outputs were rewritten on purpose, with `cfg` (`slimvit deploy`
-    re-chooses the deployed model from bench.json: bench's outputs change, and bench is still done)."""
-    manifest = Manifest(run_dir)
-    stage = get_stage(name)
-    fp = Fingerprints(run_dir, cfg)
-    entry = manifest.entry(name)
-    if entry.get("status") == "done" and isinstance(entry.get("inputs"), dict):
-        entry["inputs"]["config"] = fp.inputs(stage)["config"]
-        entry["outputs"] = fp.outputs(stage)
         manifest.save()
 
 

@@ -145,8 +145,7 @@ def classify(
 ) -> Prediction:
     """Classify `files` with `model` (file or deploy folder); decoding overlaps the previous batch's run."""
     t0 = time.perf_counter()
-    sess = runtime.session(resolve_model(model), threads)
-    meta = runtime.metadata(sess)
+    run, meta = runtime.runner(resolve_model(model), threads)  # ONNX Runtime or OpenVINO, as deployed
     classes = list(meta["classes"])
     if top_k > len(classes):
         raise SlimvitError(f"--top-k {top_k} is more than the model's {len(classes)} classes")
@@ -171,16 +170,16 @@ def classify(
                     ok.append(f)
                     pixels.append(got)
             if ok:
-                probs = _probabilities(sess, meta, np.stack(pixels))
+                probs = _probabilities(run, meta, np.stack(pixels))
                 out.results += [_record(f, p, classes, top_k) for f, p in zip(ok, probs, strict=True)]
     out.seconds = time.perf_counter() - t0
     return out
 
 
-def _probabilities(sess, meta: dict, pixels: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> class probabilities (N, classes) in one ONNX Runtime call."""
+def _probabilities(run, meta: dict, pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> class probabilities (N, classes) in one runtime call."""
     x = normalize(pixels, meta["mean"], meta["std"])
-    probs = runtime.softmax(runtime.run_logits(sess, x, batch_size=len(x)))
+    probs = runtime.softmax(np.asarray(run(x), dtype=np.float32))
     if probs.shape[1] != len(meta["classes"]):  # a symbolic output width escapes `runtime.metadata`
         raise ModelError(
             f"the ONNX model's slimvit metadata field 'classes' names {len(meta['classes'])} classes "

@@ -162,7 +162,9 @@ def pct(x: float | None, digits: int = 2) -> str:
 
 
 def _label(r: dict) -> str:
-    runtime = "PyTorch" if r["runtime"] == "pytorch" else "ORT"
+    runtime = {"pytorch": "PyTorch", "onnxruntime": "ORT", "openvino": "OpenVINO"}.get(
+        r["runtime"], r["runtime"]
+    )
     return f"{r['stage']} {runtime} {r['precision']}"
 
 
@@ -220,7 +222,12 @@ def plot_pareto(run: dict, path: Path) -> None:
     f = front(rows)
     if f:
         ax.plot(
-            [r["latency_ms_p50"] for r in f], [100 * r["val_accuracy"] for r in f], "k--", lw=1, label="front"
+            [r["latency_ms_p50"] for r in f],
+            [100 * r["val_accuracy"] for r in f],
+            "k--",
+            lw=1,
+            drawstyle="steps-post",
+            label="front",
         )
         for r in f:
             ax.annotate(
@@ -259,6 +266,9 @@ def plot_pareto(run: dict, path: Path) -> None:
         ax.scatter(
             [], [], color=cmap(ratios.index(ratio) / max(1, len(ratios) - 1)), label=f"ratio {ratio:g}"
         )
+    for runtime in sorted({r["runtime"] for r in rows}):
+        name = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}.get(runtime, runtime)
+        ax.scatter([], [], marker=markers.get(runtime, "o"), color="0.4", label=name)
     if budget.get("budget_mb"):
         ax.scatter([], [], marker="x", color="tab:red", label=f"over the {budget['budget_mb']:g} MB budget")
     ax.set_xscale("log")
@@ -911,6 +921,7 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
                 check["agrees"],
             )
         )
+    out += _candidate_targets(run)
     # Every stage's own time plus image decoding (the report's own few seconds are not in yet while
     # it is being written).
     m = run["manifest"]
@@ -925,6 +936,56 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
             None if total is None else total <= 3600,
         )
     )
+    return out
+
+
+def _candidate_targets(run: dict) -> list[tuple[str, str, bool | None]]:
+    """Issue 11 and 15's targets: small and fast candidates that stay accurate, both runtimes, int8 as FP32."""
+    rows = [r for r in _rows(run) if r.get("candidate")]
+    if not rows:
+        return []
+    ref = _ref(run)
+    out = []
+    for name, group in (
+        ("a candidate <= 2.5 MB with test accuracy >= 98.5%", [r for r in rows if r["size_mb"] <= 2.5]),
+        (
+            "a candidate <= 1/8 of the reference's batch-1 latency with test accuracy >= 98.5%",
+            [r for r in rows if r["latency_ms_p50"] <= ref["latency_ms_p50"] / 8],
+        ),
+    ):
+        best = max(group, key=lambda r: r["accuracy"], default=None)
+        out.append(
+            (
+                name,
+                "none"
+                if best is None
+                else f"{_label(best)}{_ratio_text(best)}: {best['size_mb']:.2f} MB, "
+                f"{best['latency_ms_p50']:.2f} ms, {pct(best['accuracy'])}",
+                best is not None and best["accuracy"] >= 0.985,
+            )
+        )
+    runtimes = {r["runtime"] for r in rows if r["stage"] == "pruned"}
+    out.append(
+        (
+            "ONNX Runtime and OpenVINO rows for the pruned model in the same bench",
+            ", ".join(sorted(runtimes)),
+            {"onnxruntime", "openvino"} <= runtimes,
+        )
+    )
+    drops = []
+    for r in rows:
+        base = _find(run, r["stage"], "onnxruntime", "fp32")
+        if r["precision"].startswith("int8") and base:
+            drops.append((base["accuracy"] - r["accuracy"], r))
+    if drops:
+        worst, r = max(drops, key=lambda d: d[0])
+        out.append(
+            (
+                "every int8 variant within 0.5 point of its FP32 model's test accuracy (on this CPU)",
+                f"worst {100 * -worst:+.2f} points ({_label(r)}{_ratio_text(r)})",
+                worst <= 0.005 + 1e-9,
+            )
+        )
     return out
 
 

@@ -191,3 +191,36 @@ def embed_metadata(model_proto: Any, meta: dict) -> None:
     entry = model_proto.metadata_props.add()
     entry.key = META_KEY
     entry.value = json.dumps({"format": META_FORMAT, **meta})
+
+
+def runner(path: str | Path, threads: int = 2):
+    """(float32 NCHW -> logits, checked slimvit metadata) of an ONNX file, on the runtime it was deployed for.
+
+    ONNX Runtime, unless the deploy step chose OpenVINO for it (`runtime: openvino` in the model's
+    metadata, or in the `deploy.json` beside a file deployed without the onnx package).
+    """
+    sess = session(path, threads)
+    meta = metadata(sess)
+    rec = Path(path).parent / "deploy.json"
+    if "runtime" not in meta and rec.is_file():
+        try:
+            meta["runtime"] = json.loads(rec.read_text()).get("runtime", "onnxruntime")
+        except (json.JSONDecodeError, OSError, AttributeError):
+            pass
+    if meta.get("runtime") == "openvino":
+        from slimvit import openvino_runtime
+
+        ok, why = openvino_runtime.available()
+        if not ok:
+            raise ModelError(f"'{path}' was deployed on OpenVINO: {why}")
+        predict, _ = openvino_runtime.compile_model(path, threads)
+        return predict, meta
+    name = sess.get_inputs()[0].name
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        try:
+            return sess.run(None, {name: x})[0]
+        except Exception as e:  # onnxruntime's own exception types (missing kernel, bad shape, ...)
+            raise ModelError(f"ONNX Runtime failed to run the model ({first_line(e)})") from None
+
+    return predict, meta
