@@ -903,9 +903,14 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
         out.append((f"deployed ({dep['precision']}) p50 <= 0.25x reference row", f"{r:.2f}x", r <= 0.25))
         r = dep["size_mb"] / onnx32["size_mb"]
         out.append((f"deployed ({dep['precision']}) file <= 0.3x pruned FP32 file", f"{r:.2f}x", r <= 0.3))
-        d = dep["accuracy"] - onnx32["accuracy"]
+        own = _find(run, dep["stage"], "onnxruntime", "fp32") or onnx32  # the FP32 model it was built from
+        d = dep["accuracy"] - own["accuracy"]
         out.append(
-            ("deployed accuracy within 0.5 point of pruned FP32", f"{100 * d:+.2f} points", d >= -0.005)
+            (
+                f"deployed accuracy within 0.5 point of its FP32 model ({dep['stage']})",
+                f"{100 * d:+.2f} points",
+                d >= -0.005,
+            )
         )
         if fp16:
             d = fp16["accuracy"] - onnx32["accuracy"]
