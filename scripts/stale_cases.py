@@ -35,7 +35,7 @@ from slimvit import cli, pipeline
 
 # Smaller than `smoke` where it does not matter to what is checked: one quantized mode, no ablation.
 SETTINGS = ["--set", "distill.ablation=false", "--set", "quantize.modes=[int8-dynamic]"]
-TRAINED = {"teacher", "distill", "prune", "export", "quantize", "bench", "report"}
+TRAINED = {"teacher", "distill", "prune", "export", "quantize", "bench", "deploy", "report"}
 
 
 def make_dataset(root: Path, per_class: int = 10, start: int = 0) -> None:
@@ -113,7 +113,7 @@ def main(work: Path) -> int:
     def replace_int8() -> None:
         shutil.copyfile(c.run_dir / "onnx/pruned_fp32.onnx", c.run_dir / "onnx/pruned_int8-dynamic.onnx")
 
-    c.case("4. onnx/pruned_int8-dynamic.onnx replaced by hand", replace_int8, {"quantize", "bench", "report"})
+    c.case("4. onnx/pruned_int8-dynamic.onnx replaced by hand", replace_int8, {"quantize", "bench", "deploy", "report"})
 
     def change_optimize() -> None:
         c.extra = ["--set", "quantize.optimize=false"]
@@ -122,7 +122,7 @@ def main(work: Path) -> int:
     c.case(
         "5. quantize.optimize changed (`slimvit export --force --set ...`, then run)",
         change_optimize,
-        {"export", "quantize", "bench", "report"},
+        {"export", "quantize", "bench", "deploy", "report"},
     )
 
     teacher = (c.run_dir / "teacher/model.safetensors").read_bytes()
