@@ -113,7 +113,11 @@ def main(work: Path) -> int:
     def replace_int8() -> None:
         shutil.copyfile(c.run_dir / "onnx/pruned_fp32.onnx", c.run_dir / "onnx/pruned_int8-dynamic.onnx")
 
-    c.case("4. onnx/pruned_int8-dynamic.onnx replaced by hand", replace_int8, {"quantize", "bench", "deploy", "report"})
+    c.case(
+        "4. onnx/pruned_int8-dynamic.onnx replaced by hand",
+        replace_int8,
+        {"quantize", "bench", "deploy", "report"},
+    )
 
     def change_optimize() -> None:
         c.extra = ["--set", "quantize.optimize=false"]

@@ -140,32 +140,26 @@ def _onnx_variant(
     **kw,
 ) -> Variant:
     """An ONNX file on ONNX Runtime or OpenVINO, in that runtime's worker process when `workers` is given."""
+    from slimvit.workers import load_model
+
+    remote = None
     if workers is not None:
         worker = workers.get(runtime)
         k, facts = worker.load(run_dir / rel, threads)
+        remote = (worker, k)
         if facts.get("torch_loaded"):
             log.warning(
                 "bench: the %s worker has torch loaded; its timings are not those of a deployment", runtime
             )
-        if facts.get("ran_precision"):
-            kw["ran_precision"] = facts["ran_precision"]
 
         def predict(x: np.ndarray) -> np.ndarray:
             raise RuntimeError("a worker's model runs through Variant.logits / Variant.time_block")
 
-        return Variant(stage, runtime, precision, rel, params, macs, predict, remote=(worker, k), **kw)
-    if runtime == "openvino":
-        from slimvit import openvino_runtime as ovr
-
-        predict, facts = ovr.compile_model(run_dir / rel, threads)
-        return Variant(
-            stage, runtime, precision, rel, params, macs, predict, ran_precision=facts["ran_precision"], **kw
-        )
-    from slimvit import runtime as ort_runtime
-
-    sess = ort_runtime.session(run_dir / rel, threads)
-    name = sess.get_inputs()[0].name
-    return Variant(stage, runtime, precision, rel, params, macs, lambda x: sess.run(None, {name: x})[0], **kw)
+    else:
+        predict, facts = load_model(runtime, run_dir / rel, threads)
+    if facts.get("ran_precision"):
+        kw["ran_precision"] = facts["ran_precision"]
+    return Variant(stage, runtime, precision, rel, params, macs, predict, remote=remote, **kw)
 
 
 def _ratio(run_dir: Path, stage: str) -> float | None:
@@ -181,8 +175,27 @@ def _macs_params(run_dir: Path, stage: str) -> tuple[int, int]:
     return count_macs_params(model, spec["input_size"])
 
 
+def _candidate(
+    run_dir: Path, stage: str, mode: str, info: dict, size: tuple, ratio, threads: int, workers, runtime: str
+) -> Variant:
+    """One deployment candidate: a quantize.json variant of a pruned or sweep model, on one runtime."""
+    return _onnx_variant(
+        run_dir,
+        info["file"],
+        stage,
+        mode,
+        *size,
+        threads,
+        workers,
+        runtime=runtime,
+        ratio=ratio,
+        candidate=True,
+        portability=info.get("portability"),
+    )
+
+
 def _openvino_variants(
-    run_dir: Path, quantized: dict, sizes: dict, threads: int, workers=None
+    run_dir: Path, quantized: dict, sizes: dict, ratios: dict, threads: int, workers=None
 ) -> tuple[list[Variant], dict]:
     """OpenVINO runs of each candidate's FP32 and static INT8 files, and what happened (bench.json `openvino`)."""
     from slimvit import openvino_runtime as ovr
@@ -200,23 +213,13 @@ def _openvino_variants(
                 continue
             info = variants[mode]
             try:
-                v = _onnx_variant(
-                    run_dir,
-                    info["file"],
-                    stage,
-                    mode,
-                    *sizes[stage],
-                    threads,
-                    workers,
-                    runtime="openvino",
-                    ratio=_ratio(run_dir, stage),
-                    candidate=True,
-                    portability=info.get("portability"),
+                out.append(
+                    _candidate(
+                        run_dir, stage, mode, info, sizes[stage], ratios[stage], threads, workers, "openvino"
+                    )
                 )
             except ModelError as e:
                 status["skipped"].append({"file": info["file"], "why": str(e)})
-                continue
-            out.append(v)
     return out, status
 
 
@@ -241,23 +244,15 @@ def collect_variants(run_dir: Path, threads: int, workers=None) -> tuple[list[Va
             sizes[stage] = (params, macs)
         if stage not in quantized:  # teacher, student: reference rows, not candidates
             out.append(_onnx_variant(run_dir, info["file"], stage, "fp32", *sizes[stage], threads, workers))
+    ratios = {stage: _ratio(run_dir, stage) for stage in quantized}
     for stage, variants in quantized.items():
         for mode, info in variants.items():
             out.append(
-                _onnx_variant(
-                    run_dir,
-                    info["file"],
-                    stage,
-                    mode,
-                    *sizes[stage],
-                    threads,
-                    workers,
-                    ratio=_ratio(run_dir, stage),
-                    candidate=True,
-                    portability=info.get("portability"),
+                _candidate(
+                    run_dir, stage, mode, info, sizes[stage], ratios[stage], threads, workers, "onnxruntime"
                 )
             )
-    ov, ov_status = _openvino_variants(run_dir, quantized, sizes, threads, workers)
+    ov, ov_status = _openvino_variants(run_dir, quantized, sizes, ratios, threads, workers)
     return out + ov, ov_status
 
 
@@ -562,8 +557,6 @@ def _version(pkg: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for pkg in (
         "torch",
@@ -576,8 +569,5 @@ def versions() -> dict[str, str]:
         "numpy",
         "slimvit",
     ):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "-"
+        out[pkg] = _version(pkg)
     return out

@@ -143,14 +143,9 @@ def write_deploy(run_dir: Path, bench: dict, chosen: dict, why: str, budget: dic
     dst = run_dir / "deploy" / "model.onnx"
     validated = bench.get("validated_on") or {}
     try:
-        import onnx
-    except ImportError:  # the core (edge) install: the file as built; deploy.json says the rest
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(run_dir / chosen["file"], tmp)
-    else:
-        model = onnx.load(str(run_dir / chosen["file"]))
-        meta = runtime.proto_metadata(model)
-        meta.update(
+        runtime.update_metadata(
+            run_dir / chosen["file"],
+            dst,
             runtime=chosen["runtime"],
             precision=chosen["precision"],
             stage=chosen["stage"],
@@ -158,9 +153,9 @@ def write_deploy(run_dir: Path, bench: dict, chosen: dict, why: str, budget: dic
             portable=chosen.get("portable", True),
             validated_on=validated,
         )
-        runtime.embed_metadata(model, meta)
+    except ImportError:  # the core (edge) install has no onnx: the file as built; deploy.json says the rest
         with atomic_path(dst) as tmp:
-            onnx.save_model(model, str(tmp))
+            shutil.copyfile(run_dir / chosen["file"], tmp)
     record = {
         "deployed": True,
         "key": chosen["key"],
@@ -292,22 +287,6 @@ def standalone_check(deploy_dir: Path, chosen: dict) -> dict | None:
 # --------------------------------------------------------------------------- verify
 
 
-def load_runner(model: str | Path, threads: int = 2):
-    """(float32 NCHW -> logits, metadata) of a deployed file on its runtime (see `runtime.runner`)."""
-    from slimvit import runtime
-
-    return runtime.runner(model, threads)
-
-
-def deploy_model_path(deploy_dir: Path) -> Path:
-    d = Path(deploy_dir)
-    if d.is_file():
-        return d
-    rec = d / "deploy.json"
-    name = read_json(rec).get("file", "model.onnx") if rec.exists() else "model.onnx"
-    return d / name
-
-
 def verify(deploy_dir: str | Path, images: str | Path | None = None, threads: int | None = None) -> dict:
     """Re-measure the deployed model's accuracy and batch-1 latency here, against its recorded figures.
 
@@ -317,8 +296,9 @@ def verify(deploy_dir: str | Path, images: str | Path | None = None, threads: in
     """
     import sys
 
+    from slimvit import runtime
     from slimvit.evaluate import mcnemar, wilson
-    from slimvit.predict import predict_files
+    from slimvit.predict import predict_files, resolve_model
     from slimvit.preprocess import IMAGE_EXTENSIONS
     from slimvit.timing import ISA_FLAGS, cpu_flags, cpu_name, time_calls
 
@@ -329,7 +309,7 @@ def verify(deploy_dir: str | Path, images: str | Path | None = None, threads: in
     rec = read_json(rec_path)
     if not rec.get("deployed", True):
         raise ModelError(f"nothing is deployed in '{deploy_dir}': {rec.get('error')}")
-    model = deploy_model_path(deploy_dir)
+    model = resolve_model(deploy_dir)
     threads = threads or rec.get("threads", 2)
     if images is None:
         t = rec.get("test_images")
@@ -366,7 +346,7 @@ def verify(deploy_dir: str | Path, images: str | Path | None = None, threads: in
     correct = np.array([p == y for p, y in zip(pred, labels, strict=True)])
     acc = float(correct.mean())
     lo, hi = wilson(int(correct.sum()), len(correct))
-    predict, meta = load_runner(model, threads)
+    predict, meta = runtime.runner(model, threads)
     x = np.random.default_rng(0).standard_normal((1, 3, *meta["input_size"][-2:]), dtype=np.float32)
     ms = float(np.median(time_calls(lambda: predict(x), 200, 20)))
     out = {

@@ -61,11 +61,3 @@ def compile_model(path: str | Path, threads: int = 2) -> tuple[Callable[[np.ndar
         ran, ran
     )
     return predict, {"openvino": ov.__version__, "ran_precision": ran}
-
-
-def run_logits(
-    predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int = 64
-) -> np.ndarray:
-    """Logits for a float32 (N, 3, H, W) array, in batches."""
-    outs = [predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)

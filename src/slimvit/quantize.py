@@ -252,15 +252,12 @@ def to_fp16(src: Path, dst: Path, cfg: QuantizeConfig, calib=None) -> dict:
 
 def _stamp(path: Path, mode: str) -> None:
     """Carry the exported model's slimvit metadata into the variant, with its own precision."""
-    model = _load(path)
     try:
-        meta = runtime.proto_metadata(model)
+        runtime.update_metadata(path, path, precision=mode)
     except ModelError as e:
         raise ModelError(
             f"the {mode} model lost the slimvit metadata of the model it was built from ({e})"
         ) from None
-    runtime.embed_metadata(model, {**meta, "precision": mode})
-    _save(model, path)
 
 
 def _input_name(path: Path) -> str:

@@ -167,13 +167,39 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def predictor(sess):
+    """float32 (N, 3, H, W) -> logits of a session in one call; ORT's own errors become one-line ModelErrors.
+
+    The one way slimvit runs a session: bench, its runtime workers, predict and verify alike.
+    """
+    name = sess.get_inputs()[0].name
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        try:
+            return sess.run(None, {name: x})[0]
+        except Exception as e:  # onnxruntime's own exception types (missing kernel, bad shape, ...)
+            raise ModelError(f"ONNX Runtime failed to run the model ({first_line(e)})") from None
+
+    return predict
+
+
+def update_metadata(src: str | Path, dst: str | Path, **fields: Any) -> None:
+    """Copy the ONNX model `src` to `dst` (atomically; may be the same file) with `fields` added to its
+    slimvit metadata. Needs the onnx package (the `train` extra)."""
+    import onnx
+
+    from slimvit.io import atomic_path
+
+    model = onnx.load(str(src))
+    embed_metadata(model, {**proto_metadata(model), **fields})
+    with atomic_path(dst) as tmp:
+        onnx.save_model(model, str(tmp))
+
+
 def run_logits(sess, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Logits for a float32 (N, 3, H, W) array, in batches."""
-    name = sess.get_inputs()[0].name
-    try:
-        outs = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-    except Exception as e:  # onnxruntime's own exception types (missing kernel, bad shape, ...)
-        raise ModelError(f"ONNX Runtime failed to run the model ({first_line(e)})") from None
+    predict = predictor(sess)
+    outs = [predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
 
 
@@ -215,12 +241,4 @@ def runner(path: str | Path, threads: int = 2):
             raise ModelError(f"'{path}' was deployed on OpenVINO: {why}")
         predict, _ = openvino_runtime.compile_model(path, threads)
         return predict, meta
-    name = sess.get_inputs()[0].name
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        try:
-            return sess.run(None, {name: x})[0]
-        except Exception as e:  # onnxruntime's own exception types (missing kernel, bad shape, ...)
-            raise ModelError(f"ONNX Runtime failed to run the model ({first_line(e)})") from None
-
-    return predict, meta
+    return predictor(sess), meta

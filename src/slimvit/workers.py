@@ -22,17 +22,18 @@ import numpy as np
 from slimvit.errors import ModelError
 
 
-def _load(runtime: str, path: str, threads: int):
-    """(predict, facts) for one model on one runtime, inside the worker."""
+def load_model(runtime: str, path: str | Path, threads: int):
+    """(float32 NCHW -> logits, facts) of one ONNX file on the runtime named (whatever its metadata says).
+
+    Used inside a worker, and by the bench itself when it runs without workers.
+    """
     if runtime == "openvino":
         from slimvit import openvino_runtime
 
         return openvino_runtime.compile_model(path, threads)
     from slimvit import runtime as ort_runtime
 
-    sess = ort_runtime.session(path, threads)
-    name = sess.get_inputs()[0].name
-    return (lambda x: sess.run(None, {name: x})[0]), {}
+    return ort_runtime.predictor(ort_runtime.session(path, threads)), {}
 
 
 def serve(conn, runtime: str) -> None:
@@ -49,7 +50,7 @@ def serve(conn, runtime: str) -> None:
                 return
             if cmd == "load":
                 k, path, threads = args
-                predict, facts = _load(runtime, path, threads)
+                predict, facts = load_model(runtime, path, threads)
                 models[k] = predict
                 result = {**facts, "torch_loaded": "torch" in sys.modules}
             elif cmd == "logits":  # inputs as an .npy file: large arrays stay off the pipe
