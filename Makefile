@@ -8,7 +8,7 @@ OUT ?= runs/$(PRESET)
 # --data: $SLIMVIT_DATA, else data/NEU-DET, else the shared copy beside the project.
 DATA ?= $(firstword $(SLIMVIT_DATA) $(wildcard data/NEU-DET) $(wildcard ../shared/datasets/NEU-DET) data/NEU-DET)
 
-.PHONY: run test lint install
+.PHONY: run test lint install imbalanced
 
 # The core install (`pip install slimvit`) is the torch-free edge path; `make run` and `make test` need
 # the `train` extra too. The `openvino` extra is added where it installs (x86-64 and arm64 wheels);
@@ -24,6 +24,11 @@ install: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	$(VENV)/bin/slimvit run --preset $(PRESET) --data $(DATA) --out $(OUT)
+
+# The imbalanced-data benchmark (README, "Imbalanced data"): NEU-DET cut to 300/200/120/80/50/30 images
+# per class, the default pipeline on it, and the same teacher + student without class balancing.
+imbalanced: $(VENV)/.installed
+	$(VENV)/bin/python scripts/imbalanced.py --data $(DATA) --balanced $(OUT) --twin
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

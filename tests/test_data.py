@@ -163,3 +163,21 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, args, match):
     assert match in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_subset_draws_the_counts_atomically(tmp_path):
+    from slimvit.data import make_subset
+
+    src = make_imagefolder(tmp_path / "src", classes=("a", "b", "c"), per_class=10)
+    rec = make_subset(src, tmp_path / "sub", [10, 4, 2], seed=1)
+    index = discover(tmp_path / "sub")
+    assert index.counts() == {"a": 10, "b": 4, "c": 2} and rec["counts"] == index.counts()
+    again = make_subset(src, tmp_path / "sub2", [10, 4, 2], seed=1)
+    assert again["files"] == rec["files"]  # seeded
+    with pytest.raises(DataError, match="already exists"):
+        make_subset(src, tmp_path / "sub", [1, 1, 1])
+    with pytest.raises(DataError, match="3 classes"):
+        make_subset(src, tmp_path / "x", [1, 1])
+    with pytest.raises(DataError, match="cannot take 11"):
+        make_subset(src, tmp_path / "x", [11, 1, 1])
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))

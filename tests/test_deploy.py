@@ -114,6 +114,34 @@ def test_deploy_config_checks_values():
             DeployConfig(**bad)
 
 
+def test_choice_reads_balanced_accuracy_where_the_bench_has_it():
+    """On imbalanced validation data the rare classes count: a row that is better on accuracy only
+    (it gives up a rare class for common images) loses to one that is better balanced."""
+    r = rows()
+    for row in r:
+        row["val_balanced_accuracy"] = row["val_accuracy"]
+    r[4]["val_accuracy"], r[4]["val_balanced_accuracy"] = 0.995, 0.90  # r0.5 int8: accurate, blind to a class
+    r[2]["val_accuracy"], r[2]["val_balanced_accuracy"] = 0.97, 0.99
+    best, why = choose(r, max_drop=0.5)
+    assert best["key"] == "r0.2/int8-dynamic" and "balanced accuracy" in why
+    best, _ = choose(r, max_drop=5.0, budget_mb=5.0)
+    assert best["key"] == "r0.2/int8-dynamic"  # r0.5 fp32 fits too, but its balanced accuracy is lower
+
+
+def test_balanced_accuracy_and_per_class_intervals():
+    from slimvit.evaluate import balanced_accuracy, metrics_from_predictions
+
+    labels = np.array([0] * 8 + [1] * 2)
+    pred = np.array([0] * 8 + [0, 1])
+    assert balanced_accuracy(pred, labels) == pytest.approx((1 + 0.5) / 2)
+    m = metrics_from_predictions(pred, labels, ["big", "rare", "absent"])
+    assert m["accuracy"] == pytest.approx(0.9) and m["balanced_accuracy"] == pytest.approx(0.75)
+    assert m["per_class_support"] == {"big": 8, "rare": 2, "absent": 0}
+    lo, hi = m["per_class_recall_ci"]["rare"]
+    assert lo < 0.5 < hi and (hi - lo) > 0.5  # one of two: a wide interval
+    assert m["per_class_recall_ci"]["absent"] == [0.0, 1.0]
+
+
 def test_wilson_interval():
     lo, hi = wilson(356, 360)
     assert 0.971 < lo < 0.973 and 0.995 < hi < 0.997  # 98.89% of 360

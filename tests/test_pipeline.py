@@ -92,6 +92,13 @@ def test_smoke_end_to_end(smoke_run):
     assert bench["settings"]["block_warmup"] == 2  # the smoke preset's
     for section in ("Deployment candidates", "Portability", "exact McNemar"):
         assert section in report, section
+    # classes: NEU-DET is balanced, so nothing is resampled and balanced accuracy is accuracy
+    assert "## Classes" in report and "Weakest class of the deployed model" in report
+    assert "Test recall per class" in report and "every training image once per epoch" in report
+    for name in ("teacher", "student", "pruned"):
+        assert json.loads((out / name / "train.json").read_text())["balance"] == "none"
+    for r in rows:
+        assert r["balanced_accuracy"] == pytest.approx(r["accuracy"])  # 60 test images per class
 
 
 def test_int8_variants_portable_and_faithful_on_real_images(smoke_run):

@@ -9,14 +9,9 @@ import torch
 from slimvit import models
 from slimvit.config import PruneConfig
 from slimvit.errors import ConfigError, ModelError
-from slimvit.prune import (
-    apply_widths,
-    check_attention,
-    count_macs_params,
-    heads_to_remove,
-    prune_model,
-    read_widths,
-)
+from slimvit.prune import heads_to_remove, prune_model
+from slimvit.timing import count_macs_params
+from slimvit.vit import apply_widths, check_attention, read_widths
 
 CLASSES = ["a", "b", "c", "d"]
 TINY = {"depth": 2, "embed_dim": 96, "num_heads": 3}  # head_dim 32, MLP 384

@@ -426,3 +426,175 @@ def test_cli_closes_the_process_group(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- class balance, stopping
+
+
+def imbalanced_data(counts=(40, 12, 4), size: int = 32) -> Data:
+    """synthetic_data's three classes with `counts` training images each (val/test: 4 per class)."""
+    full = synthetic_data(n_per_class=max(counts) + 8, size=size)
+    split = {"train": [], "val": [], "test": []}
+    for c, n in enumerate(counts):
+        members = np.flatnonzero(full.labels == c).tolist()
+        split["train"] += members[:n]
+        split["val"] += members[-8:-4]
+        split["test"] += members[-4:]
+    return Data(full.index, split, full.images, full.labels, size)
+
+
+def test_balanced_sampler_draws_every_class_equally_and_deterministically():
+    from slimvit.train import _epoch_batches, sample_weights
+
+    labels = np.array([0] * 90 + [1] * 30 + [2] * 10)
+    w = sample_weights(labels, 3)
+    drawn = torch.cat([torch.cat(_epoch_batches(len(labels), 10, 0, e, 0, 1, w)) for e in range(40)]).numpy()
+    share = np.bincount(labels[drawn], minlength=3) / len(drawn)
+    assert np.allclose(share, 1 / 3, atol=0.03), share  # unweighted it would be 0.69 / 0.23 / 0.08
+    a = _epoch_batches(len(labels), 10, 0, 3, 0, 1, w)
+    b = _epoch_batches(len(labels), 10, 0, 3, 0, 1, w)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert sum(len(x) for x in a) == 130  # an epoch is as many draws as there are images
+
+
+def test_balance_auto_is_off_for_balanced_classes():
+    from slimvit.train import resolve_balance
+
+    assert resolve_balance("auto", [0, 0, 1, 1, 2, 2], 3) == "none"
+    assert resolve_balance("auto", [0, 0, 0, 1, 1, 2, 2], 3) == "sampler"  # 1.5x
+    assert resolve_balance("none", [0] * 10 + [1], 2) == "none"
+    assert resolve_balance("sampler", [0, 1], 2) == "sampler"
+
+
+def test_fit_applies_and_records_the_balance_mode(tmp_path, monkeypatch):
+    from slimvit import train
+
+    data = imbalanced_data()  # 40 / 12 / 4 training images
+    real, weighted = train._epoch_batches, []
+
+    def spy(*a):
+        weighted.append(a[-1] is not None)
+        return real(*a)
+
+    monkeypatch.setattr(train, "_epoch_batches", spy)
+    for mode, expect in (("none", "none"), ("sampler", "sampler"), ("auto", "sampler")):
+        weighted.clear()
+        model, spec = tiny_student()
+        _, summary = fit(
+            model, spec, data, dataclasses.replace(FAST, balance=mode), tmp_path / mode, epochs=1, lr=2e-3
+        )
+        assert summary["balance"] == expect
+        assert weighted and weighted[-1] == (expect == "sampler")
+
+
+def test_selection_reads_balanced_accuracy(tmp_path):
+    from slimvit.train import _key
+
+    # 9 of 10 common images and 0 of 2 rare beats neither: balanced accuracy 0.45 < 0.75
+    common_right = {"acc": 10 / 12, "bal_acc": 0.45, "loss": 0.1}
+    both_classes = {"acc": 8 / 12, "bal_acc": 0.75, "loss": 0.9}
+    assert _key(both_classes) > _key(common_right)
+
+
+def test_fit_stops_when_recovered_and_resume_keeps_the_stop(tmp_path):
+    data = synthetic_data()
+    model, spec = tiny_student()
+    model, summary = fit(model, spec, data, FAST, tmp_path / "s", epochs=5, lr=2e-3, stop_at=0.0)
+    assert summary["epochs_run"] == 1 and summary["epochs"] == 5
+    assert summary["stopped"].startswith("recovered")
+    assert len(read_jsonl(tmp_path / "s" / "metrics.jsonl")) == 1
+    # a resume of a stopped training trains nothing more
+    model2, spec = tiny_student()
+    _, again = fit(model2, spec, data, FAST, tmp_path / "s", epochs=5, lr=2e-3, stop_at=0.0, resume=True)
+    assert again["epochs_run"] == 1 and len(read_jsonl(tmp_path / "s" / "metrics.jsonl")) == 1
+    # an unreachable target runs to the cap
+    model3, spec = tiny_student()
+    _, full = fit(model3, spec, data, FAST, tmp_path / "cap", epochs=2, lr=2e-3, stop_at=1.01)
+    assert full["epochs_run"] == 2 and full["stopped"] is None
+
+
+def test_patience_stops_a_plateau(tmp_path):
+    data = synthetic_data()
+    model, spec = tiny_student()
+    bad = dataclasses.replace(FAST, grad_clip=0.0, label_smoothing=0.0, patience=2)
+    # lr 0.9 wrecks the model after the initial weights: no epoch beats epoch 0
+    model, _ = fit(model, spec, data, FAST, tmp_path / "pre", epochs=3, lr=2e-3)
+    _, s = fit(model, spec, data, bad, tmp_path / "ft", epochs=6, lr=0.9, select_initial=True)
+    assert s["best_epoch"] == 0 and s["epochs_run"] == 2 and "2 epochs" in s["stopped"]
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls, self.images = model, 0, 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.images += len(x)
+        return self.model(x)
+
+
+def test_views_are_the_eight_symmetries_of_the_square():
+    from slimvit.train import views
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    eight = views(x, flips=True, rot90=True)
+    assert len(eight) == 8 and len({tuple(v.flatten().tolist()) for v in eight}) == 8
+    assert (
+        len(views(x, True, False)) == 4
+        and len(views(x, False, True)) == 4
+        and len(views(x, False, False)) == 1
+    )
+
+
+def test_cached_teacher_logits_run_the_teacher_once_per_image_and_view(tmp_path):
+    """The default: the teacher sees every training image in its 8 flips/rotations once, before training;
+    the steps use the averaged logits. `live` runs it on every augmented batch."""
+    from slimvit.train import teacher_logits, views
+
+    data = synthetic_data(n_per_class=8)
+    n_train = len(data.split["train"])
+    t_spec = models.make_spec("resnet10t", 3, CLASSES, 32)
+    torch.manual_seed(0)
+    base = models.build(t_spec).eval()
+    for mode in ("cached", "live"):
+        teacher = _Counting(base)
+        student, spec = tiny_student()
+        _, summary = fit(
+            student,
+            spec,
+            data,
+            FAST,
+            tmp_path / mode,
+            epochs=2,
+            lr=1e-3,
+            teacher=teacher,
+            distill_cfg=DistillConfig(loss="soft", teacher_logits=mode),
+        )
+        assert summary["teacher_logits"] == mode
+        if mode == "cached":
+            assert teacher.images == 8 * n_train  # once per image and view, none during the 2 epochs
+        else:
+            assert teacher.images >= 2 * (n_train // FAST.batch_size) * FAST.batch_size
+    # the cache is the mean of the logits over the views
+    from slimvit.data import EvalDataset
+
+    ds = EvalDataset(*data.arrays("train"), spec["mean"], spec["std"])
+    cached = teacher_logits(base, ds, FAST, "no", torch.device("cpu"))
+    with torch.no_grad():
+        expect = torch.stack([base(v) for v in views(ds.x, True, True)]).mean(0)
+    assert torch.allclose(cached, expect, atol=1e-4)
+    # mixup has no per-image logits: the teacher runs live
+    student, spec = tiny_student()
+    _, s = fit(
+        student,
+        spec,
+        data,
+        dataclasses.replace(FAST, mixup=0.2),
+        tmp_path / "mix",
+        epochs=1,
+        lr=1e-3,
+        teacher=base,
+        distill_cfg=DistillConfig(loss="soft"),
+    )
+    assert s["teacher_logits"] == "live"

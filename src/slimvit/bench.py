@@ -44,9 +44,11 @@ ROW_KEYS = (
     "accuracy",
     "accuracy_ci",
     "n",
+    "balanced_accuracy",
     "macro_f1",
     "val_accuracy",
     "val_accuracy_ci",
+    "val_balanced_accuracy",
     "val_n",
     "ran_precision",
     "portable",
@@ -110,17 +112,14 @@ def _torch_variant(run_dir: Path, stage: str, reference: bool = False) -> Varian
     import torch
 
     from slimvit import models
-    from slimvit.prune import count_macs_params
+    from slimvit.timing import count_macs_params
 
     model, spec = models.load(run_dir / stage)
     macs, params = count_macs_params(model, spec["input_size"])
 
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = model(torch.from_numpy(x))
-            if isinstance(out, (tuple, list)):
-                out = (out[0] + out[1]) / 2
-            return out.numpy()
+            return models.eval_logits(model(torch.from_numpy(x))).numpy()
 
     return Variant(
         stage, "pytorch", "fp32", f"{stage}/model.safetensors", params, macs, predict, reference=reference
@@ -169,7 +168,7 @@ def _ratio(run_dir: Path, stage: str) -> float | None:
 
 def _macs_params(run_dir: Path, stage: str) -> tuple[int, int]:
     from slimvit import models
-    from slimvit.prune import count_macs_params
+    from slimvit.timing import count_macs_params
 
     model, spec = models.load(run_dir / stage)
     return count_macs_params(model, spec["input_size"])
@@ -312,9 +311,11 @@ def row(v: Variant, metrics: dict, size_mb: float, batch: int, val: dict | None 
         "accuracy": metrics["accuracy"],
         "accuracy_ci": metrics["accuracy_ci"],
         "n": metrics["n"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
         "macro_f1": metrics["macro_f1"],
         "val_accuracy": val["accuracy"] if val else None,
         "val_accuracy_ci": val["accuracy_ci"] if val else None,
+        "val_balanced_accuracy": val["balanced_accuracy"] if val else None,
         "val_n": val["n"] if val else None,
         "ran_precision": v.ran_precision,
         "portable": port.get("portable", True),
@@ -493,6 +494,8 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
         "thread_scaling": scaling,
         "confusion": {v.key: metrics[v.key]["confusion"] for v in variants},
         "per_class_recall": {v.key: metrics[v.key]["per_class_recall"] for v in variants},
+        "per_class_recall_ci": {v.key: metrics[v.key]["per_class_recall_ci"] for v in variants},
+        "per_class_support": metrics[variants[0].key]["per_class_support"] if variants else {},
         "classes": data.classes,
         "predictions": preds,
         "test_images": _test_images(data),

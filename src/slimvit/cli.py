@@ -156,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p = sub.add_parser(
+        "subset",
+        help="copy a seeded subset of a dataset with chosen images per class (e.g. an imbalanced NEU-DET)",
+        description="Copy COUNTS[i] images of the i-th class (classes in sorted order) of SRC, drawn with "
+        "SEED, into OUT as <class>/<image> folders, with SUBSET.json naming every file. OUT must not exist.",
+    )
+    p.add_argument("src", help="dataset folder in any layout slimvit reads")
+    p.add_argument("out", help="new folder to write")
+    p.add_argument(
+        "--counts", required=True, metavar="N1,N2,...", help="images per class, e.g. 300,200,120,80,50,30"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = sub.add_parser(
         "predict",
         help="classify images with a deployed ONNX model (no torch needed)",
         description="Classify images with a deployed ONNX model: onnxruntime, numpy and Pillow only.",
@@ -321,6 +334,20 @@ def _deploy_outcome(run_dir: Path) -> int:
     return 0
 
 
+def cmd_subset(args: argparse.Namespace) -> int:
+    from slimvit.data import make_subset
+    from slimvit.errors import ConfigError
+
+    try:
+        counts = [int(c) for c in args.counts.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--counts {args.counts!r} must be comma-separated integers") from None
+    rec = make_subset(args.src, args.out, counts, args.seed)
+    total = sum(rec["counts"].values())
+    print(f"{args.out}: {total} images, " + ", ".join(f"{c} {n}" for c, n in rec["counts"].items()))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from slimvit.deploy import verify
     from slimvit.io import atomic_write_json
@@ -352,9 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     if hasattr(args, "budget_ms"):
         args.overrides = [*args.overrides, *_budget_overrides(args)]
-    handler = {"data": cmd_data, "predict": cmd_predict, "deploy": cmd_deploy, "verify": cmd_verify}.get(
-        args.command, cmd_stage
-    )
+    handler = {
+        "data": cmd_data,
+        "predict": cmd_predict,
+        "deploy": cmd_deploy,
+        "verify": cmd_verify,
+        "subset": cmd_subset,
+    }.get(args.command, cmd_stage)
     try:
         return handler(args)
     except SlimvitError as e:

@@ -136,6 +136,15 @@ class TrainConfig:
     """torch intra-op threads for training; 0 keeps torch's default (all cores)."""
     seed: int = 0
     """Seed of initialisation, shuffling and augmentation."""
+    balance: str = "auto"
+    """Class balance of the training batches: `sampler` draws each epoch's images with replacement so
+    every class comes equally often (teacher, student and fine-tunes); `none` uses every image once per
+    epoch; `auto` is `sampler` when the largest training class has 1.5x the images of the smallest or
+    more, else `none` (a balanced dataset trains exactly as before)."""
+    patience: int = 0
+    """Stop a training when its best validation epoch is this many epochs old; 0 never stops early.
+    Under the cosine schedule validation keeps improving until the learning rate is low, so the default
+    recipe spends its time through a shorter schedule instead (README, "Where the time goes")."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
@@ -158,6 +167,8 @@ class TrainConfig:
         _check(0 < lo <= hi <= 1, f"train.rrc_scale={self.rrc_scale} must satisfy 0 < min <= max <= 1")
         _check(self.mixup >= 0 and self.cutmix >= 0, "train.mixup and train.cutmix must be >= 0")
         _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
+        _check_choice("train.balance", self.balance, ("auto", "none", "sampler"))
+        _check(self.patience >= 0, f"train.patience={self.patience} must be >= 0")
 
 
 DISTILL_LOSSES = ("none", "soft", "hard", "token")
@@ -174,11 +185,18 @@ class DistillConfig:
     ablation: bool = False
     """Also train the same student without distillation, for the report's paired comparison (opt-in: it
     costs as much as the student itself, ~25% of the default pipeline)."""
+    teacher_logits: str = "cached"
+    """`cached`: the teacher runs once per training image before a training starts, on each of the
+    flips/rotations the augmentation draws from (8 with `train.flips` and `train.rot90`), and the
+    student learns from the logits averaged over them; the training steps then run no teacher. `live`:
+    the teacher runs on every augmented batch (always so with mixup/cutmix, whose mixed images have no
+    per-image logits)."""
 
     def __post_init__(self) -> None:
         _check_choice("distill.loss", self.loss, DISTILL_LOSSES)
         _check(0 <= self.alpha <= 1, f"distill.alpha={self.alpha} must be in [0, 1]")
         _check(self.temperature > 0, f"distill.temperature={self.temperature} must be > 0")
+        _check_choice("distill.teacher_logits", self.teacher_logits, ("cached", "live"))
 
 
 @dataclass(frozen=True)
@@ -201,7 +219,14 @@ class PruneConfig:
     taylor_batches: int = 4
     """Training batches used to estimate Taylor importance."""
     finetune_epochs: int = 10
-    """Fine-tuning epochs after pruning (with distillation from the teacher)."""
+    """Most fine-tuning epochs after pruning (with distillation from the teacher); see `recover`."""
+    recover: bool = True
+    """Stop each fine-tune (main and sweep) after the first epoch whose validation balanced accuracy is
+    back to the student's, less `recover_tolerance`; `finetune_epochs` / `sweep_epochs` are the cap.
+    False always runs the full count."""
+    recover_tolerance: float = 0.0
+    """Validation balanced-accuracy points (in %) a fine-tune may stay below the student and count as
+    recovered."""
     finetune_lr: float = 5e-4
     """Peak learning rate of the fine-tuning."""
     sweep: tuple[float, ...] = ()
@@ -219,6 +244,10 @@ class PruneConfig:
         _check(self.iterative_steps >= 1, f"prune.iterative_steps={self.iterative_steps} must be >= 1")
         _check(self.taylor_batches >= 1, f"prune.taylor_batches={self.taylor_batches} must be >= 1")
         _check(self.finetune_epochs >= 0, f"prune.finetune_epochs={self.finetune_epochs} must be >= 0")
+        _check(
+            0 <= self.recover_tolerance < 100,
+            f"prune.recover_tolerance={self.recover_tolerance} must be in [0, 100) (points)",
+        )
         _check(0 < self.finetune_lr < 1, f"prune.finetune_lr={self.finetune_lr} must be in (0, 1)")
         _check(all(0 < r < 1 for r in self.sweep), f"prune.sweep={self.sweep}: every ratio must be in (0, 1)")
         _check(self.sweep_epochs >= 0, f"prune.sweep_epochs={self.sweep_epochs} must be >= 0")

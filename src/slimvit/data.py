@@ -366,6 +366,47 @@ def describe(data: Data) -> dict:
     }
 
 
+def make_subset(src: str | os.PathLike, out: str | os.PathLike, counts: list[int], seed: int = 0) -> dict:
+    """Copy a seeded subset of `src` with `counts[i]` images of its i-th class (sorted names) into `out`
+    as an ImageFolder (<class>/<file>), e.g. an imbalanced NEU-DET. Written to a temporary folder and
+    renamed, so `out` is complete or absent. Returns what SUBSET.json in `out` records."""
+    index = discover(src)
+    out = Path(out)
+    if len(counts) != len(index.classes):
+        raise DataError(
+            f"--counts has {len(counts)} numbers; '{src}' has {len(index.classes)} classes ({', '.join(index.classes)})"
+        )
+    have = index.counts()
+    for c, n in zip(index.classes, counts, strict=True):
+        if not 1 <= n <= have[c]:
+            raise DataError(
+                f"class '{c}' has {have[c]} images; cannot take {n} (each count must be 1..{have[c]})"
+            )
+    if out.exists():
+        raise DataError(f"'{out}' already exists; remove it or choose another folder")
+    import shutil
+
+    rng = random.Random(seed)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    picked = {}
+    for label, (c, n) in enumerate(zip(index.classes, counts, strict=True)):
+        members = sorted(s.path for s in index.samples if s.label == label)
+        picked[c] = sorted(rng.sample(members, n))
+        (tmp / c).mkdir(parents=True)
+        for rel in picked[c]:
+            shutil.copyfile(index.root / rel, tmp / c / Path(rel).name)
+    record = {
+        "source": str(Path(src).resolve()),
+        "seed": seed,
+        "counts": dict(zip(index.classes, counts, strict=True)),
+        "files": picked,
+    }
+    atomic_write_json(tmp / "SUBSET.json", record)
+    tmp.rename(out)
+    return record
+
+
 # --------------------------------------------------------------------------- torch side
 
 

@@ -39,7 +39,11 @@ class NothingFits(SlimvitError):
 
 
 def _val(r: dict) -> float:
-    return r["val_accuracy"]
+    """What a choice reads: validation balanced accuracy (mean per-class recall: a rare class counts as
+    much as a common one; on a split with as many images per class it is accuracy). Rows of an older
+    bench.json have accuracy only."""
+    b = r.get("val_balanced_accuracy")
+    return r["val_accuracy"] if b is None else b
 
 
 def _n_val(rows: list[dict]) -> int:
@@ -54,7 +58,7 @@ def describe(r: dict) -> str:
     ratio = f"r={r['ratio']:g} " if r.get("ratio") is not None else ""
     return (
         f"{r['stage']} {ratio}{r['runtime']} {r['precision']}: {r['latency_ms_p50']:.2f} ms, "
-        f"{r['size_mb']:.2f} MB, validation {100 * _val(r):.2f}%"
+        f"{r['size_mb']:.2f} MB, validation balanced accuracy {100 * _val(r):.2f}%"
     )
 
 
@@ -67,8 +71,9 @@ def choose(
     """The candidate to deploy and a sentence saying why; NothingFits when no candidate fits.
 
     Args:
-        rows: bench rows; candidates have ``candidate: True``, every row ``val_accuracy``.
-        max_drop: validation accuracy points a candidate may lose against the distilled student.
+        rows: bench rows; candidates have ``candidate: True``, every row ``val_balanced_accuracy``
+            (or, from an older bench, ``val_accuracy``).
+        max_drop: validation balanced-accuracy points a candidate may lose against the distilled student.
     """
     cands = [r for r in rows if is_candidate(r)]
     if not cands:
@@ -80,7 +85,7 @@ def choose(
     portable = [r for r in cands if r.get("portable", True) is not False]
     checks = [
         (
-            f"validation accuracy >= {100 * floor:.2f}% (max drop {max_drop:g} points of the student's "
+            f"validation balanced accuracy >= {100 * floor:.2f}% (max drop {max_drop:g} points of the student's "
             f"{100 * ref_val:.2f}%, at least one image)",
             lambda r: _val(r) >= floor,
         ),
@@ -173,6 +178,8 @@ def write_deploy(run_dir: Path, bench: dict, chosen: dict, why: str, budget: dic
         "size_mb": dst.stat().st_size / 1e6,
         "val_accuracy": chosen["val_accuracy"],
         "val_accuracy_ci": chosen.get("val_accuracy_ci"),
+        "val_balanced_accuracy": chosen.get("val_balanced_accuracy"),
+        "balanced_accuracy": chosen.get("balanced_accuracy"),
         "accuracy": chosen["accuracy"],
         "accuracy_ci": chosen.get("accuracy_ci"),
         "portable": chosen.get("portable", True),

@@ -1,4 +1,6 @@
-"""Distillation losses (a registry) and the `distill` stage.
+"""Distillation losses, a registry: soft KD, DeiT hard distillation and the distillation token.
+
+The `distill` stage itself is `train.run_distill`: this module knows losses, not training.
 
 Every loss takes the student's output, the teacher's logits (None for `none`) and the targets,
 and returns its parts: ``{"loss", "task_loss", "kd_loss"}``.
@@ -104,17 +106,3 @@ def make_loss(cfg: DistillConfig | None, label_smoothing: float) -> LossFn:
     if name not in LOSSES:
         raise ConfigError(f"unknown distillation loss '{name}'; known: {', '.join(LOSSES)}")
     return LOSSES[name](cfg, label_smoothing)
-
-
-def run_distill(cfg, run_dir, data=None, resume: bool | str = False) -> dict:
-    """Train the student from the teacher (`student/`)."""
-    from slimvit.train import train_role
-
-    return train_role(cfg, run_dir, "student", data, resume)
-
-
-def run_ablation(cfg, run_dir, data=None, resume: bool | str = False) -> dict:
-    """Train the same student without distillation (`student_nokd/`), for the report's comparison."""
-    from slimvit.train import train_role
-
-    return train_role(cfg, run_dir, "student_nokd", data, resume)

@@ -1,4 +1,4 @@
-"""Accuracy, macro-F1, per-class recall and the confusion matrix.
+"""Accuracy, balanced accuracy, macro-F1, per-class recall (with intervals) and the confusion matrix.
 
 `metrics_from_logits` is pure numpy so the ONNX path (bench, predict checks) computes the very
 same numbers as the PyTorch path.
@@ -45,6 +45,15 @@ def compare(correct_a, correct_b, alpha: float = 0.05) -> str:
     return "better" if t["a_only"] > t["b_only"] else "worse"
 
 
+def balanced_accuracy(pred, labels) -> float:
+    """Mean recall over the classes present in `labels` (plain accuracy when every class has as many images)."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    present = np.unique(labels)
+    if not len(present):
+        return 0.0
+    return float(np.mean([(pred[labels == c] == c).mean() for c in present]))
+
+
 def metrics_from_predictions(pred: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
     k = len(classes)
     cm = np.zeros((k, k), dtype=np.int64)
@@ -62,8 +71,13 @@ def metrics_from_predictions(pred: np.ndarray, labels: np.ndarray, classes: list
         "n": int(len(labels)),
         "accuracy": float(tp.sum() / max(1, len(labels))),
         "accuracy_ci": list(wilson(int(tp.sum()), int(len(labels)))),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "per_class_recall": {c: float(r) for c, r in zip(classes, recall, strict=True)},
+        "per_class_recall_ci": {
+            c: list(wilson(int(t), int(n))) for c, t, n in zip(classes, tp, support, strict=True)
+        },
+        "per_class_support": {c: int(n) for c, n in zip(classes, support, strict=True)},
         "classes": list(classes),
         "confusion": cm.tolist(),
         "pred": np.asarray(pred).astype(int).tolist(),
@@ -79,14 +93,13 @@ def predict_logits(model, x, batch_size: int = 128) -> np.ndarray:
     """Eval-mode logits for a float tensor (N, 3, H, W); distilled models average their two heads."""
     import torch
 
+    from slimvit.models import eval_logits
+
     model.eval()
     outs = []
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            out = model(x[i : i + batch_size])
-            if isinstance(out, (tuple, list)):
-                out = (out[0] + out[1]) / 2
-            outs.append(out.float())
+            outs.append(eval_logits(model(x[i : i + batch_size])).float())
     return torch.cat(outs).numpy()
 
 

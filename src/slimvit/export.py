@@ -28,6 +28,7 @@ from torch import nn
 from slimvit import models, runtime
 from slimvit.errors import ModelError, first_line
 from slimvit.io import atomic_path, atomic_write_json, is_main_process
+from slimvit.vit import plain_attention
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +130,7 @@ class FusedAttention(nn.Module):
 def _fusable(attn: nn.Module) -> bool:
     from timm.layers import Attention
 
-    return (
-        type(attn) is Attention
-        and isinstance(attn.q_norm, nn.Identity)
-        and isinstance(attn.k_norm, nn.Identity)
-        and isinstance(attn.norm, nn.Identity)
-        and getattr(attn, "gate", None) is None
-    )
+    return type(attn) is Attention and plain_attention(attn)
 
 
 def for_export(model: nn.Module, fuse_attention: bool = True) -> tuple[nn.Module, int]:

@@ -12,7 +12,6 @@ import difflib
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from slimvit.errors import ModelError, first_line
 from slimvit.io import atomic_path, atomic_write_json
+from slimvit.vit import ConvStem, apply_widths
 
 log = logging.getLogger(__name__)
 
@@ -27,74 +27,15 @@ FORMAT = "slimvit-model/1"
 VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
 
 
-class ConvStem(nn.Module):
-    """Convolutional token stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better").
-
-    Stride-2 3x3 conv-BN-ReLU layers up to the patch size, then a 1x1 projection to the embedding
-    width. Same token grid as the patch projection it replaces; it gives a from-scratch ViT the
-    locality prior that small datasets lack. Signature matches timm's `PatchEmbed`.
-    """
-
-    def __init__(
-        self,
-        img_size: int | tuple[int, int] = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 192,
-        bias: bool = True,
-        dynamic_img_pad: bool = False,
-        output_fmt: str | None = None,
-        strict_img_size: bool = True,
-        norm_layer: Any = None,
-        flatten: bool = True,
-        **_: Any,
-    ) -> None:
-        super().__init__()
-        stages = (
-            patch_size.bit_length() - 1 if isinstance(patch_size, int) else patch_size[0].bit_length() - 1
-        )
-        ps = patch_size if isinstance(patch_size, int) else patch_size[0]
-        if 2**stages != ps:
-            raise ModelError(f"conv stem needs a power-of-two patch size, got {patch_size}")
-        size = img_size if isinstance(img_size, tuple) else (img_size, img_size)
-        self.img_size = size
-        self.patch_size = (ps, ps)
-        self.grid_size = (size[0] // ps, size[1] // ps)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.flatten = flatten
-        self.output_fmt = output_fmt
-        self.dynamic_img_pad = False
-        # Widths double each stage and end at embed_dim: 24-48-96-192 for ViT-Ti.
-        widths = [max(8, embed_dim // 2 ** (stages - 1 - i)) for i in range(stages)]
-        layers: list[nn.Module] = []
-        c = in_chans
-        for w in widths:
-            layers += [
-                nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(w),
-                nn.ReLU(inplace=True),
-            ]
-            c = w
-        layers.append(nn.Conv2d(c, embed_dim, 1, bias=bias))
-        self.proj = nn.Sequential(*layers)
-        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
-
-    def feat_ratio(self, as_scalar: bool = True):
-        return self.patch_size[0] if as_scalar else self.patch_size
-
-    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
-        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (B, C, H/p, W/p)
-        if self.output_fmt == "NHWC":
-            x = x.permute(0, 2, 3, 1)
-        elif self.flatten:
-            x = x.flatten(2).transpose(1, 2)  # (B, N, C)
-        return self.norm(x)
-
-
 STEMS: dict[str, type[nn.Module] | None] = {"patch": None, "conv": ConvStem}
+
+
+def eval_logits(out) -> torch.Tensor:
+    """The logits a model is judged by: a DeiT distilled model training with its distillation token
+    returns (class head, distillation head), averaged here as timm averages them in eval mode."""
+    if isinstance(out, (tuple, list)):
+        return (out[0] + out[1]) / 2
+    return out
 
 
 def is_vit(name: str) -> bool:
@@ -280,8 +221,6 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
         raise ModelError(f"'{st}' is missing; the artifact is incomplete, re-run the stage that makes it")
     model = build(spec)
     if spec.get("widths"):
-        from slimvit.prune import apply_widths
-
         apply_widths(model, spec["widths"])
     try:
         sd = load_file(str(st))

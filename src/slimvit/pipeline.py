@@ -64,13 +64,13 @@ def _run_teacher(cfg, run_dir, data, resume=False, **_):
 
 
 def _run_distill(cfg, run_dir, data, resume=False, **_):
-    from slimvit.distill import run_distill
+    from slimvit.train import run_distill
 
     return run_distill(cfg, run_dir, data, resume=resume)
 
 
 def _run_ablation(cfg, run_dir, data, resume=False, **_):
-    from slimvit.distill import run_ablation
+    from slimvit.train import run_ablation
 
     return run_ablation(cfg, run_dir, data, resume=resume)
 

@@ -16,7 +16,7 @@ of ``round_to``, and each kept head keeps its own best dims.
 After pruning the model is still a plain timm ``VisionTransformer``: each ``Attention`` gets
 ``num_heads``/``head_dim``/``attn_dim``/``scale`` matching its new weights, so timm's own forward
 (fused ``scaled_dot_product_attention``) runs unchanged, and no timm class is patched. The
-artifact records the widths in ``model.json``; :func:`apply_widths` reshapes a freshly built model
+artifact records the widths in ``model.json``; :func:`slimvit.vit.apply_widths` reshapes a freshly built model
 to them so the weights load (``models.load`` calls it).
 """
 
@@ -42,11 +42,18 @@ from slimvit import models
 from slimvit.config import PruneConfig
 from slimvit.errors import ConfigError, ModelError
 from slimvit.io import atomic_write_json, atomic_write_text, is_main_process, read_json
+from slimvit.timing import compare_latency, count_macs_params
+from slimvit.vit import (
+    WIDTHS_FORMAT,
+    VitParts,
+    _set_embed_dim,
+    _set_heads,
+    check_attention,
+    read_widths,
+    vit_parts,
+)
 
 log = logging.getLogger(__name__)
-
-WIDTHS_FORMAT = 1
-BLOCK_KEYS = ("num_heads", "head_dim", "attn_dim", "mlp_hidden")
 
 
 # --------------------------------------------------------------------------- importance criteria
@@ -106,259 +113,6 @@ def check_ratio(ratio: Any) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ConfigError(f"pruning ratio {ratio!r} must be a number in (0, 1), e.g. 0.2")
     return float(ratio)
-
-
-# --------------------------------------------------------------------------- ViT structure
-
-
-@dataclass
-class VitParts:
-    """The prunable pieces of a timm VisionTransformer."""
-
-    stem_out: nn.Conv2d
-    """The convolution whose output channels are the embedding (residual stream)."""
-    blocks: list[tuple[str, nn.Module]]
-
-
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, (nn.LayerNorm, nn.Identity))
-
-
-def vit_parts(model: nn.Module) -> VitParts:
-    """Check that `model` is a ViT this module can prune; the error names the first layer that is not."""
-    from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    def refuse(layer: str, what: str) -> ModelError:
-        return ModelError(
-            f"cannot prune layer '{layer}': {what}. Pruning supports timm VisionTransformer/DeiT models "
-            "with standard blocks (Attention without q/k norm or gating, Mlp, LayerNorm)"
-        )
-
-    if not isinstance(model, VisionTransformer):
-        raise ModelError(
-            f"cannot prune a {type(model).__name__}: pruning supports timm VisionTransformer/DeiT students"
-        )
-    if getattr(model, "attn_pool", None) is not None:
-        raise refuse("attn_pool", f"attention pooling (global_pool={model.global_pool!r})")
-    pe = model.patch_embed
-    if isinstance(pe, models.ConvStem):
-        stem_out = pe.proj[-1]
-    elif isinstance(pe, PatchEmbed):
-        stem_out = pe.proj
-    else:
-        raise refuse("patch_embed", f"unknown token stem {type(pe).__name__}")
-    if not isinstance(stem_out, nn.Conv2d):
-        raise refuse("patch_embed", f"the last stem layer is a {type(stem_out).__name__}, not a Conv2d")
-    for name in ("norm_pre", "norm", "fc_norm"):
-        if not _is_norm(getattr(model, name, nn.Identity())):
-            raise refuse(name, f"{type(getattr(model, name)).__name__} is not a LayerNorm")
-    if not _is_norm(getattr(pe, "norm", nn.Identity())):
-        raise refuse("patch_embed.norm", "not a LayerNorm")
-    for name in ("head", "head_dist"):
-        head = getattr(model, name, None)
-        if head is not None and not isinstance(head, (nn.Linear, nn.Identity)):
-            raise refuse(name, f"{type(head).__name__} is not a Linear classifier")
-    blocks = []
-    for i, blk in enumerate(model.blocks):
-        name = f"blocks.{i}"
-        if type(blk) is not Block:
-            raise refuse(name, f"{type(blk).__name__} is not timm's Block")
-        a = blk.attn
-        if type(a) is not Attention:
-            raise refuse(f"{name}.attn", f"{type(a).__name__} is not timm's Attention")
-        if not (
-            isinstance(a.q_norm, nn.Identity)
-            and isinstance(a.k_norm, nn.Identity)
-            and isinstance(a.norm, nn.Identity)
-            and getattr(a, "gate", None) is None
-        ):
-            raise refuse(f"{name}.attn", "attention with q/k norm, scale norm or gating")
-        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc1, nn.Linear) or not _is_norm(blk.mlp.norm):
-            raise refuse(f"{name}.mlp", f"{type(blk.mlp).__name__} is not a plain Linear Mlp")
-        for sub in ("norm1", "norm2"):
-            if not isinstance(getattr(blk, sub), nn.LayerNorm):
-                raise refuse(f"{name}.{sub}", f"{type(getattr(blk, sub)).__name__} is not a LayerNorm")
-        for sub in ("ls1", "ls2"):
-            if not isinstance(getattr(blk, sub), (LayerScale, nn.Identity)):
-                raise refuse(f"{name}.{sub}", f"{type(getattr(blk, sub)).__name__} is not a LayerScale")
-        blocks.append((name, blk))
-    return VitParts(stem_out, blocks)
-
-
-def read_widths(model: nn.Module) -> dict:
-    """The current widths of a ViT as a JSON-able dict (what `model.json` stores under "widths")."""
-    parts = vit_parts(model)
-    blocks = {}
-    for name, blk in parts.blocks:
-        a = blk.attn
-        check_attention(a, name)
-        blocks[name] = {
-            "num_heads": int(a.num_heads),
-            "head_dim": int(a.head_dim),
-            "attn_dim": int(a.attn_dim),
-            "mlp_hidden": int(blk.mlp.fc1.out_features),
-        }
-    return {"format": WIDTHS_FORMAT, "embed_dim": int(parts.stem_out.out_channels), "blocks": blocks}
-
-
-def check_attention(attn: nn.Module, name: str = "attn") -> None:
-    """Raise ModelError unless the Attention's attributes agree with its weights."""
-    ok = (
-        attn.attn_dim == attn.num_heads * attn.head_dim
-        and attn.qkv.out_features == 3 * attn.attn_dim
-        and attn.proj.in_features == attn.attn_dim
-        and math.isclose(attn.scale, attn.head_dim**-0.5, rel_tol=1e-6)
-    )
-    if not ok:
-        raise ModelError(
-            f"'{name}' is inconsistent: num_heads={attn.num_heads}, head_dim={attn.head_dim}, "
-            f"attn_dim={attn.attn_dim}, qkv out={attn.qkv.out_features}, proj in={attn.proj.in_features}"
-        )
-
-
-# --------------------------------------------------------------------------- widths -> modules
-
-
-def _widths_error(msg: str) -> ModelError:
-    return ModelError(
-        f"pruned widths in model.json do not fit the model: {msg}. The artifact's model.json and "
-        "weights must come from the same `slimvit prune` run; re-run it to rewrite them"
-    )
-
-
-def _positive_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-
-def validate_widths(widths: Any, model: nn.Module) -> dict:
-    """Check `widths` against the (unpruned or less pruned) `model`; return them or raise ModelError."""
-    if not isinstance(widths, dict):
-        raise _widths_error(f"expected a mapping, got {type(widths).__name__}")
-    unknown = sorted(set(widths) - {"format", "embed_dim", "blocks"})
-    if unknown:
-        raise _widths_error(f"unknown key '{unknown[0]}' (known: format, embed_dim, blocks)")
-    if widths.get("format") != WIDTHS_FORMAT:
-        raise _widths_error(f"format {widths.get('format')!r}, this version reads format {WIDTHS_FORMAT}")
-    cur = read_widths(model)
-    e = widths.get("embed_dim")
-    if not _positive_int(e) or e > cur["embed_dim"]:
-        raise _widths_error(f"embed_dim={e!r} must be an integer in [1, {cur['embed_dim']}]")
-    blocks = widths.get("blocks")
-    if not isinstance(blocks, dict):
-        raise _widths_error("'blocks' must map block names (blocks.0, ...) to their widths")
-    extra = [k for k in blocks if k not in cur["blocks"]]
-    if extra:
-        raise _widths_error(
-            f"unknown layer '{extra[0]}'; the model has {', '.join(cur['blocks']) or 'no blocks'}"
-        )
-    missing = [k for k in cur["blocks"] if k not in blocks]
-    if missing:
-        raise _widths_error(f"no widths for layer '{missing[0]}'")
-    for name, bw in blocks.items():
-        if not isinstance(bw, dict) or set(bw) != set(BLOCK_KEYS):
-            raise _widths_error(f"'{name}' must have exactly the keys {', '.join(BLOCK_KEYS)}")
-        bad = [k for k in BLOCK_KEYS if not _positive_int(bw[k])]
-        if bad:
-            raise _widths_error(f"{name}.{bad[0]}={bw[bad[0]]!r} must be a positive integer")
-        if bw["attn_dim"] != bw["num_heads"] * bw["head_dim"]:
-            raise _widths_error(
-                f"{name}: attn_dim={bw['attn_dim']} is not num_heads x head_dim = "
-                f"{bw['num_heads']} x {bw['head_dim']}"
-            )
-        for k in ("num_heads", "head_dim", "mlp_hidden"):
-            if bw[k] > cur["blocks"][name][k]:
-                raise _widths_error(
-                    f"{name}.{k}={bw[k]} is larger than the model's {cur['blocks'][name][k]} "
-                    "(widths only shrink)"
-                )
-    return widths
-
-
-def _narrow(owner: nn.Module, attr: str, dim: int, size: int) -> None:
-    """Keep the first `size` entries of parameter `owner.attr` along `dim`."""
-    p = getattr(owner, attr, None)
-    if p is None or p.shape[dim] == size:
-        return
-    setattr(owner, attr, nn.Parameter(p.data.narrow(dim, 0, size).clone(), requires_grad=p.requires_grad))
-
-
-def _resize_linear(m: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> None:
-    if out_features is not None:
-        _narrow(m, "weight", 0, out_features)
-        _narrow(m, "bias", 0, out_features)
-        m.out_features = out_features
-    if in_features is not None:
-        _narrow(m, "weight", 1, in_features)
-        m.in_features = in_features
-
-
-def _resize_norm(m: nn.Module, size: int) -> None:
-    if isinstance(m, nn.LayerNorm):
-        _narrow(m, "weight", 0, size)
-        _narrow(m, "bias", 0, size)
-        m.normalized_shape = (size,)
-
-
-def _resize_embedding(model: nn.Module, parts: VitParts, e: int) -> None:
-    conv = parts.stem_out
-    _narrow(conv, "weight", 0, e)
-    _narrow(conv, "bias", 0, e)
-    conv.out_channels = e
-    _resize_norm(getattr(model.patch_embed, "norm", nn.Identity()), e)
-    for tok in ("cls_token", "reg_token", "dist_token", "pos_embed"):
-        _narrow(model, tok, 2, e)
-    for name in ("norm_pre", "norm", "fc_norm"):
-        _resize_norm(getattr(model, name, nn.Identity()), e)
-    for _, blk in parts.blocks:
-        _resize_norm(blk.norm1, e)
-        _resize_norm(blk.norm2, e)
-        for ls in (blk.ls1, blk.ls2):
-            if hasattr(ls, "gamma"):
-                _narrow(ls, "gamma", 0, e)
-        _resize_linear(blk.attn.qkv, in_features=e)
-        _resize_linear(blk.attn.proj, out_features=e)
-        _resize_linear(blk.mlp.fc1, in_features=e)
-        _resize_linear(blk.mlp.fc2, out_features=e)
-    for name in ("head", "head_dist"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            _resize_linear(head, in_features=e)
-    _set_embed_dim(model, e)
-
-
-def _set_embed_dim(model: nn.Module, e: int) -> None:
-    for attr in ("embed_dim", "num_features", "head_hidden_size"):
-        if hasattr(model, attr):
-            setattr(model, attr, e)
-
-
-def _set_heads(attn: nn.Module, num_heads: int, head_dim: int) -> None:
-    """Make the Attention's attributes describe `num_heads` x `head_dim` (timm keeps all four)."""
-    attn.num_heads = num_heads
-    attn.head_dim = head_dim
-    attn.attn_dim = num_heads * head_dim
-    attn.scale = head_dim**-0.5
-
-
-def apply_widths(model: nn.Module, widths: dict) -> nn.Module:
-    """Reshape a freshly built (unpruned) ViT in place to the pruned `widths`, so its weights load.
-
-    Every parameter keeps its leading entries along the pruned dimension; the real values come
-    from the artifact's state dict. Raises ModelError for widths that do not fit the model.
-    """
-    validate_widths(widths, model)
-    parts = vit_parts(model)
-    if widths["embed_dim"] != parts.stem_out.out_channels:
-        _resize_embedding(model, parts, widths["embed_dim"])
-    for name, blk in parts.blocks:
-        bw = widths["blocks"][name]
-        _resize_linear(blk.attn.qkv, out_features=3 * bw["attn_dim"])
-        _resize_linear(blk.attn.proj, in_features=bw["attn_dim"])
-        _set_heads(blk.attn, bw["num_heads"], bw["head_dim"])
-        _resize_linear(blk.mlp.fc1, out_features=bw["mlp_hidden"])
-        _resize_linear(blk.mlp.fc2, in_features=bw["mlp_hidden"])
-    return model
 
 
 # --------------------------------------------------------------------------- planning the widths
@@ -496,10 +250,7 @@ def _accumulate_gradients(model: nn.Module, batches: Sequence[tuple[torch.Tensor
     """Sum the cross-entropy gradients of `batches` into `.grad` (what Taylor importance reads)."""
     model.zero_grad(set_to_none=True)
     for x, y in batches:
-        out = model(x)
-        if isinstance(out, (tuple, list)):
-            out = (out[0] + out[1]) / 2
-        F.cross_entropy(out, y).backward()
+        F.cross_entropy(models.eval_logits(model(x)), y).backward()
 
 
 def _attention_keep(scores: torch.Tensor, drop_heads: int, head_dim: int) -> tuple[list[int], list[int]]:
@@ -696,52 +447,6 @@ def describe_widths(widths: dict) -> str:
     return f"embed {widths['embed_dim']}, heads {span('num_heads')} x {span('head_dim')}, mlp {span('mlp_hidden')}"
 
 
-# --------------------------------------------------------------------------- measuring
-
-
-def count_macs_params(model: nn.Module, input_size: Sequence[int]) -> tuple[int, int]:
-    """MACs and parameters of one batch-1 forward (Torch-Pruning's counter, eval mode)."""
-    import torch_pruning as tp
-
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model, torch.randn(1, *input_size))
-    model.train(was)
-    return int(macs), int(params)
-
-
-def compare_latency(named: dict[str, nn.Module], input_size: Sequence[int], bcfg) -> dict[str, dict]:
-    """Batch-1 FP32 eager latency of several models, timed in interleaved rounds (p50/p90 ms)."""
-    from slimvit.timing import set_torch_threads, time_calls
-
-    prev = torch.get_num_threads()
-    set_torch_threads(bcfg.threads)
-    x = torch.randn(1, *input_size)
-    per_round = max(1, bcfg.runs // bcfg.rounds)
-    times: dict[str, list[np.ndarray]] = {k: [] for k in named}
-    try:
-        with torch.inference_mode():
-            for m in named.values():
-                m.eval()
-                time_calls(lambda m=m: m(x), 0, bcfg.warmup)
-            for _ in range(bcfg.rounds):
-                for k, m in named.items():
-                    times[k].append(time_calls(lambda m=m: m(x), per_round))
-    finally:
-        torch.set_num_threads(prev)
-    out = {}
-    for k, ts in times.items():
-        t = np.concatenate(ts)
-        out[k] = {
-            "p50": float(np.median(t)),
-            "p90": float(np.percentile(t, 90)),
-            "runs": len(t),
-            "threads": bcfg.threads,
-        }
-    return out
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -830,10 +535,12 @@ def _prune_or_resume(
     pspec = dict(spec, widths=widths)
     from slimvit.evaluate import evaluate_model
 
+    val = evaluate_model(model, data, pspec, "val")
     info = {
         "settings": settings,
         "seconds": time.perf_counter() - t0,
-        "val_acc_pruned": evaluate_model(model, data, pspec, "val")["accuracy"],
+        "val_acc_pruned": val["accuracy"],
+        "val_bal_acc_pruned": val["balanced_accuracy"],
     }
     if is_main_process():
         models.save(model, pspec, init)
@@ -910,6 +617,7 @@ def run_prune(
     teacher, distill_cfg = None, None
     if epochs > 0 and cfg.distill.loss != "none":
         teacher, distill_cfg = load_teacher(run_dir, data.classes, input_spec=pspec), cfg.distill
+    target = recovery_target(cfg, student_dir) if cfg.prune.recover else None
     if epochs > 0:
         model, summary = fit(
             model,
@@ -924,13 +632,14 @@ def run_prune(
             resume="auto" if resumed else False,
             desc=f"finetune r={ratio:g}",
             select_initial=True,
+            stop_at=target,
         )
-        val_acc = summary["best_val_acc"]
+        val_acc, val_bal = summary["best_val_acc"], summary["best_val_bal_acc"]
     else:
         if is_main_process():
             models.save(model, pspec, out)
-        summary = {"epochs": 0}
-        val_acc = info["val_acc_pruned"]
+        summary = {"epochs": 0, "epochs_run": 0}
+        val_acc, val_bal = info["val_acc_pruned"], info.get("val_bal_acc_pruned", info["val_acc_pruned"])
 
     test = evaluate_model(model, data, pspec, "test")
     latency = compare_latency({"before": reference, "after": model}, pspec["input_size"], cfg.bench)
@@ -948,9 +657,17 @@ def run_prune(
         "prune_seconds": info["seconds"],
         "val_acc_pruned": info["val_acc_pruned"],
         "val_acc": val_acc,
+        "val_bal_acc": val_bal,
         "test_acc": test["accuracy"],
+        "test_bal_acc": test["balanced_accuracy"],
         "test_macro_f1": test["macro_f1"],
-        "finetune": {**summary, "epochs": epochs, "lr": cfg.prune.finetune_lr, "distill": cfg.distill.loss},
+        "finetune": {
+            **summary,
+            "epochs": epochs,
+            "lr": cfg.prune.finetune_lr,
+            "distill": cfg.distill.loss,
+            "recovery_target": target,
+        },
         "widths_before": widths_before,
         "widths_after": pspec["widths"],
     }
@@ -970,6 +687,13 @@ def run_prune(
     return _summary(result)
 
 
+def recovery_target(cfg, student_dir: Path) -> float:
+    """The validation balanced accuracy a fine-tune stops at: the student's, less `prune.recover_tolerance`."""
+    train = read_json(Path(student_dir) / "train.json")
+    student = train.get("best_val_bal_acc", train["best_val_acc"])  # older runs kept accuracy only
+    return student - cfg.prune.recover_tolerance / 100
+
+
 def _summary(result: dict) -> dict:
     keys = ("ratio", "params_before", "params_after", "macs_before", "macs_after", "latency_ratio")
     return {
@@ -978,6 +702,7 @@ def _summary(result: dict) -> dict:
         "latency_ms_after": result["latency_ms_after"]["p50"],
         "val_acc": result["val_acc"],
         "test_acc": result["test_acc"],
+        "finetune_epochs_run": result.get("finetune", {}).get("epochs_run"),
     }
 
 
@@ -1056,14 +781,16 @@ def sweep_table(baseline: dict, rows: list[dict]) -> str:
         return "-" if x is None else f"{100 * x:.2f}"
 
     lines = [
-        "| ratio | params (M) | MACs (M) | FP32 latency ms (p50) | val acc % | test acc % |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| ratio | params (M) | MACs (M) | FP32 latency ms (p50) | val acc % | test acc % | fine-tune epochs |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
         f"| 0 (student) | {baseline['params'] / 1e6:.3f} | {baseline['macs'] / 1e6:.1f} | "
-        f"{baseline['latency_ms']:.2f} | {pct(baseline['val_acc'])} | {pct(baseline['test_acc'])} |",
+        f"{baseline['latency_ms']:.2f} | {pct(baseline['val_acc'])} | {pct(baseline['test_acc'])} | - |",
     ]
     for r in rows:
+        ep = r.get("finetune_epochs_run")
         lines.append(
             f"| {r['ratio']:g} | {r['params_after'] / 1e6:.3f} | {r['macs_after'] / 1e6:.1f} | "
-            f"{r['latency_ms_after']:.2f} | {pct(r['val_acc'])} | {pct(r['test_acc'])} |"
+            f"{r['latency_ms_after']:.2f} | {pct(r['val_acc'])} | {pct(r['test_acc'])} | "
+            f"{'-' if ep is None else ep} |"
         )
     return "\n".join(lines) + "\n"

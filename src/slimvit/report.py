@@ -505,6 +505,16 @@ def _distillation(run: dict) -> list[str]:
             f"| (teacher) | - | {t['epochs']} | {pct(t['best_val_acc'])} ({t['best_epoch']}) | {pct(ev['teacher']['accuracy'])} | "
             f"{ev['teacher']['macro_f1']:.4f} | {t['seconds'] / 60:.1f} min |"
         )
+    how = tr.get("student", {}).get("teacher_logits")
+    if how == "cached":
+        out += [
+            "",
+            "The teacher ran once per training image before the student's training, on each flip and rotation "
+            "the augmentation draws from; the student learned from the logits averaged over them "
+            "(`distill.teacher_logits: cached`), so no teacher ran in the training steps.",
+        ]
+    elif how == "live":
+        out += ["", "The teacher ran on every augmented training batch (`distill.teacher_logits: live`)."]
     out += ["", "![training curves](plots/training.png)", ""]
     return out
 
@@ -536,6 +546,8 @@ def _pruning(run: dict) -> list[str]:
         f"({pct(p['val_acc_pruned'])} right after pruning) | |",
         f"| test accuracy | {pct(run['eval'].get('student', {}).get('accuracy'))} | {pct(p['test_acc'])} | |",
         "",
+        _finetune_text(p),
+        "",
     ]
     sw = run["sweep"]
     if sw:
@@ -544,8 +556,7 @@ def _pruning(run: dict) -> list[str]:
         out += [
             "### Sweep",
             "",
-            f"Each ratio pruned from the same student and fine-tuned for {run['config'].get('prune', {}).get('sweep_epochs')} "
-            "epochs (the main pruned model above may have had more).",
+            _sweep_text(run),
             "",
             sweep_table(sw["baseline"], sw["points"]).rstrip(),
             "",
@@ -553,6 +564,38 @@ def _pruning(run: dict) -> list[str]:
             "",
         ]
     return out
+
+
+def _finetune_text(p: dict) -> str:
+    """How long the main fine-tune ran and why it stopped."""
+    ft = p.get("finetune", {})
+    ran, cap = ft.get("epochs_run"), ft.get("epochs")
+    if ran is None:
+        return f"Fine-tuned for {cap} epochs."
+    target = ft.get("recovery_target")
+    if ft.get("stopped"):
+        why = f"stopped early: {ft['stopped']}"
+    elif target is not None:
+        why = (
+            f"validation balanced accuracy stayed below the student's {pct(target)} (best {pct(ft.get('best_val_bal_acc'))}); "
+            "the best epoch is kept"
+        )
+    else:
+        why = "`prune.recover` is off"
+    return f"Fine-tune: {ran} of at most {cap} epochs ({why})."
+
+
+def _sweep_text(run: dict) -> str:
+    pc = run["config"].get("prune", {})
+    how = (
+        "Each ratio is pruned from the model of the next lower ratio (the main pruned model stands for its own)"
+        if pc.get("sweep_from", "previous") == "previous"
+        else "Each ratio is pruned from the distilled student"
+    )
+    cap = f"at most {pc.get('sweep_epochs')} epochs"
+    if pc.get("recover", False):
+        cap += ", stopping once validation balanced accuracy is back to the student's"
+    return f"{how} and fine-tuned for {cap}; the last column is the epochs it took."
 
 
 def _modes(q: dict) -> dict:
@@ -1035,6 +1078,8 @@ def conclusions(run: dict) -> list[str]:
     else:
         out.append(f"- **Nothing was deployed**: {run['bench'].get('deploy_error')}.")
     out += _budget_sentences(run)
+    if weak := weakest_class(run):
+        out.append(weak)
     ev = run["eval"]
     if "student" in ev and "student_nokd" in ev:
         d = ev["student"]["accuracy"] - ev["student_nokd"]["accuracy"]
@@ -1090,6 +1135,145 @@ def conclusions(run: dict) -> list[str]:
     return ["## Conclusions", "", *out, ""]
 
 
+def _bench_correct(run: dict, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(predictions, labels) of one bench row on the test images, as class indices."""
+    preds = (run["bench"].get("predictions") or {}).get(key)
+    labels = (run["bench"].get("test_images") or {}).get("labels")
+    if preds is None or not labels:
+        return None
+    classes = run["bench"]["classes"]
+    return np.array(preds), np.array([classes.index(c) for c in labels])
+
+
+def class_models(run: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, test predictions, labels) of the models a deployment rests on: teacher, student, pruned,
+    the deployed model's own FP32 file, and the deployed model."""
+    out = []
+    for name in ("teacher", "student", "pruned"):
+        ev = run["eval"].get(name)
+        if ev and "pred" in ev:
+            out.append((dict(TRAINED)[name], np.array(ev["pred"]), np.array(ev["labels"])))
+    dep = _deployed(run)
+    if dep:
+        fp32 = _find(run, dep["stage"], "onnxruntime", "fp32")
+        if fp32 and fp32["key"] != dep["key"] and (pl := _bench_correct(run, fp32["key"])):
+            out.append((f"{dep['stage']} FP32 ONNX (before quantization)", *pl))
+        if pl := _bench_correct(run, dep["key"]):
+            out.append((f"deployed ({_label(dep)})", *pl))
+    return out
+
+
+def recalls(pred: np.ndarray, labels: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """(right, images) per class."""
+    return [(int(((pred == c) & (labels == c)).sum()), int((labels == c).sum())) for c in range(k)]
+
+
+def _balance_text(run: dict) -> str:
+    tr = run["train"]
+    used = {name: tr[name].get("balance") for name in ("teacher", "student", "pruned") if name in tr}
+    if not any(used.values()):
+        return "Class balance: not recorded (a run of an older version)."
+    modes = sorted({m for m in used.values() if m})
+    if modes == ["none"]:
+        what = "every training image once per epoch (`train.balance` found the classes balanced)"
+    elif modes == ["sampler"]:
+        what = (
+            "class-balanced sampling: each epoch draws as many images as the training split has, with "
+            "replacement, every class equally often (teacher, student and fine-tunes)"
+        )
+    else:
+        what = ", ".join(f"{k}: {v}" for k, v in used.items())
+    return f"Class balance of the training batches: {what}."
+
+
+def _classes(run: dict) -> list[str]:
+    """Per-class recall with intervals, the weakest class, and each step's balanced accuracy."""
+    from slimvit.evaluate import balanced_accuracy, mcnemar, wilson
+
+    classes = run["bench"].get("classes") or []
+    models_ = class_models(run)
+    if not classes or not models_:
+        return []
+    d = run["data"] or {}
+    train_counts = (d.get("split_per_class") or {}).get("train") or {}
+    out = ["## Classes", ""]
+    if train_counts:
+        counts = list(train_counts.values())
+        out.append(
+            "Training images per class: "
+            + ", ".join(f"{c} {n}" for c, n in train_counts.items())
+            + (f" (largest/smallest {max(counts) / min(counts):.1f}x)." if min(counts) else ".")
+        )
+    out += [
+        _balance_text(run),
+        "Best epochs, the fine-tunes' stopping point and the deploy choice read validation balanced "
+        "accuracy (mean per-class recall); accuracy is still reported.",
+        "",
+        "Test recall per class, % with 95% Wilson interval:",
+        "",
+        "| class | test images | " + " | ".join(n for n, _, _ in models_) + " |",
+        "|---|---:|" + "---:|" * len(models_),
+    ]
+    per = [recalls(p, y, len(classes)) for _, p, y in models_]
+    for c, name in enumerate(classes):
+        cells = []
+        for r in per:
+            k, n = r[c]
+            lo, hi = wilson(k, n)
+            cells.append(f"{100 * k / n:.1f} ({100 * lo:.0f}-{100 * hi:.0f})" if n else "-")
+        out.append(f"| {name} | {per[0][c][1]} | " + " | ".join(cells) + " |")
+    bal = [balanced_accuracy(p, y) for _, p, y in models_]
+    out += ["| **balanced accuracy** | | " + " | ".join(f"**{100 * b:.2f}**" for b in bal) + " |", ""]
+    steps = []
+    for (na, pa, ya), (nb, pb, yb), ba, bb in zip(models_, models_[1:], bal, bal[1:], strict=False):
+        if ya.shape != yb.shape or (ya != yb).any():
+            continue
+        t = mcnemar(pb == yb, pa == ya)
+        steps.append(
+            f"| {na} -> {nb} | {100 * ba:.2f} | {100 * bb:.2f} | {100 * (bb - ba):+.2f} | "
+            f"{t['a_only']} / {t['b_only']} | {t['p']:.2g} |"
+        )
+    if steps:
+        out += [
+            "Each step against its input on the same test images (balanced accuracy; the paired test is exact "
+            "McNemar on per-image correctness):",
+            "",
+            "| step | input % | output % | change (points) | images only the output / only the input got right | p |",
+            "|---|---:|---:|---:|---:|---:|",
+            *steps,
+            "",
+        ]
+    return out
+
+
+def weakest_class(run: dict) -> str | None:
+    """One sentence naming the deployed model's weakest class (lowest test recall) and its interval."""
+    from slimvit.evaluate import wilson
+
+    dep = _deployed(run)
+    pl = _bench_correct(run, dep["key"]) if dep else None
+    if pl is None:
+        return None
+    classes = run["bench"]["classes"]
+    r = recalls(*pl, len(classes))
+    c = min((i for i in range(len(classes)) if r[i][1]), key=lambda i: (r[i][0] / r[i][1], -r[i][1]))
+    k, n = r[c]
+    lo, hi = wilson(k, n)
+    cm = np.asarray(run["bench"]["confusion"][dep["key"]])
+    row = cm[c].copy()
+    row[c] = 0
+    taken = (
+        f"; it was mostly taken for {classes[int(row.argmax())]} ({int(row.max())} images)"
+        if row.max()
+        else ""
+    )
+    return (
+        f"- Weakest class of the deployed model: **{classes[c]}**, test recall {100 * k / n:.1f}% "
+        f"({k} of {n}; 95% interval {100 * lo:.1f}-{100 * hi:.1f}%){taken}. Every class's recall is in "
+        '"Classes"; the confusion matrix is plots/confusion.png.'
+    )
+
+
 def _timing(run: dict) -> list[str]:
     st = run["manifest"].get("stages", {})
     if not st:
@@ -1134,6 +1318,7 @@ def render(run: dict, command: str | None = None) -> str:
         _quantization(run),
         _candidates(run),
         _deployment(run),
+        _classes(run),
         _portability(run),
         _environment(run),
         _dataset(run),

@@ -56,15 +56,45 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int = 0) -> np.ndarr
     return out
 
 
-def torch_latency_ms(
-    model, input_size: tuple[int, int, int], threads: int, runs: int = 50, warmup: int = 10
-) -> dict:
-    """Batch-1 eager FP32 latency of a PyTorch model: p50/p90 in ms."""
+def count_macs_params(model, input_size) -> tuple[int, int]:
+    """MACs and parameters of one batch-1 forward (Torch-Pruning's counter, eval mode)."""
+    import torch
+    import torch_pruning as tp
+
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, torch.randn(1, *input_size))
+    model.train(was)
+    return int(macs), int(params)
+
+
+def compare_latency(named: dict, input_size, bcfg) -> dict[str, dict]:
+    """Batch-1 FP32 eager latency of several PyTorch models, timed in interleaved rounds (p50/p90 ms)."""
     import torch
 
-    set_torch_threads(threads)
-    model.eval()
+    prev = torch.get_num_threads()
+    set_torch_threads(bcfg.threads)
     x = torch.randn(1, *input_size)
-    with torch.inference_mode():
-        t = time_calls(lambda: model(x), runs, warmup)
-    return {"p50": float(np.median(t)), "p90": float(np.percentile(t, 90)), "runs": runs, "threads": threads}
+    per_round = max(1, bcfg.runs // bcfg.rounds)
+    times: dict[str, list[np.ndarray]] = {k: [] for k in named}
+    try:
+        with torch.inference_mode():
+            for m in named.values():
+                m.eval()
+                time_calls(lambda m=m: m(x), 0, bcfg.warmup)
+            for _ in range(bcfg.rounds):
+                for k, m in named.items():
+                    times[k].append(time_calls(lambda m=m: m(x), per_round))
+    finally:
+        torch.set_num_threads(prev)
+    out = {}
+    for k, ts in times.items():
+        t = np.concatenate(ts)
+        out[k] = {
+            "p50": float(np.median(t)),
+            "p90": float(np.percentile(t, 90)),
+            "runs": len(t),
+            "threads": bcfg.threads,
+        }
+    return out

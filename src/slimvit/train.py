@@ -35,6 +35,7 @@ from slimvit.config import DistillConfig, TrainConfig
 from slimvit.data import Data, EvalDataset, TrainDataset
 from slimvit.distill import cross_entropy, make_loss
 from slimvit.errors import ConfigError, ModelError, first_line
+from slimvit.evaluate import balanced_accuracy
 from slimvit.io import (
     append_jsonl,
     atomic_path,
@@ -96,9 +97,16 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
     return fn
 
 
-def _epoch_batches(n: int, batch: int, seed: int, epoch: int, rank: int, world: int) -> list[torch.Tensor]:
+def _epoch_batches(
+    n: int, batch: int, seed: int, epoch: int, rank: int, world: int, weights: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """This rank's batches of one epoch: a seeded permutation, or with `weights` (one per sample) n draws
+    with replacement in proportion to them (class-balanced sampling)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
+    if weights is None:
+        perm = torch.randperm(n, generator=g)
+    else:
+        perm = torch.multinomial(weights, n, replacement=True, generator=g)
     per_rank = batch // world
     usable = (n // batch) * batch if n >= batch else n  # full global batches keep ranks in step
     perm = perm[:usable]
@@ -153,23 +161,81 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)
 
 
+def imbalance(labels, num_classes: int) -> float:
+    """Largest over smallest class count of a split (inf when a class is missing)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    return float(counts.max() / counts.min()) if counts.min() > 0 else float("inf")
+
+
+def resolve_balance(balance: str, labels, num_classes: int) -> str:
+    """`auto` -> `sampler` where the training split's classes differ by `BALANCE_AUTO` or more, else `none`."""
+    if balance != "auto":
+        return balance
+    return "sampler" if imbalance(labels, num_classes) >= BALANCE_AUTO else "none"
+
+
+BALANCE_AUTO = 1.5
+"""Largest/smallest training class count from which `train.balance: auto` samples class-balanced."""
+
+
+def sample_weights(labels, num_classes: int) -> torch.Tensor:
+    """One weight per sample, 1 / (its class's count): every class is drawn equally often."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).double()
+    return (1.0 / counts)[labels]
+
+
+def views(x: torch.Tensor, flips: bool, rot90: bool) -> list[torch.Tensor]:
+    """The flips/rotations of a (N, C, H, W) batch that the training augmentation draws from."""
+    rots = [torch.rot90(x, k, (2, 3)) if k else x for k in range(4 if rot90 else 1)]
+    if not flips:
+        return rots
+    if rot90:  # rotations and their mirror images: the 8 symmetries of a square
+        return rots + [r.flip(3) for r in rots]
+    return [x, x.flip(3), x.flip(2), x.flip(2).flip(3)]
+
+
+@torch.no_grad()
+def teacher_logits(
+    teacher: nn.Module, ds: EvalDataset, tcfg: TrainConfig, precision: str, device, batch: int = 128
+) -> torch.Tensor:
+    """The teacher's logits for every training image, averaged over its flips/rotations (float32, CPU)."""
+    teacher.eval()
+    out = []
+    for i in range(0, len(ds), batch):
+        x = ds.x[i : i + batch].to(device)
+        with autocast_context(precision, device):
+            per_view = [models.eval_logits(teacher(v)).float() for v in views(x, tcfg.flips, tcfg.rot90)]
+        out.append(torch.stack(per_view).mean(0).cpu())
+    return torch.cat(out)
+
+
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, ds: EvalDataset, batch: int, device) -> tuple[float, float]:
-    """Accuracy and loss in fp32 (as the test evaluation and the exported models compute)."""
+def _validate(model: nn.Module, ds: EvalDataset, batch: int, device) -> dict:
+    """`acc`, `bal_acc` (mean per-class recall) and `loss` in fp32, as the test evaluation computes them."""
     model.eval()
-    correct, loss_sum = 0, 0.0
+    preds, loss_sum = [], 0.0
     for i in range(0, len(ds), batch):
         x, y = ds.x[i : i + batch].to(device), ds.labels[i : i + batch].to(device)
-        out = model(x)
-        if isinstance(out, (tuple, list)):
-            out = (out[0] + out[1]) / 2
+        out = models.eval_logits(model(x))
         loss_sum += float(cross_entropy(out, y)) * len(y)
-        correct += int((out.argmax(-1) == y).sum())
-    return correct / max(1, len(ds)), loss_sum / max(1, len(ds))
+        preds.append(out.argmax(-1).cpu())
+    pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    labels = ds.labels.numpy()
+    return {
+        "acc": float((pred == labels).mean()) if len(labels) else 0.0,
+        "bal_acc": balanced_accuracy(pred, labels),
+        "loss": loss_sum / max(1, len(ds)),
+    }
+
+
+def _key(m: dict) -> tuple:
+    """What "better on validation" means: balanced accuracy, then accuracy, then lower loss."""
+    return (m["bal_acc"], m["acc"], -m["loss"])
 
 
 def fit(
@@ -186,8 +252,11 @@ def fit(
     resume: bool | str = False,
     desc: str = "train",
     select_initial: bool = False,
+    stop_at: float | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Train `model` and keep the best epoch by validation accuracy (ties: lower val loss).
+    """Train `model` and keep the best epoch by validation balanced accuracy (mean per-class recall;
+    ties: accuracy, then lower val loss). On a split with as many validation images per class this is
+    plain accuracy.
 
     Args:
         spec: the model's artifact description (models.make_spec), saved with every checkpoint.
@@ -196,6 +265,9 @@ def fit(
         resume: True continues from out_dir/last (error if absent), "auto" continues if present.
         select_initial: the weights `model` starts with compete as "epoch 0" for the best checkpoint
             (fine-tuning: training cannot end worse on validation than where it started).
+        stop_at: stop after the first epoch whose validation balanced accuracy reaches this (fine-tuning
+            until a pruned model has recovered); `epochs` is then a cap. `train.patience` also stops
+            training when the best epoch is that many epochs old.
 
     Returns:
         The model with the best weights loaded (in eval mode) and the summary written to train.json.
@@ -217,6 +289,8 @@ def fit(
     mean, std = spec["mean"], spec["std"]
     train_ds = TrainDataset(*data.arrays("train"), mean, std, tcfg)
     val_ds = EvalDataset(*data.arrays("val"), mean, std)
+    balance = resolve_balance(tcfg.balance, train_ds.labels.numpy(), len(data.classes))
+    draw_weights = sample_weights(train_ds.labels, len(data.classes)) if balance == "sampler" else None
     steps_per_epoch = len(_epoch_batches(len(train_ds), tcfg.batch_size, 0, 0, 0, world))
     total_steps = max(1, epochs * steps_per_epoch)
 
@@ -235,7 +309,8 @@ def fit(
 
         ema = ModelEmaV3(model, decay=tcfg.ema_decay)
 
-    start_epoch, best, elapsed = 0, {"val_acc": -1.0, "val_loss": float("inf"), "epoch": -1}, 0.0
+    best: dict = {"val_acc": -1.0, "val_bal_acc": -1.0, "val_loss": float("inf"), "epoch": -1}
+    start_epoch, elapsed, stopped = 0, 0.0, None
     best_weights = None  # of the best epoch so far: what model.safetensors gets at the end
     if acc.is_main_process and out_dir.is_dir():
         remove_temp_files(out_dir)  # half-written files of a killed run
@@ -252,7 +327,9 @@ def fit(
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
         start_epoch, best, elapsed = int(state["epoch"]) + 1, dict(state["best"]), float(state["seconds"])
+        best.setdefault("val_bal_acc", best["val_acc"])  # a checkpoint of an older version
         best_weights = state.get("best_model")
+        stopped = state.get("stopped")
         log.info("%s: resuming at epoch %d/%d", desc, start_epoch + 1, epochs)
     elif acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,12 +346,36 @@ def fit(
     model = model.to(memory_format=mem_format)
     model, optimizer = acc.prepare(model, optimizer)
     if select_initial and start_epoch == 0:
-        val_acc, val_loss = _validate(acc.unwrap_model(model), val_ds, 256, device)
-        best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": 0}
+        v = _validate(acc.unwrap_model(model), val_ds, 256, device)
+        best = {"val_acc": v["acc"], "val_bal_acc": v["bal_acc"], "val_loss": v["loss"], "epoch": 0}
         best_weights = _weights(acc.unwrap_model(model))
-        log.info("%s 0/%d  (initial weights)  val acc %.4f  val loss %.4f", desc, epochs, val_acc, val_loss)
+        log.info(
+            "%s 0/%d  (initial weights)  val acc %.4f  balanced %.4f  val loss %.4f",
+            desc,
+            epochs,
+            v["acc"],
+            v["bal_acc"],
+            v["loss"],
+        )
+    cached, cache_seconds = None, 0.0
     if teacher is not None and loss_name != "none":
         teacher = teacher.to(device, memory_format=mem_format).eval()
+        if distill_cfg.teacher_logits == "cached" and not (tcfg.mixup > 0 or tcfg.cutmix > 0):
+            t0 = time.perf_counter()
+            cached = teacher_logits(
+                teacher, EvalDataset(*data.arrays("train"), mean, std), tcfg, precision, device
+            )
+            cache_seconds = time.perf_counter() - t0
+            agree = float((cached.argmax(1) == train_ds.labels).float().mean())
+            log.info(
+                "%s: teacher logits of %d training images x %d flips/rotations in %.0fs (averaged, they name "
+                "the label of %.1f%% of them); no teacher runs in the training steps",
+                desc,
+                len(cached),
+                len(views(torch.zeros(1, 1, 2, 2), tcfg.flips, tcfg.rot90)),
+                cache_seconds,
+                100 * agree,
+            )
     loss_fn = make_loss(distill_cfg if loss_name != "none" else None, tcfg.label_smoothing)
     mixup = None
     if tcfg.mixup > 0 or tcfg.cutmix > 0:
@@ -288,12 +389,12 @@ def fit(
         )
     show_bar = acc.is_main_process and sys.stderr.isatty()
 
-    t_session = time.perf_counter()
-    for epoch in range(start_epoch, epochs):
+    t_session, done = time.perf_counter(), start_epoch
+    for epoch in range(start_epoch, epochs if stopped is None else start_epoch):
         t0 = time.perf_counter()
         model.train()
         _seed_epoch(tcfg.seed, epoch, rank)
-        batches = _epoch_batches(len(train_ds), tcfg.batch_size, tcfg.seed, epoch, rank, world)
+        batches = _epoch_batches(len(train_ds), tcfg.batch_size, tcfg.seed, epoch, rank, world, draw_weights)
         sums = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
         seen, correct = 0, 0
         bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", disable=not show_bar, leave=False)
@@ -307,7 +408,9 @@ def fit(
             with autocast_context(precision, device):
                 out = model(x)
                 t_logits = None
-                if loss_name != "none":
+                if cached is not None:
+                    t_logits = cached[idx].to(device)
+                elif loss_name != "none":
                     with torch.no_grad():
                         t_logits = teacher(x)
                 parts = loss_fn(out, t_logits, target)
@@ -335,23 +438,34 @@ def fit(
         )
         stats = acc.reduce(stats, reduction="sum") if world > 1 else stats
         eval_model = ema.module if ema is not None else acc.unwrap_model(model)
-        val_acc, val_loss = _validate(eval_model, val_ds, 256, device)
+        v = _validate(eval_model, val_ds, 256, device)
+        val_acc, val_loss = v["acc"], v["loss"]
         elapsed += time.perf_counter() - t0
+        done = epoch + 1
         row = {
             "epoch": epoch + 1,
             "train_loss": float(stats[0] / stats[4]),
             "train_acc": float(stats[3] / stats[4]),
             "val_loss": val_loss,
             "val_acc": val_acc,
+            "val_bal_acc": v["bal_acc"],
             "lr": float(scheduler.get_last_lr()[0]),
             "seconds": time.perf_counter() - t0,
         }
         if loss_name != "none":
             row.update(task_loss=float(stats[1] / stats[4]), kd_loss=float(stats[2] / stats[4]))
-        improved = (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"])
+        improved = _key(v) > (best["val_bal_acc"], best["val_acc"], -best["val_loss"])
         if improved:
-            best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
+            best = {"val_acc": val_acc, "val_bal_acc": v["bal_acc"], "val_loss": val_loss, "epoch": epoch + 1}
             best_weights = _weights(eval_model)
+        if stop_at is not None and best["val_bal_acc"] >= stop_at - 1e-9:
+            stopped = f"recovered: validation balanced accuracy {best['val_bal_acc']:.4f} >= {stop_at:.4f}"
+        elif tcfg.patience and epoch + 1 - best["epoch"] >= tcfg.patience and epoch + 1 < epochs:
+            stopped = f"no better validation epoch in {tcfg.patience} epochs"
+        if world > 1:  # rank 0's decision (BatchNorm statistics, hence validation, differ between ranks)
+            from accelerate.utils import broadcast_object_list
+
+            stopped = broadcast_object_list([stopped])[0]
         if acc.is_main_process:
             state = {
                 "model": _weights(acc.unwrap_model(model)),
@@ -362,6 +476,7 @@ def fit(
                 "epochs": epochs,
                 "best": best,
                 "seconds": elapsed,
+                "stopped": stopped,
             }
             if ema is not None:
                 state["ema"] = ema.module.state_dict()
@@ -371,25 +486,36 @@ def fit(
             per_epoch = (time.perf_counter() - t_session) / (epoch + 1 - start_epoch)
             left = per_epoch * (epochs - epoch - 1)
             log.info(
-                "%s %d/%d  loss %.4f  train acc %.4f  val acc %.4f  val loss %.4f  %.1fs%s%s",
+                "%s %d/%d  loss %.4f  train acc %.4f  val acc %.4f  balanced %.4f  val loss %.4f  %.1fs%s%s",
                 desc,
                 epoch + 1,
                 epochs,
                 row["train_loss"],
                 row["train_acc"],
                 val_acc,
+                v["bal_acc"],
                 val_loss,
                 row["seconds"],
                 "  *" if improved else "",
-                f"  ({int(left // 60)}m{int(left % 60):02d}s left)" if left > 0 else "",
+                f"  ({int(left // 60)}m{int(left % 60):02d}s left)" if left > 0 and not stopped else "",
             )
+            if stopped:
+                log.info("%s: stopped after epoch %d of at most %d (%s)", desc, epoch + 1, epochs, stopped)
         acc.wait_for_everyone()
+        if stopped:
+            break
 
     summary = {
         "best_epoch": best["epoch"],
         "best_val_acc": best["val_acc"],
+        "best_val_bal_acc": best["val_bal_acc"],
         "best_val_loss": best["val_loss"],
         "epochs": epochs,
+        "epochs_run": done,
+        "stopped": stopped,
+        "balance": balance,
+        "teacher_logits": None if loss_name == "none" else ("cached" if cached is not None else "live"),
+        "teacher_logits_seconds": cache_seconds,
         "seconds": elapsed,
         "distill": loss_name,
         "processes": world,
@@ -531,3 +657,13 @@ def train_role(cfg, run_dir: Path, role: str, data: Data | None = None, resume: 
 
 def run_teacher(cfg, run_dir: Path, data: Data | None = None, resume: bool | str = False) -> dict:
     return train_role(cfg, run_dir, "teacher", data, resume)
+
+
+def run_distill(cfg, run_dir: Path, data: Data | None = None, resume: bool | str = False) -> dict:
+    """Train the student from the teacher (`student/`)."""
+    return train_role(cfg, run_dir, "student", data, resume)
+
+
+def run_ablation(cfg, run_dir: Path, data: Data | None = None, resume: bool | str = False) -> dict:
+    """Train the same student without distillation (`student_nokd/`), for the report's comparison."""
+    return train_role(cfg, run_dir, "student_nokd", data, resume)

@@ -1,0 +1,345 @@
+"""The timm ViT shapes slimvit builds, prunes and reloads: the convolutional token stem, the check that a
+model is a plain ViT, and its widths (read from a model, validated, applied to a fresh one so a pruned
+artifact's weights load). Torch and timm only: model creation (`models`) and pruning (`prune`) both
+build on it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimvit.errors import ModelError
+
+WIDTHS_FORMAT = 1
+BLOCK_KEYS = ("num_heads", "head_dim", "attn_dim", "mlp_hidden")
+
+
+class ConvStem(nn.Module):
+    """Convolutional token stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better").
+
+    Stride-2 3x3 conv-BN-ReLU layers up to the patch size, then a 1x1 projection to the embedding
+    width. Same token grid as the patch projection it replaces; it gives a from-scratch ViT the
+    locality prior that small datasets lack. Signature matches timm's `PatchEmbed`.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        bias: bool = True,
+        dynamic_img_pad: bool = False,
+        output_fmt: str | None = None,
+        strict_img_size: bool = True,
+        norm_layer: Any = None,
+        flatten: bool = True,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        stages = (
+            patch_size.bit_length() - 1 if isinstance(patch_size, int) else patch_size[0].bit_length() - 1
+        )
+        ps = patch_size if isinstance(patch_size, int) else patch_size[0]
+        if 2**stages != ps:
+            raise ModelError(f"conv stem needs a power-of-two patch size, got {patch_size}")
+        size = img_size if isinstance(img_size, tuple) else (img_size, img_size)
+        self.img_size = size
+        self.patch_size = (ps, ps)
+        self.grid_size = (size[0] // ps, size[1] // ps)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.flatten = flatten
+        self.output_fmt = output_fmt
+        self.dynamic_img_pad = False
+        # Widths double each stage and end at embed_dim: 24-48-96-192 for ViT-Ti.
+        widths = [max(8, embed_dim // 2 ** (stages - 1 - i)) for i in range(stages)]
+        layers: list[nn.Module] = []
+        c = in_chans
+        for w in widths:
+            layers += [
+                nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+            ]
+            c = w
+        layers.append(nn.Conv2d(c, embed_dim, 1, bias=bias))
+        self.proj = nn.Sequential(*layers)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def feat_ratio(self, as_scalar: bool = True):
+        return self.patch_size[0] if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, C, H/p, W/p)
+        if self.output_fmt == "NHWC":
+            x = x.permute(0, 2, 3, 1)
+        elif self.flatten:
+            x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        return self.norm(x)
+
+
+def plain_attention(attn: nn.Module) -> bool:
+    """Whether a timm Attention is the plain kind (no q/k norm, no scale norm, no gating): what pruning
+    and the fused attention export both support."""
+    return (
+        isinstance(getattr(attn, "q_norm", None), nn.Identity)
+        and isinstance(getattr(attn, "k_norm", None), nn.Identity)
+        and isinstance(getattr(attn, "norm", None), nn.Identity)
+        and getattr(attn, "gate", None) is None
+    )
+
+
+# --------------------------------------------------------------------------- ViT structure
+
+
+@dataclass
+class VitParts:
+    """The prunable pieces of a timm VisionTransformer."""
+
+    stem_out: nn.Conv2d
+    """The convolution whose output channels are the embedding (residual stream)."""
+    blocks: list[tuple[str, nn.Module]]
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.Identity))
+
+
+def vit_parts(model: nn.Module) -> VitParts:
+    """Check that `model` is a ViT this module can prune; the error names the first layer that is not."""
+    from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    def refuse(layer: str, what: str) -> ModelError:
+        return ModelError(
+            f"cannot prune layer '{layer}': {what}. Pruning supports timm VisionTransformer/DeiT models "
+            "with standard blocks (Attention without q/k norm or gating, Mlp, LayerNorm)"
+        )
+
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(
+            f"cannot prune a {type(model).__name__}: pruning supports timm VisionTransformer/DeiT students"
+        )
+    if getattr(model, "attn_pool", None) is not None:
+        raise refuse("attn_pool", f"attention pooling (global_pool={model.global_pool!r})")
+    pe = model.patch_embed
+    if isinstance(pe, ConvStem):
+        stem_out = pe.proj[-1]
+    elif isinstance(pe, PatchEmbed):
+        stem_out = pe.proj
+    else:
+        raise refuse("patch_embed", f"unknown token stem {type(pe).__name__}")
+    if not isinstance(stem_out, nn.Conv2d):
+        raise refuse("patch_embed", f"the last stem layer is a {type(stem_out).__name__}, not a Conv2d")
+    for name in ("norm_pre", "norm", "fc_norm"):
+        if not _is_norm(getattr(model, name, nn.Identity())):
+            raise refuse(name, f"{type(getattr(model, name)).__name__} is not a LayerNorm")
+    if not _is_norm(getattr(pe, "norm", nn.Identity())):
+        raise refuse("patch_embed.norm", "not a LayerNorm")
+    for name in ("head", "head_dist"):
+        head = getattr(model, name, None)
+        if head is not None and not isinstance(head, (nn.Linear, nn.Identity)):
+            raise refuse(name, f"{type(head).__name__} is not a Linear classifier")
+    blocks = []
+    for i, blk in enumerate(model.blocks):
+        name = f"blocks.{i}"
+        if type(blk) is not Block:
+            raise refuse(name, f"{type(blk).__name__} is not timm's Block")
+        a = blk.attn
+        if type(a) is not Attention:
+            raise refuse(f"{name}.attn", f"{type(a).__name__} is not timm's Attention")
+        if not plain_attention(a):
+            raise refuse(f"{name}.attn", "attention with q/k norm, scale norm or gating")
+        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc1, nn.Linear) or not _is_norm(blk.mlp.norm):
+            raise refuse(f"{name}.mlp", f"{type(blk.mlp).__name__} is not a plain Linear Mlp")
+        for sub in ("norm1", "norm2"):
+            if not isinstance(getattr(blk, sub), nn.LayerNorm):
+                raise refuse(f"{name}.{sub}", f"{type(getattr(blk, sub)).__name__} is not a LayerNorm")
+        for sub in ("ls1", "ls2"):
+            if not isinstance(getattr(blk, sub), (LayerScale, nn.Identity)):
+                raise refuse(f"{name}.{sub}", f"{type(getattr(blk, sub)).__name__} is not a LayerScale")
+        blocks.append((name, blk))
+    return VitParts(stem_out, blocks)
+
+
+def read_widths(model: nn.Module) -> dict:
+    """The current widths of a ViT as a JSON-able dict (what `model.json` stores under "widths")."""
+    parts = vit_parts(model)
+    blocks = {}
+    for name, blk in parts.blocks:
+        a = blk.attn
+        check_attention(a, name)
+        blocks[name] = {
+            "num_heads": int(a.num_heads),
+            "head_dim": int(a.head_dim),
+            "attn_dim": int(a.attn_dim),
+            "mlp_hidden": int(blk.mlp.fc1.out_features),
+        }
+    return {"format": WIDTHS_FORMAT, "embed_dim": int(parts.stem_out.out_channels), "blocks": blocks}
+
+
+def check_attention(attn: nn.Module, name: str = "attn") -> None:
+    """Raise ModelError unless the Attention's attributes agree with its weights."""
+    ok = (
+        attn.attn_dim == attn.num_heads * attn.head_dim
+        and attn.qkv.out_features == 3 * attn.attn_dim
+        and attn.proj.in_features == attn.attn_dim
+        and math.isclose(attn.scale, attn.head_dim**-0.5, rel_tol=1e-6)
+    )
+    if not ok:
+        raise ModelError(
+            f"'{name}' is inconsistent: num_heads={attn.num_heads}, head_dim={attn.head_dim}, "
+            f"attn_dim={attn.attn_dim}, qkv out={attn.qkv.out_features}, proj in={attn.proj.in_features}"
+        )
+
+
+# --------------------------------------------------------------------------- widths -> modules
+
+
+def _widths_error(msg: str) -> ModelError:
+    return ModelError(
+        f"pruned widths in model.json do not fit the model: {msg}. The artifact's model.json and "
+        "weights must come from the same `slimvit prune` run; re-run it to rewrite them"
+    )
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def validate_widths(widths: Any, model: nn.Module) -> dict:
+    """Check `widths` against the (unpruned or less pruned) `model`; return them or raise ModelError."""
+    if not isinstance(widths, dict):
+        raise _widths_error(f"expected a mapping, got {type(widths).__name__}")
+    unknown = sorted(set(widths) - {"format", "embed_dim", "blocks"})
+    if unknown:
+        raise _widths_error(f"unknown key '{unknown[0]}' (known: format, embed_dim, blocks)")
+    if widths.get("format") != WIDTHS_FORMAT:
+        raise _widths_error(f"format {widths.get('format')!r}, this version reads format {WIDTHS_FORMAT}")
+    cur = read_widths(model)
+    e = widths.get("embed_dim")
+    if not _positive_int(e) or e > cur["embed_dim"]:
+        raise _widths_error(f"embed_dim={e!r} must be an integer in [1, {cur['embed_dim']}]")
+    blocks = widths.get("blocks")
+    if not isinstance(blocks, dict):
+        raise _widths_error("'blocks' must map block names (blocks.0, ...) to their widths")
+    extra = [k for k in blocks if k not in cur["blocks"]]
+    if extra:
+        raise _widths_error(
+            f"unknown layer '{extra[0]}'; the model has {', '.join(cur['blocks']) or 'no blocks'}"
+        )
+    missing = [k for k in cur["blocks"] if k not in blocks]
+    if missing:
+        raise _widths_error(f"no widths for layer '{missing[0]}'")
+    for name, bw in blocks.items():
+        if not isinstance(bw, dict) or set(bw) != set(BLOCK_KEYS):
+            raise _widths_error(f"'{name}' must have exactly the keys {', '.join(BLOCK_KEYS)}")
+        bad = [k for k in BLOCK_KEYS if not _positive_int(bw[k])]
+        if bad:
+            raise _widths_error(f"{name}.{bad[0]}={bw[bad[0]]!r} must be a positive integer")
+        if bw["attn_dim"] != bw["num_heads"] * bw["head_dim"]:
+            raise _widths_error(
+                f"{name}: attn_dim={bw['attn_dim']} is not num_heads x head_dim = "
+                f"{bw['num_heads']} x {bw['head_dim']}"
+            )
+        for k in ("num_heads", "head_dim", "mlp_hidden"):
+            if bw[k] > cur["blocks"][name][k]:
+                raise _widths_error(
+                    f"{name}.{k}={bw[k]} is larger than the model's {cur['blocks'][name][k]} "
+                    "(widths only shrink)"
+                )
+    return widths
+
+
+def _narrow(owner: nn.Module, attr: str, dim: int, size: int) -> None:
+    """Keep the first `size` entries of parameter `owner.attr` along `dim`."""
+    p = getattr(owner, attr, None)
+    if p is None or p.shape[dim] == size:
+        return
+    setattr(owner, attr, nn.Parameter(p.data.narrow(dim, 0, size).clone(), requires_grad=p.requires_grad))
+
+
+def _resize_linear(m: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> None:
+    if out_features is not None:
+        _narrow(m, "weight", 0, out_features)
+        _narrow(m, "bias", 0, out_features)
+        m.out_features = out_features
+    if in_features is not None:
+        _narrow(m, "weight", 1, in_features)
+        m.in_features = in_features
+
+
+def _resize_norm(m: nn.Module, size: int) -> None:
+    if isinstance(m, nn.LayerNorm):
+        _narrow(m, "weight", 0, size)
+        _narrow(m, "bias", 0, size)
+        m.normalized_shape = (size,)
+
+
+def _resize_embedding(model: nn.Module, parts: VitParts, e: int) -> None:
+    conv = parts.stem_out
+    _narrow(conv, "weight", 0, e)
+    _narrow(conv, "bias", 0, e)
+    conv.out_channels = e
+    _resize_norm(getattr(model.patch_embed, "norm", nn.Identity()), e)
+    for tok in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+        _narrow(model, tok, 2, e)
+    for name in ("norm_pre", "norm", "fc_norm"):
+        _resize_norm(getattr(model, name, nn.Identity()), e)
+    for _, blk in parts.blocks:
+        _resize_norm(blk.norm1, e)
+        _resize_norm(blk.norm2, e)
+        for ls in (blk.ls1, blk.ls2):
+            if hasattr(ls, "gamma"):
+                _narrow(ls, "gamma", 0, e)
+        _resize_linear(blk.attn.qkv, in_features=e)
+        _resize_linear(blk.attn.proj, out_features=e)
+        _resize_linear(blk.mlp.fc1, in_features=e)
+        _resize_linear(blk.mlp.fc2, out_features=e)
+    for name in ("head", "head_dist"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            _resize_linear(head, in_features=e)
+    _set_embed_dim(model, e)
+
+
+def _set_embed_dim(model: nn.Module, e: int) -> None:
+    for attr in ("embed_dim", "num_features", "head_hidden_size"):
+        if hasattr(model, attr):
+            setattr(model, attr, e)
+
+
+def _set_heads(attn: nn.Module, num_heads: int, head_dim: int) -> None:
+    """Make the Attention's attributes describe `num_heads` x `head_dim` (timm keeps all four)."""
+    attn.num_heads = num_heads
+    attn.head_dim = head_dim
+    attn.attn_dim = num_heads * head_dim
+    attn.scale = head_dim**-0.5
+
+
+def apply_widths(model: nn.Module, widths: dict) -> nn.Module:
+    """Reshape a freshly built (unpruned) ViT in place to the pruned `widths`, so its weights load.
+
+    Every parameter keeps its leading entries along the pruned dimension; the real values come
+    from the artifact's state dict. Raises ModelError for widths that do not fit the model.
+    """
+    validate_widths(widths, model)
+    parts = vit_parts(model)
+    if widths["embed_dim"] != parts.stem_out.out_channels:
+        _resize_embedding(model, parts, widths["embed_dim"])
+    for name, blk in parts.blocks:
+        bw = widths["blocks"][name]
+        _resize_linear(blk.attn.qkv, out_features=3 * bw["attn_dim"])
+        _resize_linear(blk.attn.proj, in_features=bw["attn_dim"])
+        _set_heads(blk.attn, bw["num_heads"], bw["head_dim"])
+        _resize_linear(blk.mlp.fc1, out_features=bw["mlp_hidden"])
+        _resize_linear(blk.mlp.fc2, in_features=bw["mlp_hidden"])
+    return model
