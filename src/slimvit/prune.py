@@ -756,6 +756,8 @@ def run_sweep(cfg, run_dir: str | Path, ratios: Sequence[float], data=None) -> l
     baseline = _baseline(run_dir, rows)
     if is_main_process():
         atomic_write_json(run_dir / "prune_sweep.json", {"baseline": baseline, "points": rows})
+        from slimvit.report import sweep_table
+
         atomic_write_text(run_dir / "prune_sweep.md", sweep_table(baseline, rows))
     return rows
 
@@ -774,23 +776,3 @@ def _baseline(run_dir: Path, rows: list[dict]) -> dict:
         "val_acc": train.get("best_val_acc"),
         "test_acc": ev.get("accuracy"),
     }
-
-
-def sweep_table(baseline: dict, rows: list[dict]) -> str:
-    def pct(x) -> str:
-        return "-" if x is None else f"{100 * x:.2f}"
-
-    lines = [
-        "| ratio | params (M) | MACs (M) | FP32 latency ms (p50) | val acc % | test acc % | fine-tune epochs |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-        f"| 0 (student) | {baseline['params'] / 1e6:.3f} | {baseline['macs'] / 1e6:.1f} | "
-        f"{baseline['latency_ms']:.2f} | {pct(baseline['val_acc'])} | {pct(baseline['test_acc'])} | - |",
-    ]
-    for r in rows:
-        ep = r.get("finetune_epochs_run")
-        lines.append(
-            f"| {r['ratio']:g} | {r['params_after'] / 1e6:.3f} | {r['macs_after'] / 1e6:.1f} | "
-            f"{r['latency_ms_after']:.2f} | {pct(r['val_acc'])} | {pct(r['test_acc'])} | "
-            f"{'-' if ep is None else ep} |"
-        )
-    return "\n".join(lines) + "\n"

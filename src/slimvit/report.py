@@ -551,8 +551,6 @@ def _pruning(run: dict) -> list[str]:
     ]
     sw = run["sweep"]
     if sw:
-        from slimvit.prune import sweep_table
-
         out += [
             "### Sweep",
             "",
@@ -583,6 +581,26 @@ def _finetune_text(p: dict) -> str:
     else:
         why = "`prune.recover` is off"
     return f"Fine-tune: {ran} of at most {cap} epochs ({why})."
+
+
+def sweep_table(baseline: dict, rows: list[dict]) -> str:
+    def pct(x) -> str:
+        return "-" if x is None else f"{100 * x:.2f}"
+
+    lines = [
+        "| ratio | params (M) | MACs (M) | FP32 latency ms (p50) | val acc % | test acc % | fine-tune epochs |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| 0 (student) | {baseline['params'] / 1e6:.3f} | {baseline['macs'] / 1e6:.1f} | "
+        f"{baseline['latency_ms']:.2f} | {pct(baseline['val_acc'])} | {pct(baseline['test_acc'])} | - |",
+    ]
+    for r in rows:
+        ep = r.get("finetune_epochs_run")
+        lines.append(
+            f"| {r['ratio']:g} | {r['params_after'] / 1e6:.3f} | {r['macs_after'] / 1e6:.1f} | "
+            f"{r['latency_ms_after']:.2f} | {pct(r['val_acc'])} | {pct(r['test_acc'])} | "
+            f"{'-' if ep is None else ep} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _sweep_text(run: dict) -> str:

@@ -238,6 +238,121 @@ def _key(m: dict) -> tuple:
     return (m["bal_acc"], m["acc"], -m["loss"])
 
 
+def _start_or_resume(acc, out_dir: Path, resume, epochs: int, desc: str, model, optimizer, scheduler, ema):
+    """Load the checkpoint to resume from, or clear another run's files: (start epoch, best, seconds so far,
+    stop reason, best weights)."""
+    best: dict = {"val_acc": -1.0, "val_bal_acc": -1.0, "val_loss": float("inf"), "epoch": -1}
+    start_epoch, elapsed, stopped, best_weights = 0, 0.0, None, None
+    if acc.is_main_process and out_dir.is_dir():
+        remove_temp_files(out_dir)  # half-written files of a killed run
+    if resume is True or (resume == "auto" and _has_checkpoint(out_dir)):
+        state = _load_checkpoint(out_dir)
+        if state.get("epochs") != epochs:
+            raise ConfigError(
+                f"the checkpoint in '{out_dir}' was made for {state.get('epochs')} epochs, not {epochs}; "
+                "run the stage without --resume (or --force) to start over"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.module.load_state_dict(state["ema"])
+        start_epoch, best, elapsed = int(state["epoch"]) + 1, dict(state["best"]), float(state["seconds"])
+        best.setdefault("val_bal_acc", best["val_acc"])  # a checkpoint of an older version
+        best_weights = state.get("best_model")  # of the best epoch so far: what model.safetensors gets
+        stopped = state.get("stopped")
+        log.info("%s: resuming at epoch %d/%d", desc, start_epoch + 1, epochs)
+    elif acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_checkpoint(out_dir)  # another run's: never resumed into this one
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (out_dir / "train.json").unlink(missing_ok=True)
+    if acc.is_main_process and start_epoch:
+        kept = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r.get("epoch", 0) <= start_epoch]
+        with atomic_path(out_dir / "metrics.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return start_epoch, best, elapsed, stopped, best_weights
+
+
+def _cache_teacher(teacher, train: EvalDataset, tcfg: TrainConfig, precision: str, device, desc: str):
+    """The teacher's view-averaged logits of every training image, and the seconds they took."""
+    t0 = time.perf_counter()
+    cached = teacher_logits(teacher, train, tcfg, precision, device)
+    seconds = time.perf_counter() - t0
+    agree = float((cached.argmax(1) == train.labels).float().mean())
+    log.info(
+        "%s: teacher logits of %d training images x %d flips/rotations in %.0fs (averaged, they name "
+        "the label of %.1f%% of them); no teacher runs in the training steps",
+        desc,
+        len(cached),
+        len(views(torch.zeros(1, 1, 2, 2), tcfg.flips, tcfg.rot90)),
+        seconds,
+        100 * agree,
+    )
+    return cached, seconds
+
+
+def _train_epoch(
+    acc,
+    model,
+    optimizer,
+    scheduler,
+    ema,
+    train_ds: TrainDataset,
+    bar,
+    *,
+    loss_fn,
+    teacher,
+    cached,
+    mixup,
+    precision: str,
+    mem_format,
+    grad_clip: float,
+    show_bar: bool,
+) -> torch.Tensor:
+    """One pass over `bar` (this rank's batches of sample indices): the training statistics
+    [loss, task_loss, kd_loss, correct, seen], summed over the processes."""
+    device = acc.device
+    sums = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
+    seen, correct = 0, 0
+    for idx in bar:
+        items = [train_ds[int(i)] for i in idx]
+        x = torch.stack([it[0] for it in items]).to(device).contiguous(memory_format=mem_format)
+        y = torch.stack([it[1] for it in items]).to(device)
+        target = y
+        if mixup is not None and len(y) % 2 == 0:
+            x, target = mixup(x, y)
+        with autocast_context(precision, device):
+            out = model(x)
+            t_logits = None
+            if cached is not None:
+                t_logits = cached[idx].to(device)
+            elif teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+            parts = loss_fn(out, t_logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        acc.backward(parts["loss"])
+        if grad_clip > 0:
+            acc.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(acc.unwrap_model(model))
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        n = len(y)
+        seen += n
+        correct += int((logits.argmax(-1) == y).sum())
+        for k in sums:
+            sums[k] += float(parts[k].detach()) * n
+        if show_bar:
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}")
+    stats = torch.tensor(
+        [sums["loss"], sums["task_loss"], sums["kd_loss"], correct, seen], dtype=torch.float64, device=device
+    )
+    return acc.reduce(stats, reduction="sum") if acc.num_processes > 1 else stats
+
+
 def fit(
     model: nn.Module,
     spec: dict,
@@ -309,37 +424,9 @@ def fit(
 
         ema = ModelEmaV3(model, decay=tcfg.ema_decay)
 
-    best: dict = {"val_acc": -1.0, "val_bal_acc": -1.0, "val_loss": float("inf"), "epoch": -1}
-    start_epoch, elapsed, stopped = 0, 0.0, None
-    best_weights = None  # of the best epoch so far: what model.safetensors gets at the end
-    if acc.is_main_process and out_dir.is_dir():
-        remove_temp_files(out_dir)  # half-written files of a killed run
-    if resume is True or (resume == "auto" and _has_checkpoint(out_dir)):
-        state = _load_checkpoint(out_dir)
-        if state.get("epochs") != epochs:
-            raise ConfigError(
-                f"the checkpoint in '{out_dir}' was made for {state.get('epochs')} epochs, not {epochs}; "
-                "run the stage without --resume (or --force) to start over"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and "ema" in state:
-            ema.module.load_state_dict(state["ema"])
-        start_epoch, best, elapsed = int(state["epoch"]) + 1, dict(state["best"]), float(state["seconds"])
-        best.setdefault("val_bal_acc", best["val_acc"])  # a checkpoint of an older version
-        best_weights = state.get("best_model")
-        stopped = state.get("stopped")
-        log.info("%s: resuming at epoch %d/%d", desc, start_epoch + 1, epochs)
-    elif acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_checkpoint(out_dir)  # another run's: never resumed into this one
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        (out_dir / "train.json").unlink(missing_ok=True)
-    if acc.is_main_process and start_epoch:
-        kept = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r.get("epoch", 0) <= start_epoch]
-        with atomic_path(out_dir / "metrics.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    start_epoch, best, elapsed, stopped, best_weights = _start_or_resume(
+        acc, out_dir, resume, epochs, desc, model, optimizer, scheduler, ema
+    )
 
     precision = resolve_precision(tcfg.precision, device)
     mem_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
@@ -361,20 +448,8 @@ def fit(
     if teacher is not None and loss_name != "none":
         teacher = teacher.to(device, memory_format=mem_format).eval()
         if distill_cfg.teacher_logits == "cached" and not (tcfg.mixup > 0 or tcfg.cutmix > 0):
-            t0 = time.perf_counter()
-            cached = teacher_logits(
-                teacher, EvalDataset(*data.arrays("train"), mean, std), tcfg, precision, device
-            )
-            cache_seconds = time.perf_counter() - t0
-            agree = float((cached.argmax(1) == train_ds.labels).float().mean())
-            log.info(
-                "%s: teacher logits of %d training images x %d flips/rotations in %.0fs (averaged, they name "
-                "the label of %.1f%% of them); no teacher runs in the training steps",
-                desc,
-                len(cached),
-                len(views(torch.zeros(1, 1, 2, 2), tcfg.flips, tcfg.rot90)),
-                cache_seconds,
-                100 * agree,
+            cached, cache_seconds = _cache_teacher(
+                teacher, EvalDataset(*data.arrays("train"), mean, std), tcfg, precision, device, desc
             )
     loss_fn = make_loss(distill_cfg if loss_name != "none" else None, tcfg.label_smoothing)
     mixup = None
@@ -395,48 +470,24 @@ def fit(
         model.train()
         _seed_epoch(tcfg.seed, epoch, rank)
         batches = _epoch_batches(len(train_ds), tcfg.batch_size, tcfg.seed, epoch, rank, world, draw_weights)
-        sums = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
-        seen, correct = 0, 0
         bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", disable=not show_bar, leave=False)
-        for idx in bar:
-            items = [train_ds[int(i)] for i in idx]
-            x = torch.stack([it[0] for it in items]).to(device).contiguous(memory_format=mem_format)
-            y = torch.stack([it[1] for it in items]).to(device)
-            target = y
-            if mixup is not None and len(y) % 2 == 0:
-                x, target = mixup(x, y)
-            with autocast_context(precision, device):
-                out = model(x)
-                t_logits = None
-                if cached is not None:
-                    t_logits = cached[idx].to(device)
-                elif loss_name != "none":
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-                parts = loss_fn(out, t_logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(parts["loss"])
-            if tcfg.grad_clip > 0:
-                acc.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(acc.unwrap_model(model))
-            logits = out[0] if isinstance(out, (tuple, list)) else out
-            n = len(y)
-            seen += n
-            correct += int((logits.argmax(-1) == y).sum())
-            for k in sums:
-                sums[k] += float(parts[k].detach()) * n
-            if show_bar:
-                bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}")
-        # Average the epoch's training statistics over processes.
-        stats = torch.tensor(
-            [sums["loss"], sums["task_loss"], sums["kd_loss"], correct, seen],
-            dtype=torch.float64,
-            device=device,
+        stats = _train_epoch(
+            acc,
+            model,
+            optimizer,
+            scheduler,
+            ema,
+            train_ds,
+            bar,
+            loss_fn=loss_fn,
+            teacher=teacher if loss_name != "none" else None,
+            cached=cached,
+            mixup=mixup,
+            precision=precision,
+            mem_format=mem_format,
+            grad_clip=tcfg.grad_clip,
+            show_bar=show_bar,
         )
-        stats = acc.reduce(stats, reduction="sum") if world > 1 else stats
         eval_model = ema.module if ema is not None else acc.unwrap_model(model)
         v = _validate(eval_model, val_ds, 256, device)
         val_acc, val_loss = v["acc"], v["loss"]
