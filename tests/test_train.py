@@ -598,3 +598,14 @@ def test_cached_teacher_logits_run_the_teacher_once_per_image_and_view(tmp_path)
         distill_cfg=DistillConfig(loss="soft"),
     )
     assert s["teacher_logits"] == "live"
+
+
+def test_scale_epochs_keeps_the_optimizer_steps_of_the_floor():
+    from slimvit.train import scale_epochs
+
+    t = dataclasses.replace(FAST, steps_floor_images=1260)
+    assert scale_epochs(30, t, 1260) == 30 and scale_epochs(30, t, 1259) == 30  # one image short: unchanged
+    assert scale_epochs(30, t, 546) == 69 and scale_epochs(40, t, 546) == 92  # the imbalanced subset
+    assert scale_epochs(30, t, 5000) == 30  # larger data: never fewer epochs
+    assert scale_epochs(0, t, 100) == 0  # no fine-tune stays none
+    assert scale_epochs(30, FAST, 100) == 30  # 0: off

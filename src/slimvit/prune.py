@@ -574,7 +574,7 @@ def run_prune(
     """
     from slimvit.data import load_data
     from slimvit.evaluate import evaluate_model
-    from slimvit.train import fit, load_teacher
+    from slimvit.train import fit, load_teacher, scale_epochs
 
     ratio = check_ratio(cfg.prune.ratio if ratio is None else ratio)
     epochs = cfg.prune.finetune_epochs if epochs is None else int(epochs)
@@ -588,6 +588,7 @@ def run_prune(
             f"no distilled student in '{student_dir}'; run `slimvit distill` (or `slimvit run`) first"
         )
     data = data or load_data(cfg.data, run_dir)
+    epochs = scale_epochs(epochs, cfg.train, len(data.split["train"]), f"finetune r={ratio:g}")
     student, spec = load_student(run_dir, data.classes)
     widths_before = read_widths(student)
     macs_before, params_before = count_macs_params(student, spec["input_size"])

@@ -161,6 +161,25 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)
 
 
+def scale_epochs(epochs: int, tcfg: TrainConfig, n_train: int, what: str = "training") -> int:
+    """`epochs`, raised so that a training split smaller than `train.steps_floor_images` gets as many
+    optimizer steps as that many images would (rounded: a split one image short changes nothing)."""
+    floor = tcfg.steps_floor_images
+    if not floor or n_train >= floor or epochs == 0:
+        return epochs
+    scaled = max(epochs, round(epochs * floor / max(1, n_train)))
+    if scaled != epochs:
+        log.info(
+            "%s: %d epochs instead of %d: %d training images get the optimizer steps of %d (train.steps_floor_images)",
+            what,
+            scaled,
+            epochs,
+            n_train,
+            floor,
+        )
+    return scaled
+
+
 def imbalance(labels, num_classes: int) -> float:
     """Largest over smallest class count of a split (inf when a class is missing)."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
@@ -672,6 +691,7 @@ def train_role(cfg, run_dir: Path, role: str, data: Data | None = None, resume: 
         teacher, distill_cfg = load_teacher(run_dir, data.classes, input_spec=spec), cfg.distill
     t = cfg.train
     epochs, lr = (t.teacher_epochs, t.teacher_lr) if role == "teacher" else (t.epochs, t.lr)
+    epochs = scale_epochs(epochs, t, len(data.split["train"]), role)
     log.info(
         "%s: %s (%.2fM params), %d epochs, distillation: %s",
         role,
