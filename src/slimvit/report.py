@@ -827,8 +827,17 @@ def _deployment(run: dict) -> list[str]:
             f"{pct(check['accuracy'])} ({check['failed']} undecodable), "
             + (
                 "the same as the benchmark measured."
-                if check["agrees"]
-                else f"**not** the {pct(dep['accuracy'])} the benchmark measured."
+                if check.get("identical", check["agrees"])
+                else (
+                    f"against the benchmark's {pct(dep['accuracy'])}: "
+                    + ("no real difference" if check["agrees"] else "**a real difference**")
+                    + (
+                        f" (paired test on the same images: {check['paired']['a_only']} right only here, "
+                        f"{check['paired']['b_only']} only in the benchmark, p={check['paired']['p']:.2g})."
+                        if check.get("paired")
+                        else "."
+                    )
+                )
             ),
             "",
         ]
@@ -982,7 +991,7 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
     if check and dep:
         out.append(
             (
-                "`slimvit predict` agrees with bench accuracy",
+                "`slimvit predict` agrees with bench accuracy (paired test on the same images)",
                 f"{pct(check['accuracy'])} vs {pct(dep['accuracy'])}",
                 check["agrees"],
             )
