@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slimvit import report
 from slimvit.evaluate import balanced_accuracy, mcnemar, wilson
 
 COUNTS = "300,200,120,80,50,30"
@@ -39,63 +40,42 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def chain(run: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(step, test predictions, labels): student, pruned, the deployed model's FP32 file, the deployed model."""
-    out = []
-    for name in ("teacher", "student", "pruned"):
-        ev = load(run / name / "eval.json")
-        out.append((name, np.array(ev["pred"]), np.array(ev["labels"])))
-    bench, dep = load(run / "bench.json"), load(run / "deploy" / "deploy.json")
-    classes = bench["classes"]
-    y = np.array([classes.index(c) for c in bench["test_images"]["labels"]])
-    if dep.get("deployed"):
-        fp32 = f"{dep['stage']}/onnxruntime/fp32"
-        if fp32 != dep["key"] and fp32 in bench["predictions"]:
-            out.append((f"{dep['stage']} FP32 ONNX", np.array(bench["predictions"][fp32]), y))
-        out.append(
-            (f"deployed {dep['runtime']} {dep['precision']}", np.array(bench["predictions"][dep["key"]]), y)
-        )
-    return out
-
-
 def per_class(pred: np.ndarray, y: np.ndarray, classes: list[str]) -> str:
     cells = []
-    for c, name in enumerate(classes):
-        n = int((y == c).sum())
-        k = int(((pred == c) & (y == c)).sum())
+    for name, (k, n) in zip(classes, report.recalls(pred, y, len(classes)), strict=True):
         lo, _ = wilson(k, n)
         cells.append(f"{name} {k}/{n} (>= {100 * lo:.0f}%)")
     return ", ".join(cells)
 
 
 def summary(run: Path, title: str) -> list[str]:
-    classes = load(run / "bench.json")["classes"]
-    steps = chain(run)
+    """The models a deployment rests on (report.class_models: teacher, student, pruned, the deployed
+    model's FP32 file, the deployed model), each after the student against the one before it."""
+    r = report.load_run(run)
+    classes = r["bench"]["classes"]
+    steps = report.class_models(r)
     lines = [
         f"### {title} (`{run}`)",
         "",
         "| model | test balanced accuracy % | accuracy % | smallest class recall % | change vs input (points) | McNemar p |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    prev = None
-    for name, p, y in steps:
+    for i, (name, p, y) in enumerate(steps):
         bal = balanced_accuracy(p, y)
-        worst = min(((p == c) & (y == c)).sum() / max(1, (y == c).sum()) for c in range(len(classes)))
+        worst = min(k / n for k, n in report.recalls(p, y, len(classes)) if n)
         change, pv = "", ""
-        if prev is not None and name != "student":
-            t = mcnemar(p == y, prev[1] == prev[2])
-            change, pv = f"{100 * (bal - balanced_accuracy(prev[1], prev[2])):+.2f}", f"{t['p']:.2g}"
+        if i >= 2:  # teacher and student are where the chain starts
+            _, pp, yp = steps[i - 1]
+            t = mcnemar(p == y, pp == yp)
+            change, pv = f"{100 * (bal - balanced_accuracy(pp, yp)):+.2f}", f"{t['p']:.2g}"
         lines.append(
             f"| {name} | {100 * bal:.2f} | {100 * (p == y).mean():.2f} | {100 * worst:.1f} | {change} | {pv} |"
         )
-        if name != "teacher":
-            prev = (name, p, y)
-    dep = load(run / "deploy" / "deploy.json")
-    if dep.get("deployed"):
+    if report._deployed(r):
         what = per_class(steps[-1][1], steps[-1][2], classes)
         lines += ["", f"Deployed, per class (right/test images, 95% lower bound): {what}", ""]
     else:
-        lines += ["", f"Nothing deployed: {dep.get('error')}", ""]
+        lines += ["", f"Nothing deployed: {r['bench'].get('deploy_error')}", ""]
     return lines
 
 

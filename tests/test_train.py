@@ -138,10 +138,8 @@ def test_resume_is_identical_to_uninterrupted_with_mixup_and_cutmix(tmp_path, mo
     assert _same_weights(models.load(tmp_path / "int")[0], models.load(tmp_path / "full")[0])
 
 
-def test_checkpoint_is_one_unit_and_temp_files_are_cleaned(tmp_path, monkeypatch):
-    """A write that dies half-way leaves the previous checkpoint whole; a killed run's temp files go."""
-    import slimvit.train as train_mod
-
+def _killed_after_one_epoch(tmp_path, monkeypatch, epochs: int):
+    """A training of `epochs` killed right after its first checkpoint: (data, cfg, out_dir, spec)."""
     data = synthetic_data(n_per_class=8)
     cfg = dataclasses.replace(FAST, ema=False)
     out = tmp_path / "s"
@@ -149,7 +147,15 @@ def test_checkpoint_is_one_unit_and_temp_files_are_cleaned(tmp_path, monkeypatch
     with monkeypatch.context() as m:
         _stop_after_checkpoints(m, 1)
         with pytest.raises(_Killed):
-            fit(model, spec, data, cfg, out, epochs=3, lr=1e-3)
+            fit(model, spec, data, cfg, out, epochs=epochs, lr=1e-3)
+    return data, cfg, out, spec
+
+
+def test_checkpoint_is_one_unit_and_temp_files_are_cleaned(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous checkpoint whole; a killed run's temp files go."""
+    import slimvit.train as train_mod
+
+    data, cfg, out, spec = _killed_after_one_epoch(tmp_path, monkeypatch, epochs=3)
     before = (out / "checkpoint.pt").read_bytes()
     real_save = torch.save
 
@@ -177,14 +183,7 @@ def test_resume_from_a_legacy_checkpoint_folder(tmp_path, monkeypatch):
 
     import slimvit.train as train_mod
 
-    data = synthetic_data(n_per_class=8)
-    cfg = dataclasses.replace(FAST, ema=False)
-    out = tmp_path / "s"
-    model, spec = tiny_student()
-    with monkeypatch.context() as m:
-        _stop_after_checkpoints(m, 1)
-        with pytest.raises(_Killed):
-            fit(model, spec, data, cfg, out, epochs=2, lr=1e-3)
+    data, cfg, out, spec = _killed_after_one_epoch(tmp_path, monkeypatch, epochs=2)
     state = train_mod._load_checkpoint(out)
     (out / "last").mkdir()
     save_file(

@@ -71,7 +71,7 @@ def metrics_from_predictions(pred: np.ndarray, labels: np.ndarray, classes: list
         "n": int(len(labels)),
         "accuracy": float(tp.sum() / max(1, len(labels))),
         "accuracy_ci": list(wilson(int(tp.sum()), int(len(labels)))),
-        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "balanced_accuracy": balanced_accuracy(pred, labels),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "per_class_recall": {c: float(r) for c, r in zip(classes, recall, strict=True)},
         "per_class_recall_ci": {

@@ -118,13 +118,10 @@ def _paired(run: dict, key_a: str, key_b: str) -> dict | None:
     """Exact McNemar test of two bench rows on the same test images (None if predictions are missing)."""
     from slimvit.evaluate import mcnemar
 
-    preds = run["bench"].get("predictions") or {}
-    labels = (run["bench"].get("test_images") or {}).get("labels")
-    if key_a not in preds or key_b not in preds or not labels:
+    a, b = _bench_predictions(run, key_a), _bench_predictions(run, key_b)
+    if a is None or b is None:
         return None
-    classes = run["bench"]["classes"]
-    y = np.array([classes.index(c) for c in labels])
-    return mcnemar(np.array(preds[key_a]) == y, np.array(preds[key_b]) == y)
+    return mcnemar(a[0] == a[1], b[0] == b[1])
 
 
 def _verdict(t: dict | None, a: str, b: str) -> str:
@@ -1162,7 +1159,7 @@ def conclusions(run: dict) -> list[str]:
     return ["## Conclusions", "", *out, ""]
 
 
-def _bench_correct(run: dict, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _bench_predictions(run: dict, key: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(predictions, labels) of one bench row on the test images, as class indices."""
     preds = (run["bench"].get("predictions") or {}).get(key)
     labels = (run["bench"].get("test_images") or {}).get("labels")
@@ -1183,9 +1180,9 @@ def class_models(run: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
     dep = _deployed(run)
     if dep:
         fp32 = _find(run, dep["stage"], "onnxruntime", "fp32")
-        if fp32 and fp32["key"] != dep["key"] and (pl := _bench_correct(run, fp32["key"])):
+        if fp32 and fp32["key"] != dep["key"] and (pl := _bench_predictions(run, fp32["key"])):
             out.append((f"{dep['stage']} FP32 ONNX (before quantization)", *pl))
-        if pl := _bench_correct(run, dep["key"]):
+        if pl := _bench_predictions(run, dep["key"]):
             out.append((f"deployed ({_label(dep)})", *pl))
     return out
 
@@ -1278,7 +1275,7 @@ def weakest_class(run: dict) -> str | None:
     from slimvit.evaluate import wilson
 
     dep = _deployed(run)
-    pl = _bench_correct(run, dep["key"]) if dep else None
+    pl = _bench_predictions(run, dep["key"]) if dep else None
     if pl is None:
         return None
     classes = run["bench"]["classes"]
