@@ -23,7 +23,7 @@ def tiny(pruned: bool = False, name="vit_tiny_patch16_224"):
     model = models.build(spec).eval()
     if pruned:
         widths = prune_model(model, torch.randn(1, 3, 32, 32), PruneConfig(ratio=0.2, importance="l2"))
-        spec = dict(spec, widths=widths)
+        spec = spec.with_widths(widths)
     return model, spec
 
 
@@ -47,7 +47,7 @@ def test_parity_and_metadata(tmp_path, fuse, pruned):
     sess = runtime.session(path, 1)
     meta = runtime.metadata(sess)
     assert meta["classes"] == CLASSES and meta["input_size"] == [3, 32, 32]
-    assert meta["mean"] == spec["mean"] and meta["stage"] == "pruned" and meta["precision"] == "fp32"
+    assert meta["mean"] == list(spec.mean) and meta["stage"] == "pruned" and meta["precision"] == "fp32"
     assert not list(tmp_path.glob("*.tmp"))
 
 

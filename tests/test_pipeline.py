@@ -246,8 +246,10 @@ class _Stop(Exception):
     pass
 
 
-def test_pruning_finetune_teacher_sees_its_own_normalisation(smoke_run, tmp_path, monkeypatch):
-    """The fine-tune distils from the teacher through Renormalize (student and teacher stats differ)."""
+@pytest.mark.parametrize("source", ["teacher", "student"])
+def test_pruning_finetune_teacher_sees_its_own_normalisation(smoke_run, tmp_path, monkeypatch, source):
+    """The fine-tune distils from `prune.teacher`: the run's teacher through Renormalize (student and
+    teacher stats differ), or the unpruned student."""
     import shutil
 
     import torch
@@ -256,7 +258,8 @@ def test_pruning_finetune_teacher_sees_its_own_normalisation(smoke_run, tmp_path
 
     out = tmp_path / "copy"
     shutil.copytree(smoke_run[0], out)
-    cfg = load_config("smoke", overrides=[f"data.path={json.loads((out / 'data.json').read_text())['root']}"])
+    root = json.loads((out / "data.json").read_text())["root"]
+    cfg = load_config("smoke", overrides=[f"data.path={root}", f"prune.teacher={source}"])
     seen = {}
 
     def capture(model, spec, data, tcfg, out_dir, *, teacher=None, **kw):
@@ -266,13 +269,14 @@ def test_pruning_finetune_teacher_sees_its_own_normalisation(smoke_run, tmp_path
     monkeypatch.setattr(train, "fit", capture)
     with pytest.raises(_Stop):
         prune.run_prune(cfg, out)
-    t_model, t_spec = models.load(out / "teacher")
+    t_model, t_spec = models.load(out / source)
     s_spec = seen["spec"]
-    assert (s_spec["mean"], s_spec["std"]) != (t_spec["mean"], t_spec["std"])  # the case that matters
+    if source == "teacher":
+        assert (s_spec.mean, s_spec.std) != (t_spec.mean, t_spec.std)  # the case that matters
     from slimvit.preprocess import normalize
 
-    as_student = torch.from_numpy(normalize(seen["x"], s_spec["mean"], s_spec["std"]))
-    as_teacher = torch.from_numpy(normalize(seen["x"], t_spec["mean"], t_spec["std"]))
+    as_student = torch.from_numpy(normalize(seen["x"], s_spec.mean, s_spec.std))
+    as_teacher = torch.from_numpy(normalize(seen["x"], t_spec.mean, t_spec.std))
     with torch.no_grad():
         torch.testing.assert_close(seen["teacher"](as_student), t_model(as_teacher), rtol=1e-4, atol=1e-4)
 

@@ -40,9 +40,7 @@ def test_predict_folder_with_corrupt_image(tmp_path, deployed):
     assert [f["path"] for f in failed] == [str(folder / "broken.jpg")]
     assert len(results) == 5 and all(r["class"] in CLASSES for r in results)
     # the same pixels through PyTorch give the same classes
-    x = torch.from_numpy(
-        normalize(np.stack([load_rgb(r["path"], 32) for r in results]), spec["mean"], spec["std"])
-    )
+    x = torch.from_numpy(normalize(np.stack([load_rgb(r["path"], 32) for r in results]), spec.mean, spec.std))
     expected = [CLASSES[i] for i in model(x).argmax(1).tolist()]
     assert [r["class"] for r in results] == expected
     for r in results:

@@ -10,6 +10,7 @@ from slimvit import models
 from slimvit.config import PruneConfig
 from slimvit.errors import ConfigError, ModelError
 from slimvit.prune import heads_to_remove, prune_model
+from slimvit.spec import BlockWidths, Widths
 from slimvit.timing import count_macs_params
 from slimvit.vit import apply_widths, check_attention, read_widths
 
@@ -37,20 +38,20 @@ def test_prune_shapes_widths_and_forward(ratio, importance):
     model, spec = tiny_vit()
     x = torch.randn(2, 3, 32, 32)
     out_before = model(x)
-    macs0, params0 = count_macs_params(model, spec["input_size"])
+    macs0, params0 = count_macs_params(model, spec.input_size)
     cfg = PruneConfig(ratio=ratio, importance=importance, round_to=8)
     widths = prune_model(model, x[:1], cfg, batches=batches())
     out_after = model(x)
     assert out_after.shape == out_before.shape and torch.isfinite(out_after).all()
     assert widths == read_widths(model)
-    assert widths["embed_dim"] % 8 == 0 and widths["embed_dim"] < 96
-    for name, b in widths["blocks"].items():
-        assert b["head_dim"] % 8 == 0 and b["mlp_hidden"] % 8 == 0
-        assert b["head_dim"] < 32 and b["mlp_hidden"] < 384
-        assert b["num_heads"] == 3 - heads_to_remove(3, ratio, True)  # one whole head goes only at 0.5
+    assert widths.embed_dim % 8 == 0 and widths.embed_dim < 96
+    for name, b in widths.blocks.items():
+        assert b.head_dim % 8 == 0 and b.mlp_hidden % 8 == 0
+        assert b.head_dim < 32 and b.mlp_hidden < 384
+        assert b.num_heads == 3 - heads_to_remove(3, ratio, True)  # one whole head goes only at 0.5
         check_attention(model.get_submodule(f"{name}.attn"), name)
     assert model.head.out_features == len(CLASSES)  # the classifier keeps its outputs
-    macs1, params1 = count_macs_params(model, spec["input_size"])
+    macs1, params1 = count_macs_params(model, spec.input_size)
     assert params1 < 0.85 * params0 and macs1 < 0.85 * macs0
     # timm's own fused attention path still runs (no patched forward)
     assert all(blk.attn.fused_attn for blk in model.blocks)
@@ -91,15 +92,15 @@ def test_global_and_iterative_pruning():
     cfg = PruneConfig(ratio=0.4, importance="l2", global_pruning=True, iterative_steps=2)
     widths = prune_model(model, x, cfg)
     assert model(x).shape == (1, len(CLASSES))
-    assert all(b["head_dim"] % 8 == 0 for b in widths["blocks"].values())
+    assert all(b.head_dim % 8 == 0 for b in widths.blocks.values())
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.4])
 def test_global_pruning_removes_what_uniform_removes(ratio):
     """One threshold over all layers, but (at most) the block weights the uniform plan keeps."""
 
-    def block_weights(w: dict) -> int:
-        return sum(w["embed_dim"] * (4 * b["attn_dim"] + 2 * b["mlp_hidden"]) for b in w["blocks"].values())
+    def block_weights(w: Widths) -> int:
+        return sum(w.embed_dim * (4 * b.attn_dim + 2 * b.mlp_hidden) for b in w.blocks.values())
 
     def prune(global_pruning: bool) -> dict:
         model, _ = tiny_vit()
@@ -144,9 +145,9 @@ def test_save_load_round_trip(tmp_path):
     model, spec = tiny_vit()
     x = torch.randn(3, 3, 32, 32)
     widths = prune_model(model, x[:1], PruneConfig(ratio=0.5, importance="l2"))
-    models.save(model, dict(spec, widths=widths), tmp_path / "p")
+    models.save(model, spec.with_widths(widths), tmp_path / "p")
     loaded, spec2 = models.load(tmp_path / "p")
-    assert spec2["widths"] == widths
+    assert spec2.widths == widths
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     a = loaded.blocks[0].attn
@@ -156,7 +157,7 @@ def test_save_load_round_trip(tmp_path):
 def test_wrong_widths_are_refused(tmp_path):
     model, spec = tiny_vit()
     widths = prune_model(model, torch.randn(1, 3, 32, 32), PruneConfig(ratio=0.5, importance="l2"))
-    models.save(model, dict(spec, widths=widths), tmp_path / "p")
+    models.save(model, spec.with_widths(widths), tmp_path / "p")
     js = tmp_path / "p" / "model.json"
     import json
 
@@ -171,7 +172,7 @@ def test_wrong_widths_are_refused(tmp_path):
         models.load(tmp_path / "p")
     from safetensors.torch import load_file, save_file
 
-    models.save(model, dict(spec, widths=widths), tmp_path / "q")
+    models.save(model, spec.with_widths(widths), tmp_path / "q")
     weights = load_file(str(tmp_path / "q" / "model.safetensors"))
     save_file(
         {**weights, "blocks.9.attn.qkv.weight": torch.zeros(1)}, str(tmp_path / "q" / "model.safetensors")
@@ -180,7 +181,9 @@ def test_wrong_widths_are_refused(tmp_path):
         models.load(tmp_path / "q")
     fresh, _ = tiny_vit()
     with pytest.raises(ModelError, match="unknown layer 'blocks.7'"):
-        apply_widths(fresh, {"format": 1, "embed_dim": 32, "blocks": {"blocks.7": {}}})
+        apply_widths(fresh, Widths(32, {"blocks.7": BlockWidths(1, 8, 8)}))
+    with pytest.raises(ModelError, match="'blocks.0' must have exactly the keys"):
+        Widths.from_json({"format": 1, "embed_dim": 32, "blocks": {"blocks.0": {}}})
 
 
 def test_pruned_model_exports_to_onnx(tmp_path):

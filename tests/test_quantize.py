@@ -12,6 +12,7 @@ from slimvit.errors import ConfigError
 from slimvit.export import export_onnx
 from slimvit.preprocess import normalize
 from slimvit.quantize import MODES, calibration_images, op_census
+from slimvit.spec import ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +67,10 @@ def test_mode_produces_runnable_model(exported, mode):
 
 def test_calibration_uses_training_images_and_refuses_too_few():
     data = synthetic_data(n_per_class=8)  # 4 training images per class -> 12
-    spec = {"mean": [0.5] * 3, "std": [0.5] * 3}
+    spec = ModelSpec("vit", 3, ("a", "b", "c"), (3, 32, 32), (0.5,) * 3, (0.5,) * 3)
     calib = calibration_images(data, spec, 8, seed=0)
     assert calib.shape == (8, 3, 32, 32) and calib.dtype == np.float32
-    train = {x.tobytes() for x in normalize(data.arrays("train")[0], spec["mean"], spec["std"])}
+    train = {x.tobytes() for x in normalize(data.arrays("train")[0], spec.mean, spec.std)}
     assert all(c.tobytes() in train for c in calib)  # never a val/test image
     assert len({c.tobytes() for c in calib}) == 8
     with pytest.raises(ConfigError, match=r"calibration_images=100 but the training split has only \d+"):

@@ -79,7 +79,7 @@ def test_checkpoint_round_trip_identical_outputs(tmp_path):
     model, spec = tiny_student()
     model, _ = fit(model, spec, data, FAST, tmp_path / "s", epochs=1, lr=1e-3)
     loaded, spec2 = models.load(tmp_path / "s")
-    assert spec2["classes"] == CLASSES and spec2["stem"] == "conv"
+    assert spec2 == spec and list(spec2.classes) == CLASSES and spec2.stem == "conv"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
@@ -350,16 +350,16 @@ def test_teacher_sees_its_own_normalisation(tmp_path):
 
     t_spec = models.make_spec("resnet10t", 3, CLASSES, 32)
     s_spec = models.make_spec("vit_tiny_patch16_224", 3, CLASSES, 32, "conv", TINY_VIT)
-    assert t_spec["std"] != s_spec["std"]
+    assert t_spec.std != s_spec.std
     teacher = models.build(t_spec).eval()
     img = torch.rand(2, 3, 32, 32)
-    as_teacher = (img - torch.tensor(t_spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(t_spec["std"]).view(
+    as_teacher = (img - torch.tensor(t_spec.mean).view(1, 3, 1, 1)) / torch.tensor(t_spec.std).view(
         1, 3, 1, 1
     )
-    as_student = (img - torch.tensor(s_spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(s_spec["std"]).view(
+    as_student = (img - torch.tensor(s_spec.mean).view(1, 3, 1, 1)) / torch.tensor(s_spec.std).view(
         1, 3, 1, 1
     )
-    wrapped = Renormalize(teacher, s_spec["mean"], s_spec["std"], t_spec["mean"], t_spec["std"])
+    wrapped = Renormalize(teacher, s_spec.mean, s_spec.std, t_spec.mean, t_spec.std)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(as_student), teacher(as_teacher), rtol=1e-4, atol=1e-5)
 
@@ -578,7 +578,7 @@ def test_cached_teacher_logits_run_the_teacher_once_per_image_and_view(tmp_path)
     # the cache is the mean of the logits over the views
     from slimvit.data import EvalDataset
 
-    ds = EvalDataset(*data.arrays("train"), spec["mean"], spec["std"])
+    ds = EvalDataset(*data.arrays("train"), spec.mean, spec.std)
     cached = teacher_logits(base, ds, FAST, "no", torch.device("cpu"))
     with torch.no_grad():
         expect = torch.stack([base(v) for v in views(ds.x, True, True)]).mean(0)

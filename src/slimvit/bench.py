@@ -25,6 +25,7 @@ import numpy as np
 
 from slimvit.errors import ModelError
 from slimvit.io import atomic_write_json, atomic_write_text, is_main_process, read_json
+from slimvit.spec import read_spec
 from slimvit.timing import ISA_FLAGS, cpu_flags, cpu_name
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def _torch_variant(run_dir: Path, stage: str, reference: bool = False) -> Varian
     from slimvit.timing import count_macs_params
 
     model, spec = models.load(run_dir / stage)
-    macs, params = count_macs_params(model, spec["input_size"])
+    macs, params = count_macs_params(model, spec.input_size)
 
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -171,7 +172,7 @@ def _macs_params(run_dir: Path, stage: str) -> tuple[int, int]:
     from slimvit.timing import count_macs_params
 
     model, spec = models.load(run_dir / stage)
-    return count_macs_params(model, spec["input_size"])
+    return count_macs_params(model, spec.input_size)
 
 
 def _candidate(
@@ -430,7 +431,7 @@ def run_bench(cfg, run_dir: str | Path, data=None) -> dict:
 
 
 def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
-    from slimvit import deploy, models
+    from slimvit import deploy
     from slimvit.data import load_data
     from slimvit.evaluate import metrics_from_logits
     from slimvit.quantize import validated_on
@@ -438,7 +439,7 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
     bcfg = cfg.bench
     variants, ov_status = collect_variants(run_dir, bcfg.threads, workers)
     data = data or load_data(cfg.data, run_dir)
-    spec = models.read_spec(run_dir / "student")
+    spec = read_spec(run_dir / "student")
     metrics, val_metrics, preds = {}, {}, {}
     for split, store in (("test", metrics), ("val", val_metrics)):
         images, labels = data.arrays(split)
@@ -454,7 +455,7 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
         bcfg.rounds,
     )
     t0 = time.perf_counter()
-    measure(variants, spec["input_size"], bcfg)
+    measure(variants, spec.input_size, bcfg)
     rows = [
         row(
             v,
@@ -469,7 +470,7 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
         pick, _ = deploy.choose(rows)
     except deploy.NothingFits:
         pick = min((r for r in rows if r["candidate"]), key=lambda r: r["latency_ms_p50"])
-    scaling = thread_scaling(run_dir, rows, spec["input_size"], bcfg, workers, pick)
+    scaling = thread_scaling(run_dir, rows, spec.input_size, bcfg, workers, pick)
     out = {
         "threads": bcfg.threads,
         "cpu": cpu_name(),
@@ -515,15 +516,14 @@ def _logits_by_variant(run_dir: Path, variants: list[Variant], images: np.ndarra
     """
     import tempfile
 
-    from slimvit import models
     from slimvit.preprocess import normalize
 
     x_by_norm: dict[tuple, tuple[np.ndarray, Path]] = {}
     out = []
     with tempfile.TemporaryDirectory(prefix="slimvit-bench-") as tmp:
         for v in variants:
-            s = models.read_spec(run_dir / v.stage)
-            norm = (tuple(s["mean"]), tuple(s["std"]))
+            s = read_spec(run_dir / v.stage)
+            norm = (s.mean, s.std)
             if norm not in x_by_norm:
                 x = normalize(images, *norm)
                 npy = Path(tmp) / f"x{len(x_by_norm)}-{len(x)}.npy"

@@ -46,7 +46,7 @@ def _time_steps(model, x, y, precision: str, train: bool, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def measure_step(spec: dict, tcfg, batch: int, train: bool = True, steps: int = 1) -> float:
+def measure_step(spec, tcfg, batch: int, train: bool = True, steps: int = 1) -> float:
     """Seconds of one training step (or one forward, `train=False`) of the model `spec` describes."""
     import torch
 
@@ -58,8 +58,8 @@ def measure_step(spec: dict, tcfg, batch: int, train: bool = True, steps: int = 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fmt = torch.channels_last if tcfg.channels_last else torch.contiguous_format
     model = models.build(spec).to(device, memory_format=fmt)
-    x = torch.randn(batch, *spec["input_size"], device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, spec["num_classes"], (batch,), device=device)
+    x = torch.randn(batch, *spec.input_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, spec.num_classes, (batch,), device=device)
     with torch.random.fork_rng(devices=[]):  # leave the training's RNG streams alone
         return _time_steps(model, x, y, resolve_precision(tcfg.precision, device), train, steps)
 

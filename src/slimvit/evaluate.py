@@ -103,12 +103,12 @@ def predict_logits(model, x, batch_size: int = 128) -> np.ndarray:
     return torch.cat(outs).numpy()
 
 
-def evaluate_model(model, data, spec: dict, split: str = "test") -> dict:
+def evaluate_model(model, data, spec, split: str = "test") -> dict:
     """Metrics of `model` on one split of `data` (a slimvit.data.Data)."""
     from slimvit.data import to_tensor_batch
 
     images, labels = data.arrays(split)
-    x = to_tensor_batch(images, spec["mean"], spec["std"])
+    x = to_tensor_batch(images, spec.mean, spec.std)
     m = metrics_from_logits(predict_logits(model, x), labels, data.classes)
     m["split"] = split
     return m

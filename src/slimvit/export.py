@@ -28,6 +28,7 @@ from torch import nn
 from slimvit import models, runtime
 from slimvit.errors import ModelError, first_line
 from slimvit.io import atomic_path, atomic_write_json, is_main_process
+from slimvit.spec import ModelSpec
 from slimvit.vit import plain_attention
 
 log = logging.getLogger(__name__)
@@ -148,23 +149,23 @@ def for_export(model: nn.Module, fuse_attention: bool = True) -> tuple[nn.Module
 # --------------------------------------------------------------------------- export
 
 
-def onnx_metadata(spec: dict, stage: str, precision: str = "fp32") -> dict:
+def onnx_metadata(spec: ModelSpec, stage: str, precision: str = "fp32") -> dict:
     """What `slimvit predict` needs to use the model, plus where it came from."""
     return {
         "stage": stage,
         "precision": precision,
-        "name": spec["name"],
-        "classes": list(spec["classes"]),
-        "input_size": list(spec["input_size"]),
-        "mean": list(spec["mean"]),
-        "std": list(spec["std"]),
-        "interpolation": spec.get("interpolation", "bilinear"),
+        "name": spec.name,
+        "classes": list(spec.classes),
+        "input_size": list(spec.input_size),
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "interpolation": spec.interpolation,
     }
 
 
 def export_onnx(
     model: nn.Module,
-    spec: dict,
+    spec: ModelSpec,
     path: str | Path,
     *,
     stage: str,
@@ -185,7 +186,7 @@ def export_onnx(
 
     t0 = time.perf_counter()
     m, fused = for_export(model, fuse_attention)
-    x = torch.randn(2, *spec["input_size"])  # batch 2: torch.export would specialise a batch of 1
+    x = torch.randn(2, *spec.input_size)  # batch 2: torch.export would specialise a batch of 1
     if fused:
         with torch.no_grad():
             diff = float((m(x) - model.eval()(x)).abs().max())
@@ -303,7 +304,7 @@ def run_export(cfg, run_dir: str | Path, data=None) -> dict:
             fuse_attention=q.fuse_attention,
             optimize=q.optimize,
         )
-        check = parity(model, path, to_tensor_batch(images, spec["mean"], spec["std"]), cfg.bench.threads)
+        check = parity(model, path, to_tensor_batch(images, spec.mean, spec.std), cfg.bench.threads)
         info.update(check, file=str(path.relative_to(run_dir)))
         log.info(
             "export %s: %s (%.2f MB, opset %d, %d fused attention blocks); parity on %d test images: "

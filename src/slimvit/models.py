@@ -1,6 +1,6 @@
 """Create timm models, and save/load them as `model.safetensors` + `model.json` (no pickle).
 
-`model.json` holds everything needed to rebuild the module: the timm name, constructor kwargs,
+`model.json` (a `slimvit.spec.ModelSpec`) holds everything needed to rebuild the module: the timm name, constructor kwargs,
 the token stem, the classes, input size and normalisation, and, for pruned models, the width of
 every pruned layer. `load(path)` rebuilds the architecture, applies the widths, and loads the
 weights with safetensors.
@@ -9,7 +9,6 @@ weights with safetensors.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 from pathlib import Path
 
@@ -19,11 +18,12 @@ from torch import nn
 
 from slimvit.errors import ModelError, first_line
 from slimvit.io import atomic_path, atomic_write_json
+from slimvit.spec import FORMAT, ModelSpec, read_spec
 from slimvit.vit import ConvStem, apply_widths
 
 log = logging.getLogger(__name__)
 
-FORMAT = "slimvit-model/1"
+__all__ = ["ModelSpec", "read_spec"]  # re-exported: the torch side reads and writes specs through here too
 VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
 
 
@@ -52,15 +52,15 @@ def check_model_name(name: str) -> None:
         raise ModelError(f"unknown timm model '{name}'.{hint}")
 
 
-def build(spec: dict) -> nn.Module:
+def build(spec: ModelSpec) -> nn.Module:
     """Build the (unpruned) module described by an artifact spec, with random weights."""
-    name = spec["name"]
+    name = spec.name
     check_model_name(name)
-    kwargs = dict(spec.get("kwargs") or {})
-    kwargs["num_classes"] = spec["num_classes"]
+    kwargs = dict(spec.kwargs)
+    kwargs["num_classes"] = spec.num_classes
     if is_vit(name):
-        kwargs["img_size"] = spec["input_size"][-1]
-        stem = spec.get("stem", "patch")
+        kwargs["img_size"] = spec.img_size
+        stem = spec.stem
         if stem not in STEMS:
             raise ModelError(f"unknown stem '{stem}'; known: {', '.join(STEMS)}")
         if STEMS[stem] is not None:
@@ -78,28 +78,25 @@ def make_spec(
     img_size: int,
     stem: str = "patch",
     kwargs: dict | None = None,
-) -> dict:
-    """The JSON description of a fresh model; mean/std come from the timm model's config."""
+) -> ModelSpec:
+    """The description of a fresh model; mean/std come from the timm model's config."""
     check_model_name(name)
     cfg = timm.models.get_pretrained_cfg(name)
-    mean = list(getattr(cfg, "mean", None) or timm.data.IMAGENET_DEFAULT_MEAN)
-    std = list(getattr(cfg, "std", None) or timm.data.IMAGENET_DEFAULT_STD)
-    return {
-        "format": FORMAT,
-        "name": name,
-        "kwargs": dict(kwargs or {}),
-        "stem": stem if is_vit(name) else "patch",
-        "num_classes": num_classes,
-        "classes": list(classes),
-        "input_size": [3, img_size, img_size],
-        "mean": mean,
-        "std": std,
-        "interpolation": "bilinear",
-        "widths": None,
-    }
+    mean = getattr(cfg, "mean", None) or timm.data.IMAGENET_DEFAULT_MEAN
+    std = getattr(cfg, "std", None) or timm.data.IMAGENET_DEFAULT_STD
+    return ModelSpec(
+        name=name,
+        num_classes=num_classes,
+        classes=tuple(classes),
+        input_size=(3, img_size, img_size),
+        mean=tuple(float(x) for x in mean),
+        std=tuple(float(x) for x in std),
+        kwargs=dict(kwargs or {}),
+        stem=stem if is_vit(name) else "patch",
+    )
 
 
-def create(spec: dict, pretrained: bool = False, weights: str | None = None) -> nn.Module:
+def create(spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
     """A new model from a spec, optionally initialised from timm's pretrained weights or a local file."""
     if pretrained and weights:
         raise ModelError("set either pretrained: true or weights: FILE, not both")
@@ -111,11 +108,11 @@ def create(spec: dict, pretrained: bool = False, weights: str | None = None) -> 
     return model
 
 
-def _load_pretrained(spec: dict, model: nn.Module) -> nn.Module:
-    name = spec["name"]
-    kwargs = dict(spec.get("kwargs") or {}, num_classes=spec["num_classes"])
+def _load_pretrained(spec: ModelSpec, model: nn.Module) -> nn.Module:
+    name = spec.name
+    kwargs = dict(spec.kwargs, num_classes=spec.num_classes)
     if is_vit(name):
-        kwargs["img_size"] = spec["input_size"][-1]
+        kwargs["img_size"] = spec.img_size
     try:
         pre = timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e:  # network errors come in many types (OSError, HF hub errors, ...)
@@ -124,7 +121,7 @@ def _load_pretrained(spec: dict, model: nn.Module) -> nn.Module:
             "Offline? Pass a local file with `weights: FILE` (--set model.teacher_weights=FILE) "
             "or set `pretrained: false`."
         ) from None
-    if spec.get("stem", "patch") != "patch":
+    if spec.stem != "patch":
         # Keep the pretrained transformer, but the conv stem starts fresh.
         sd = {k: v for k, v in pre.state_dict().items() if not k.startswith("patch_embed.")}
         model.load_state_dict(sd, strict=False)
@@ -175,41 +172,20 @@ def load_weights_file(model: nn.Module, path: str | Path, strict: bool = True) -
     model.load_state_dict(sd, strict=strict)
 
 
-def save(model: nn.Module, spec: dict, out_dir: str | Path, extra: dict | None = None) -> Path:
+def save(model: nn.Module, spec: ModelSpec, out_dir: str | Path) -> Path:
     """Write `model.safetensors` and `model.json` atomically into `out_dir`."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = dict(spec)
-    if extra:
-        meta.update(extra)
     with atomic_path(out / "model.safetensors") as tmp:
-        save_file(sd, str(tmp), metadata={"format": FORMAT, "name": spec["name"]})
-    atomic_write_json(out / "model.json", meta)
+        save_file(sd, str(tmp), metadata={"format": FORMAT, "name": spec.name})
+    atomic_write_json(out / "model.json", spec.to_json())
     return out
 
 
-def read_spec(path: str | Path) -> dict:
-    p = Path(path)
-    js = p / "model.json" if p.is_dir() else p.with_suffix(".json")
-    if not js.is_file():
-        raise ModelError(
-            f"no model.json at '{p}'; point at a folder written by slimvit (teacher/, student/, ...)"
-        )
-    try:
-        spec = json.loads(js.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(
-            f"'{js}' is not valid JSON ({e}); the artifact is corrupt, re-run the stage"
-        ) from None
-    if spec.get("format") != FORMAT:
-        raise ModelError(f"'{js}' is not a slimvit model description (format {spec.get('format')!r})")
-    return spec
-
-
-def load(path: str | Path) -> tuple[nn.Module, dict]:
+def load(path: str | Path) -> tuple[nn.Module, ModelSpec]:
     """Rebuild a saved model (pruned or not) from its folder, without pickle. Returns (model, spec)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -220,8 +196,8 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
     if not st.is_file():
         raise ModelError(f"'{st}' is missing; the artifact is incomplete, re-run the stage that makes it")
     model = build(spec)
-    if spec.get("widths"):
-        apply_widths(model, spec["widths"])
+    if spec.widths is not None:
+        apply_widths(model, spec.widths)
     try:
         sd = load_file(str(st))
     except (SafetensorError, OSError) as e:

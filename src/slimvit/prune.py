@@ -29,7 +29,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,9 @@ from slimvit import models
 from slimvit.config import PruneConfig
 from slimvit.errors import ConfigError, ModelError
 from slimvit.io import atomic_write_json, atomic_write_text, is_main_process, read_json
+from slimvit.spec import BlockWidths, ModelSpec, Widths
 from slimvit.timing import compare_latency, count_macs_params
 from slimvit.vit import (
-    WIDTHS_FORMAT,
     VitParts,
     _set_embed_dim,
     _set_heads,
@@ -128,30 +128,22 @@ def _round_keep(x: float, current: int, round_to: int) -> int:
     return min(current, max(round_to, int(math.floor(x / round_to + 1e-9)) * round_to))
 
 
-def uniform_widths(initial: dict, current: dict, frac: float, pcfg: PruneConfig) -> dict:
+def uniform_widths(initial: Widths, current: Widths, frac: float, pcfg: PruneConfig) -> Widths:
     """Target widths removing `frac` of every group of `initial`, never wider than `current`.
 
     Whole heads: ``floor(frac_final * num_heads)`` of them (decided at the first step, at least one
     head stays); head dims then make up the rest of the attention width.
     """
     r = pcfg.round_to
-    e0, e_cur = initial["embed_dim"], current["embed_dim"]
-    out = {
-        "format": WIDTHS_FORMAT,
-        "embed_dim": _round_keep(e0 * (1 - frac), e_cur, r) if pcfg.prune_embed else e_cur,
-        "blocks": {},
-    }
-    for name, b0 in initial["blocks"].items():
-        bc = current["blocks"][name]
-        heads = bc["num_heads"]
-        d = _round_keep(b0["attn_dim"] * (1 - frac) / heads, bc["head_dim"], r)
-        out["blocks"][name] = {
-            "num_heads": heads,
-            "head_dim": d,
-            "attn_dim": heads * d,
-            "mlp_hidden": _round_keep(b0["mlp_hidden"] * (1 - frac), bc["mlp_hidden"], r),
-        }
-    return out
+    e0, e_cur = initial.embed_dim, current.embed_dim
+    blocks = {}
+    for name, b0 in initial.blocks.items():
+        bc = current.blocks[name]
+        heads = bc.num_heads
+        d = _round_keep(b0.attn_dim * (1 - frac) / heads, bc.head_dim, r)
+        blocks[name] = BlockWidths(heads, d, _round_keep(b0.mlp_hidden * (1 - frac), bc.mlp_hidden, r))
+    embed = _round_keep(e0 * (1 - frac), e_cur, r) if pcfg.prune_embed else e_cur
+    return Widths(embed, blocks)
 
 
 def heads_to_remove(num_heads: int, ratio: float, prune_heads: bool) -> int:
@@ -274,7 +266,7 @@ def _prune_step(
     example_inputs: torch.Tensor,
     imp: Any,
     pcfg: PruneConfig,
-    target: dict,
+    target: Widths,
     drop_heads: dict[str, int],
 ) -> None:
     import torch_pruning as tp
@@ -290,15 +282,15 @@ def _prune_step(
 
     # 1. Score every channel of every group before anything changes shape.
     s_embed = None
-    if target["embed_dim"] < cur["embed_dim"] or pcfg.global_pruning and pcfg.prune_embed:
-        s_embed = score(parts.stem_out, tp.prune_conv_out_channels, cur["embed_dim"])
+    if target.embed_dim < cur.embed_dim or pcfg.global_pruning and pcfg.prune_embed:
+        s_embed = score(parts.stem_out, tp.prune_conv_out_channels, cur.embed_dim)
     s_attn, s_mlp = {}, {}
     for name, blk in parts.blocks:
-        bc = cur["blocks"][name]
-        s_attn[name] = score(blk.attn.proj, tp.prune_linear_in_channels, bc["attn_dim"]).view(
-            bc["num_heads"], bc["head_dim"]
+        bc = cur.blocks[name]
+        s_attn[name] = score(blk.attn.proj, tp.prune_linear_in_channels, bc.attn_dim).view(
+            bc.num_heads, bc.head_dim
         )
-        s_mlp[name] = score(blk.mlp.fc1, tp.prune_linear_out_channels, bc["mlp_hidden"])
+        s_mlp[name] = score(blk.mlp.fc1, tp.prune_linear_out_channels, bc.mlp_hidden)
 
     # 2. Global ranking: one threshold over all groups decides how many channels each keeps.
     if pcfg.global_pruning:
@@ -308,14 +300,14 @@ def _prune_step(
     plans: list[tuple[nn.Module, Callable, list[int]]] = []
     heads_after = {}
     for name, blk in parts.blocks:
-        bc, bt = cur["blocks"][name], target["blocks"][name]
-        kept, drop = _attention_keep(s_attn[name], drop_heads.get(name, 0), bt["head_dim"])
-        heads_after[name] = (len(kept), bc["head_dim"])
+        bc, bt = cur.blocks[name], target.blocks[name]
+        kept, drop = _attention_keep(s_attn[name], drop_heads.get(name, 0), bt.head_dim)
+        heads_after[name] = (len(kept), bc.head_dim)
         plans.append((blk.attn.proj, tp.prune_linear_in_channels, drop))
-        n_mlp = bc["mlp_hidden"] - bt["mlp_hidden"]
+        n_mlp = bc.mlp_hidden - bt.mlp_hidden
         plans.append((blk.mlp.fc1, tp.prune_linear_out_channels, _lowest(s_mlp[name], n_mlp)))
     if s_embed is not None:
-        n_embed = cur["embed_dim"] - target["embed_dim"]
+        n_embed = cur.embed_dim - target.embed_dim
         plans.append((parts.stem_out, tp.prune_conv_out_channels, _lowest(s_embed, n_embed)))
     for root, fn, idxs in plans:
         if idxs:
@@ -347,10 +339,10 @@ def _lowest(scores: torch.Tensor, n: int) -> list[int]:
     return sorted(int(i) for i in torch.argsort(scores)[:n]) if n > 0 else []
 
 
-def _apply_global(target, cur, s_embed, s_attn, s_mlp, drop_heads, r) -> dict:
+def _apply_global(target: Widths, cur: Widths, s_embed, s_attn, s_mlp, drop_heads, r) -> Widths:
     scores, uniform, current, heads = {}, {}, {}, {}
     if s_embed is not None:
-        scores["embed"], uniform["embed"], current["embed"] = s_embed, target["embed_dim"], cur["embed_dim"]
+        scores["embed"], uniform["embed"], current["embed"] = s_embed, target.embed_dim, cur.embed_dim
     for name, s in s_attn.items():
         # Slot j of a head = its j-th best dim; a slot's score is averaged over the heads that stay.
         head_order = torch.argsort(s.mean(1))
@@ -358,25 +350,23 @@ def _apply_global(target, cur, s_embed, s_attn, s_mlp, drop_heads, r) -> dict:
         heads[name] = len(stay)
         slots = torch.sort(stay, dim=1, descending=True).values.mean(0)
         scores[f"{name}.attn"] = slots
-        uniform[f"{name}.attn"] = target["blocks"][name]["head_dim"]
-        current[f"{name}.attn"] = cur["blocks"][name]["head_dim"]
+        uniform[f"{name}.attn"] = target.blocks[name].head_dim
+        current[f"{name}.attn"] = cur.blocks[name].head_dim
         scores[f"{name}.mlp"] = s_mlp[name]
-        uniform[f"{name}.mlp"] = target["blocks"][name]["mlp_hidden"]
-        current[f"{name}.mlp"] = cur["blocks"][name]["mlp_hidden"]
+        uniform[f"{name}.mlp"] = target.blocks[name].mlp_hidden
+        current[f"{name}.mlp"] = cur.blocks[name].mlp_hidden
 
     def size(keep: dict[str, int]) -> int:
         """Weights of the blocks' matrices at these widths: qkv + proj, fc1 + fc2."""
-        e = keep.get("embed", cur["embed_dim"])
+        e = keep.get("embed", cur.embed_dim)
         return sum(e * (4 * heads[n] * keep[f"{n}.attn"] + 2 * keep[f"{n}.mlp"]) for n in heads)
 
     keep = _global_keep(scores, size, uniform, current, r)
-    out = {"format": WIDTHS_FORMAT, "embed_dim": keep.get("embed", cur["embed_dim"]), "blocks": {}}
-    for name, bt in target["blocks"].items():
-        d = keep[f"{name}.attn"]
-        out["blocks"][name] = dict(
-            bt, head_dim=d, attn_dim=bt["num_heads"] * d, mlp_hidden=keep[f"{name}.mlp"]
-        )
-    return out
+    blocks = {
+        name: replace(bt, head_dim=keep[f"{name}.attn"], mlp_hidden=keep[f"{name}.mlp"])
+        for name, bt in target.blocks.items()
+    }
+    return Widths(keep.get("embed", cur.embed_dim), blocks)
 
 
 def prune_model(
@@ -404,25 +394,22 @@ def prune_model(
         out_before = model(example_inputs)
     imp = crit.make()
     drop_heads = {
-        name: heads_to_remove(b["num_heads"], ratio, pcfg.prune_heads)
-        for name, b in initial["blocks"].items()
+        name: heads_to_remove(b.num_heads, ratio, pcfg.prune_heads) for name, b in initial.blocks.items()
     }
     for step in range(1, pcfg.iterative_steps + 1):
         frac = ratio * step / pcfg.iterative_steps
         heads = drop_heads if step == 1 else {}
         current = read_widths(model)
-        after_heads = {
-            **current,
-            "blocks": {
-                n: dict(b, num_heads=b["num_heads"] - heads.get(n, 0)) for n, b in current["blocks"].items()
-            },
-        }
+        after_heads = Widths(
+            current.embed_dim,
+            {n: replace(b, num_heads=b.num_heads - heads.get(n, 0)) for n, b in current.blocks.items()},
+        )
         target = uniform_widths(initial, after_heads, frac, pcfg)
         if crit.needs_gradients:
             _accumulate_gradients(model, batches)
         _prune_step(model, example_inputs, imp, pcfg, target, heads)
         model.zero_grad(set_to_none=True)
-        log.info("prune step %d/%d: %s", step, pcfg.iterative_steps, describe_widths(read_widths(model)))
+        log.info("prune step %d/%d: %s", step, pcfg.iterative_steps, read_widths(model).describe())
     with _tracking(model) as where, torch.no_grad():
         try:
             out_after = model(example_inputs)
@@ -436,21 +423,10 @@ def prune_model(
     return read_widths(model)
 
 
-def describe_widths(widths: dict) -> str:
-    """One line: embed width and the per-block heads x head_dim / MLP hidden (ranges if they vary)."""
-    b = list(widths["blocks"].values())
-
-    def span(key: str) -> str:
-        lo, hi = min(x[key] for x in b), max(x[key] for x in b)
-        return str(lo) if lo == hi else f"{lo}-{hi}"
-
-    return f"embed {widths['embed_dim']}, heads {span('num_heads')} x {span('head_dim')}, mlp {span('mlp_hidden')}"
-
-
 # --------------------------------------------------------------------------- the stage
 
 
-def _taylor_batches(data, spec: dict, n_batches: int, batch_size: int, seed: int):
+def _taylor_batches(data, spec: ModelSpec, n_batches: int, batch_size: int, seed: int):
     from slimvit.data import to_tensor_batch
 
     images, labels = data.arrays("train")
@@ -460,7 +436,7 @@ def _taylor_batches(data, spec: dict, n_batches: int, batch_size: int, seed: int
         idx = order[i * batch_size : (i + 1) * batch_size]
         if len(idx) == 0:
             break
-        x = to_tensor_batch(images[idx], spec["mean"], spec["std"])
+        x = to_tensor_batch(images[idx], spec.mean, spec.std)
         out.append((x, torch.from_numpy(labels[idx])))
     return out
 
@@ -472,13 +448,13 @@ def _require_student(run_dir: Path) -> Path:
     return path
 
 
-def load_student(run_dir: Path, classes: list[str]) -> tuple[nn.Module, dict]:
+def load_student(run_dir: Path, classes: list[str]) -> tuple[nn.Module, ModelSpec]:
     """The distilled student of a run, checked against the data's classes."""
     path = _require_student(run_dir)
     model, spec = models.load(path)
-    if spec["classes"] != list(classes):
+    if list(spec.classes) != list(classes):
         raise ModelError(
-            f"the student in '{path}' predicts classes {spec['classes']}, the data has {list(classes)}; "
+            f"the student in '{path}' predicts classes {list(spec.classes)}, the data has {list(classes)}; "
             "re-run `slimvit distill --force` on this dataset"
         )
     return model, spec
@@ -498,7 +474,7 @@ def _settings(pcfg: PruneConfig, ratio: float) -> dict:
 
 
 def _prune_or_resume(
-    cfg, student: nn.Module, spec: dict, data, out: Path, ratio: float, resume, source=("student", 0.0)
+    cfg, student: nn.Module, spec: ModelSpec, data, out: Path, ratio: float, resume, source=("student", 0.0)
 ) -> tuple:
     """The pruned, not yet fine-tuned model: made now (and saved in out/init/), or read back on resume.
 
@@ -531,8 +507,8 @@ def _prune_or_resume(
     if criterion(cfg.prune.importance).needs_gradients:
         batches = _taylor_batches(data, spec, cfg.prune.taylor_batches, cfg.train.batch_size, cfg.train.seed)
     t0 = time.perf_counter()
-    widths = prune_model(model, torch.randn(1, *spec["input_size"]), cfg.prune, ratio=step, batches=batches)
-    pspec = dict(spec, widths=widths)
+    widths = prune_model(model, torch.randn(1, *spec.input_size), cfg.prune, ratio=step, batches=batches)
+    pspec = spec.with_widths(widths)
     from slimvit.evaluate import evaluate_model
 
     val = evaluate_model(model, data, pspec, "val")
@@ -574,7 +550,7 @@ def run_prune(
     """
     from slimvit.data import load_data
     from slimvit.evaluate import evaluate_model
-    from slimvit.train import fit, load_teacher, scale_epochs
+    from slimvit.train import fit, scale_epochs
 
     ratio = check_ratio(cfg.prune.ratio if ratio is None else ratio)
     epochs = cfg.prune.finetune_epochs if epochs is None else int(epochs)
@@ -591,7 +567,7 @@ def run_prune(
     epochs = scale_epochs(epochs, cfg.train, len(data.split["train"]), f"finetune r={ratio:g}")
     student, spec = load_student(run_dir, data.classes)
     widths_before = read_widths(student)
-    macs_before, params_before = count_macs_params(student, spec["input_size"])
+    macs_before, params_before = count_macs_params(student, spec.input_size)
     reference = copy.deepcopy(student)  # pruning works in place; keep the student for the latency comparison
     src_ratio = 0.0
     if source != "student":
@@ -602,7 +578,7 @@ def run_prune(
     model, pspec, info, resumed = _prune_or_resume(
         cfg, student, spec, data, out, ratio, resume, source=(source, src_ratio)
     )
-    macs_after, params_after = count_macs_params(model, pspec["input_size"])
+    macs_after, params_after = count_macs_params(model, pspec.input_size)
     log.info(
         "prune r=%.2f: params %.2fM -> %.2fM (%.2fx), MACs %.1fM -> %.1fM (%.2fx); %s",
         ratio,
@@ -612,12 +588,12 @@ def run_prune(
         macs_before / 1e6,
         macs_after / 1e6,
         macs_after / macs_before,
-        describe_widths(pspec["widths"]),
+        pspec.widths.describe(),
     )
 
     teacher, distill_cfg = None, None
     if epochs > 0 and cfg.distill.loss != "none":
-        teacher, distill_cfg = load_teacher(run_dir, data.classes, input_spec=pspec), cfg.distill
+        teacher, distill_cfg = _finetune_teacher(cfg, run_dir, data.classes, pspec), cfg.distill
     target = recovery_target(cfg, student_dir) if cfg.prune.recover else None
     if epochs > 0:
         model, summary = fit(
@@ -643,7 +619,7 @@ def run_prune(
         val_acc, val_bal = info["val_acc_pruned"], info.get("val_bal_acc_pruned", info["val_acc_pruned"])
 
     test = evaluate_model(model, data, pspec, "test")
-    latency = compare_latency({"before": reference, "after": model}, pspec["input_size"], cfg.bench)
+    latency = compare_latency({"before": reference, "after": model}, pspec.input_size, cfg.bench)
     result = {
         **info["settings"],
         "params_before": params_before,
@@ -669,8 +645,8 @@ def run_prune(
             "distill": cfg.distill.loss,
             "recovery_target": target,
         },
-        "widths_before": widths_before,
-        "widths_after": pspec["widths"],
+        "widths_before": widths_before.to_json(),
+        "widths_after": pspec.widths.to_json(),
     }
     if is_main_process():
         atomic_write_json(out / "eval.json", test)
@@ -686,6 +662,19 @@ def run_prune(
         test["accuracy"],
     )
     return _summary(result)
+
+
+def _finetune_teacher(cfg, run_dir: Path, classes: list[str], pspec: ModelSpec) -> nn.Module:
+    """The model a fine-tune distils from (`prune.teacher`), taking the pruned model's inputs."""
+    from slimvit.train import Renormalize, load_teacher
+
+    if cfg.prune.teacher == "teacher":
+        return load_teacher(run_dir, classes, input_spec=pspec)
+    model, spec = load_student(run_dir, classes)
+    model.eval()
+    if (pspec.mean, pspec.std) != (spec.mean, spec.std):
+        model = Renormalize(model, pspec.mean, pspec.std, spec.mean, spec.std).eval()
+    return model
 
 
 def recovery_target(cfg, student_dir: Path) -> float:

@@ -35,6 +35,7 @@ from slimvit import runtime
 from slimvit.config import QuantizeConfig
 from slimvit.errors import ConfigError, ModelError, first_line
 from slimvit.io import atomic_path, atomic_write_json, is_main_process, read_json
+from slimvit.spec import ModelSpec, read_spec
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ def evaluate_onnx(path: Path, x: np.ndarray, labels: np.ndarray, classes: list[s
     return metrics_from_logits(logits, labels, classes), logits
 
 
-def calibration_images(data, spec: dict, n: int, seed: int) -> np.ndarray:
+def calibration_images(data, spec: ModelSpec, n: int, seed: int) -> np.ndarray:
     """`n` training images (never test images), normalised for the model."""
     from slimvit.preprocess import normalize
 
@@ -406,7 +407,7 @@ def calibration_images(data, spec: dict, n: int, seed: int) -> np.ndarray:
             f"set --set quantize.calibration_images={len(images)} or fewer"
         )
     idx = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
-    return normalize(images[idx], spec["mean"], spec["std"])
+    return normalize(images[idx], spec.mean, spec.std)
 
 
 def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
@@ -453,18 +454,17 @@ def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
 
 def quantize_candidate(cfg, run_dir: Path, stage: str, fp32_file: str, data) -> dict:
     """Every mode of one candidate: ``{"fp32": {...}, mode: {...}}``."""
-    from slimvit import models
     from slimvit.export import onnx_name
     from slimvit.preprocess import normalize
 
     src = run_dir / fp32_file
     if not src.exists():
         raise ModelError(f"no exported {stage} model at '{src}'; run `slimvit export --force` first")
-    spec = models.read_spec(run_dir / stage)
+    spec = read_spec(run_dir / stage)
     images, labels = data.arrays("test")
-    x = normalize(images, spec["mean"], spec["std"])
+    x = normalize(images, spec.mean, spec.std)
     val_images, val_labels = data.arrays("val")
-    xv = normalize(val_images, spec["mean"], spec["std"])
+    xv = normalize(val_images, spec.mean, spec.std)
     threads = cfg.bench.threads
     base, base_logits = evaluate_onnx(src, x, labels, data.classes, threads)
     base_val, _ = evaluate_onnx(src, xv, val_labels, data.classes, threads)

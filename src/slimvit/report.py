@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from slimvit.config import Config, read_config
 from slimvit.errors import ModelError
 from slimvit.io import atomic_path, atomic_write_text, is_main_process, read_json, read_jsonl
 
@@ -41,9 +42,14 @@ def _maybe(path: Path):
     return read_json(path) if path.exists() else None
 
 
-def load_run(run_dir: Path) -> dict:
-    """Everything the report reads; bench.json is required, the rest is used when present."""
+def load_run(run_dir: Path, cfg: Config | None = None) -> dict:
+    """Everything the report reads; bench.json is required, the rest is used when present.
+
+    `cfg` is the run's typed config; None reads the run folder's config.yaml (scripts reading old runs).
+    """
     run_dir = Path(run_dir)
+    if cfg is None and (run_dir / "config.yaml").exists():
+        cfg = read_config(run_dir / "config.yaml")
     if not (run_dir / "bench.json").exists():
         raise ModelError(f"no '{run_dir / 'bench.json'}'; run `slimvit bench` (or `slimvit run`) first")
     r = {
@@ -54,9 +60,7 @@ def load_run(run_dir: Path) -> dict:
         "sweep": _maybe(run_dir / "prune_sweep.json"),
         "export": _maybe(run_dir / "onnx" / "export.json"),
         "quantize": _maybe(run_dir / "onnx" / "quantize.json"),
-        "config": yaml.safe_load((run_dir / "config.yaml").read_text())
-        if (run_dir / "config.yaml").exists()
-        else {},
+        "config": cfg,
         "train": {},
         "eval": {},
         "curves": {},
@@ -395,19 +399,19 @@ def _dataset(run: dict) -> list[str]:
             f"- Split (stratified, seeded, duplicates kept together): {sp['train']} train / {sp['val']} val / "
             f"{sp['test']} test. Model selection uses val only; every accuracy here is on the test split.",
         ]
-    if c:
-        m, t, dist, p = c.get("model", {}), c.get("train", {}), c.get("distill", {}), c.get("prune", {})
+    if c is not None:
+        m, t, dist, p = c.model, c.train, c.distill, c.prune
         out += [
-            f"- Preset `{c.get('preset')}`: {c.get('data', {}).get('img_size')} px; teacher `{m.get('teacher')}` "
-            f"({t.get('teacher_epochs')} epochs), student `{m.get('student')}` with `{m.get('student_stem')}` stem "
-            f"({t.get('epochs')} epochs, distillation `{dist.get('loss')}`, alpha {dist.get('alpha')}, T {dist.get('temperature')}); "
-            f"precision `{t.get('precision')}`{_resolved_precision(run)}; prune ratio {p.get('ratio')} ({p.get('importance')}), "
-            f"{p.get('finetune_epochs')} fine-tune epochs.",
+            f"- Preset `{c.preset}`: {c.data.img_size} px; teacher `{m.teacher}` "
+            f"({t.teacher_epochs} epochs), student `{m.student}` with `{m.student_stem}` stem "
+            f"({t.epochs} epochs, distillation `{dist.loss}`, alpha {dist.alpha}, T {dist.temperature}); "
+            f"precision `{t.precision}`{_resolved_precision(run)}; prune ratio {p.ratio} ({p.importance}), "
+            f"at most {p.finetune_epochs} fine-tune epochs, distilled from the {p.teacher}.",
             "",
             "<details><summary>Full resolved config (config.yaml)</summary>",
             "",
             "```yaml",
-            yaml.safe_dump(c, sort_keys=False).rstrip(),
+            yaml.safe_dump(c.to_dict(), sort_keys=False).rstrip(),
             "```",
             "",
             "</details>",
@@ -601,14 +605,16 @@ def sweep_table(baseline: dict, rows: list[dict]) -> str:
 
 
 def _sweep_text(run: dict) -> str:
-    pc = run["config"].get("prune", {})
+    if run["config"] is None:
+        return "The last column is the fine-tune epochs each ratio took."
+    pc = run["config"].prune
     how = (
         "Each ratio is pruned from the model of the next lower ratio (the main pruned model stands for its own)"
-        if pc.get("sweep_from", "previous") == "previous"
+        if pc.sweep_from == "previous"
         else "Each ratio is pruned from the distilled student"
     )
-    cap = f"at most {pc.get('sweep_epochs')} epochs"
-    if pc.get("recover", False):
+    cap = f"at most {pc.sweep_epochs} epochs"
+    if pc.recover:
         cap += ", stopping once validation balanced accuracy is back to the student's"
     return f"{how} and fine-tuned for {cap}; the last column is the epochs it took."
 
@@ -1365,7 +1371,7 @@ def run_report(cfg, run_dir: str | Path, data=None, command: str | None = None) 
     import sys
 
     run_dir = Path(run_dir)
-    run = load_run(run_dir)
+    run = load_run(run_dir, cfg)
     if command is None and Path(sys.argv[0]).name in ("slimvit", "__main__.py"):
         command = " ".join(["slimvit", *sys.argv[1:]])
     written = []

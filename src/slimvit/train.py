@@ -44,6 +44,7 @@ from slimvit.io import (
     read_jsonl,
     remove_temp_files,
 )
+from slimvit.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +375,7 @@ def _train_epoch(
 
 def fit(
     model: nn.Module,
-    spec: dict,
+    spec: ModelSpec,
     data: Data,
     tcfg: TrainConfig,
     out_dir: str | Path,
@@ -420,7 +421,7 @@ def fit(
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {world} processes")
     torch.manual_seed(tcfg.seed)
 
-    mean, std = spec["mean"], spec["std"]
+    mean, std = spec.mean, spec.std
     train_ds = TrainDataset(*data.arrays("train"), mean, std, tcfg)
     val_ds = EvalDataset(*data.arrays("val"), mean, std)
     balance = resolve_balance(tcfg.balance, train_ds.labels.numpy(), len(data.classes))
@@ -528,14 +529,7 @@ def fit(
         if improved:
             best = {"val_acc": val_acc, "val_bal_acc": v["bal_acc"], "val_loss": val_loss, "epoch": epoch + 1}
             best_weights = _weights(eval_model)
-        if stop_at is not None and best["val_bal_acc"] >= stop_at - 1e-9:
-            stopped = f"recovered: validation balanced accuracy {best['val_bal_acc']:.4f} >= {stop_at:.4f}"
-        elif tcfg.patience and epoch + 1 - best["epoch"] >= tcfg.patience and epoch + 1 < epochs:
-            stopped = f"no better validation epoch in {tcfg.patience} epochs"
-        if world > 1:  # rank 0's decision (BatchNorm statistics, hence validation, differ between ranks)
-            from accelerate.utils import broadcast_object_list
-
-            stopped = broadcast_object_list([stopped])[0]
+        stopped = _stop_reason(best, stop_at, tcfg.patience, epoch + 1, epochs, world)
         if acc.is_main_process:
             state = {
                 "model": _weights(acc.unwrap_model(model)),
@@ -550,27 +544,9 @@ def fit(
             }
             if ema is not None:
                 state["ema"] = ema.module.state_dict()
-            # Metrics first: a resume drops rows past the checkpoint, so a crash between the two is safe.
-            append_jsonl(out_dir / "metrics.jsonl", row)
-            _save_checkpoint(out_dir, state)
+            _save_epoch(out_dir, row, state)
             per_epoch = (time.perf_counter() - t_session) / (epoch + 1 - start_epoch)
-            left = per_epoch * (epochs - epoch - 1)
-            log.info(
-                "%s %d/%d  loss %.4f  train acc %.4f  val acc %.4f  balanced %.4f  val loss %.4f  %.1fs%s%s",
-                desc,
-                epoch + 1,
-                epochs,
-                row["train_loss"],
-                row["train_acc"],
-                val_acc,
-                v["bal_acc"],
-                val_loss,
-                row["seconds"],
-                "  *" if improved else "",
-                f"  ({int(left // 60)}m{int(left % 60):02d}s left)" if left > 0 and not stopped else "",
-            )
-            if stopped:
-                log.info("%s: stopped after epoch %d of at most %d (%s)", desc, epoch + 1, epochs, stopped)
+            _log_epoch(desc, row, epochs, improved, stopped, per_epoch * (epochs - epoch - 1))
         acc.wait_for_everyone()
         if stopped:
             break
@@ -609,6 +585,48 @@ def fit(
     return model, summary
 
 
+def _stop_reason(
+    best: dict, stop_at: float | None, patience: int, done: int, epochs: int, world: int
+) -> str | None:
+    """Why training stops after epoch `done` (None: it goes on); with several processes, rank 0's
+    reason (BatchNorm statistics, hence validation, differ between ranks)."""
+    stopped = None
+    if stop_at is not None and best["val_bal_acc"] >= stop_at - 1e-9:
+        stopped = f"recovered: validation balanced accuracy {best['val_bal_acc']:.4f} >= {stop_at:.4f}"
+    elif patience and done - best["epoch"] >= patience and done < epochs:
+        stopped = f"no better validation epoch in {patience} epochs"
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        stopped = broadcast_object_list([stopped])[0]
+    return stopped
+
+
+def _save_epoch(out_dir: Path, row: dict, state: dict) -> None:
+    # Metrics first: a resume drops rows past the checkpoint, so a crash between the two is safe.
+    append_jsonl(out_dir / "metrics.jsonl", row)
+    _save_checkpoint(out_dir, state)
+
+
+def _log_epoch(desc: str, row: dict, epochs: int, improved: bool, stopped: str | None, left: float) -> None:
+    log.info(
+        "%s %d/%d  loss %.4f  train acc %.4f  val acc %.4f  balanced %.4f  val loss %.4f  %.1fs%s%s",
+        desc,
+        row["epoch"],
+        epochs,
+        row["train_loss"],
+        row["train_acc"],
+        row["val_acc"],
+        row["val_bal_acc"],
+        row["val_loss"],
+        row["seconds"],
+        "  *" if improved else "",
+        f"  ({int(left // 60)}m{int(left % 60):02d}s left)" if left > 0 and not stopped else "",
+    )
+    if stopped:
+        log.info("%s: stopped after epoch %d of at most %d (%s)", desc, row["epoch"], epochs, stopped)
+
+
 def seconds_per_epoch(rows: list[dict]) -> float:
     return float(np.median([r["seconds"] for r in rows])) if rows else float("nan")
 
@@ -618,7 +636,7 @@ def seconds_per_epoch(rows: list[dict]) -> float:
 ROLES = ("teacher", "student", "student_nokd")
 
 
-def _role_spec(cfg, role: str, data: Data) -> tuple[dict, bool, str | None]:
+def _role_spec(cfg, role: str, data: Data) -> tuple[ModelSpec, bool, str | None]:
     m = cfg.model
     if role == "teacher":
         spec = models.make_spec(
@@ -653,7 +671,7 @@ class Renormalize(nn.Module):
         return self.model(x * self.scale + self.shift)
 
 
-def load_teacher(run_dir: Path, classes: list[str], input_spec: dict) -> nn.Module:
+def load_teacher(run_dir: Path, classes: list[str], input_spec: ModelSpec) -> nn.Module:
     """The trained teacher in eval mode, taking inputs normalised as `input_spec` (the student's) says.
 
     Required on purpose: a teacher fed the student's normalisation (here ImageNet statistics vs
@@ -664,15 +682,13 @@ def load_teacher(run_dir: Path, classes: list[str], input_spec: dict) -> nn.Modu
     if not (path / "train.json").exists():
         raise ModelError(f"no trained teacher in '{path}'; run `slimvit teacher` (or `slimvit run`) first")
     teacher, spec = models.load(path)
-    if spec["num_classes"] != len(classes) or spec["classes"] != list(classes):
+    if spec.num_classes != len(classes) or list(spec.classes) != list(classes):
         raise ModelError(
-            f"the teacher in '{path}' predicts {spec['num_classes']} classes {spec['classes']}, "
+            f"the teacher in '{path}' predicts {spec.num_classes} classes {list(spec.classes)}, "
             f"the data has {len(classes)} {classes}; retrain the teacher on this dataset (slimvit teacher --force)"
         )
-    if (input_spec["mean"], input_spec["std"]) != (spec["mean"], spec["std"]):
-        teacher = Renormalize(
-            teacher, input_spec["mean"], input_spec["std"], spec["mean"], spec["std"]
-        ).eval()
+    if (input_spec.mean, input_spec.std) != (spec.mean, spec.std):
+        teacher = Renormalize(teacher, input_spec.mean, input_spec.std, spec.mean, spec.std).eval()
     return teacher
 
 
@@ -695,7 +711,7 @@ def train_role(cfg, run_dir: Path, role: str, data: Data | None = None, resume: 
     log.info(
         "%s: %s (%.2fM params), %d epochs, distillation: %s",
         role,
-        spec["name"],
+        spec.name,
         models.count_params(model) / 1e6,
         epochs,
         distill_cfg.loss if distill_cfg else "none",

@@ -14,9 +14,7 @@ import torch
 from torch import nn
 
 from slimvit.errors import ModelError
-
-WIDTHS_FORMAT = 1
-BLOCK_KEYS = ("num_heads", "head_dim", "attn_dim", "mlp_hidden")
+from slimvit.spec import BlockWidths, Widths, widths_error
 
 
 class ConvStem(nn.Module):
@@ -170,20 +168,15 @@ def vit_parts(model: nn.Module) -> VitParts:
     return VitParts(stem_out, blocks)
 
 
-def read_widths(model: nn.Module) -> dict:
-    """The current widths of a ViT as a JSON-able dict (what `model.json` stores under "widths")."""
+def read_widths(model: nn.Module) -> Widths:
+    """The current widths of a ViT (what `model.json` stores under "widths")."""
     parts = vit_parts(model)
     blocks = {}
     for name, blk in parts.blocks:
         a = blk.attn
         check_attention(a, name)
-        blocks[name] = {
-            "num_heads": int(a.num_heads),
-            "head_dim": int(a.head_dim),
-            "attn_dim": int(a.attn_dim),
-            "mlp_hidden": int(blk.mlp.fc1.out_features),
-        }
-    return {"format": WIDTHS_FORMAT, "embed_dim": int(parts.stem_out.out_channels), "blocks": blocks}
+        blocks[name] = BlockWidths(int(a.num_heads), int(a.head_dim), int(blk.mlp.fc1.out_features))
+    return Widths(int(parts.stem_out.out_channels), blocks)
 
 
 def check_attention(attn: nn.Module, name: str = "attn") -> None:
@@ -204,56 +197,24 @@ def check_attention(attn: nn.Module, name: str = "attn") -> None:
 # --------------------------------------------------------------------------- widths -> modules
 
 
-def _widths_error(msg: str) -> ModelError:
-    return ModelError(
-        f"pruned widths in model.json do not fit the model: {msg}. The artifact's model.json and "
-        "weights must come from the same `slimvit prune` run; re-run it to rewrite them"
-    )
-
-
-def _positive_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-
-def validate_widths(widths: Any, model: nn.Module) -> dict:
+def validate_widths(widths: Widths, model: nn.Module) -> Widths:
     """Check `widths` against the (unpruned or less pruned) `model`; return them or raise ModelError."""
-    if not isinstance(widths, dict):
-        raise _widths_error(f"expected a mapping, got {type(widths).__name__}")
-    unknown = sorted(set(widths) - {"format", "embed_dim", "blocks"})
-    if unknown:
-        raise _widths_error(f"unknown key '{unknown[0]}' (known: format, embed_dim, blocks)")
-    if widths.get("format") != WIDTHS_FORMAT:
-        raise _widths_error(f"format {widths.get('format')!r}, this version reads format {WIDTHS_FORMAT}")
     cur = read_widths(model)
-    e = widths.get("embed_dim")
-    if not _positive_int(e) or e > cur["embed_dim"]:
-        raise _widths_error(f"embed_dim={e!r} must be an integer in [1, {cur['embed_dim']}]")
-    blocks = widths.get("blocks")
-    if not isinstance(blocks, dict):
-        raise _widths_error("'blocks' must map block names (blocks.0, ...) to their widths")
-    extra = [k for k in blocks if k not in cur["blocks"]]
+    if widths.embed_dim > cur.embed_dim:
+        raise widths_error(f"embed_dim={widths.embed_dim} must be an integer in [1, {cur.embed_dim}]")
+    extra = [k for k in widths.blocks if k not in cur.blocks]
     if extra:
-        raise _widths_error(
-            f"unknown layer '{extra[0]}'; the model has {', '.join(cur['blocks']) or 'no blocks'}"
+        raise widths_error(
+            f"unknown layer '{extra[0]}'; the model has {', '.join(cur.blocks) or 'no blocks'}"
         )
-    missing = [k for k in cur["blocks"] if k not in blocks]
+    missing = [k for k in cur.blocks if k not in widths.blocks]
     if missing:
-        raise _widths_error(f"no widths for layer '{missing[0]}'")
-    for name, bw in blocks.items():
-        if not isinstance(bw, dict) or set(bw) != set(BLOCK_KEYS):
-            raise _widths_error(f"'{name}' must have exactly the keys {', '.join(BLOCK_KEYS)}")
-        bad = [k for k in BLOCK_KEYS if not _positive_int(bw[k])]
-        if bad:
-            raise _widths_error(f"{name}.{bad[0]}={bw[bad[0]]!r} must be a positive integer")
-        if bw["attn_dim"] != bw["num_heads"] * bw["head_dim"]:
-            raise _widths_error(
-                f"{name}: attn_dim={bw['attn_dim']} is not num_heads x head_dim = "
-                f"{bw['num_heads']} x {bw['head_dim']}"
-            )
+        raise widths_error(f"no widths for layer '{missing[0]}'")
+    for name, bw in widths.blocks.items():
         for k in ("num_heads", "head_dim", "mlp_hidden"):
-            if bw[k] > cur["blocks"][name][k]:
-                raise _widths_error(
-                    f"{name}.{k}={bw[k]} is larger than the model's {cur['blocks'][name][k]} "
+            if getattr(bw, k) > getattr(cur.blocks[name], k):
+                raise widths_error(
+                    f"{name}.{k}={getattr(bw, k)} is larger than the model's {getattr(cur.blocks[name], k)} "
                     "(widths only shrink)"
                 )
     return widths
@@ -325,7 +286,7 @@ def _set_heads(attn: nn.Module, num_heads: int, head_dim: int) -> None:
     attn.scale = head_dim**-0.5
 
 
-def apply_widths(model: nn.Module, widths: dict) -> nn.Module:
+def apply_widths(model: nn.Module, widths: Widths) -> nn.Module:
     """Reshape a freshly built (unpruned) ViT in place to the pruned `widths`, so its weights load.
 
     Every parameter keeps its leading entries along the pruned dimension; the real values come
@@ -333,13 +294,13 @@ def apply_widths(model: nn.Module, widths: dict) -> nn.Module:
     """
     validate_widths(widths, model)
     parts = vit_parts(model)
-    if widths["embed_dim"] != parts.stem_out.out_channels:
-        _resize_embedding(model, parts, widths["embed_dim"])
+    if widths.embed_dim != parts.stem_out.out_channels:
+        _resize_embedding(model, parts, widths.embed_dim)
     for name, blk in parts.blocks:
-        bw = widths["blocks"][name]
-        _resize_linear(blk.attn.qkv, out_features=3 * bw["attn_dim"])
-        _resize_linear(blk.attn.proj, in_features=bw["attn_dim"])
-        _set_heads(blk.attn, bw["num_heads"], bw["head_dim"])
-        _resize_linear(blk.mlp.fc1, out_features=bw["mlp_hidden"])
-        _resize_linear(blk.mlp.fc2, in_features=bw["mlp_hidden"])
+        bw = widths.blocks[name]
+        _resize_linear(blk.attn.qkv, out_features=3 * bw.attn_dim)
+        _resize_linear(blk.attn.proj, in_features=bw.attn_dim)
+        _set_heads(blk.attn, bw.num_heads, bw.head_dim)
+        _resize_linear(blk.mlp.fc1, out_features=bw.mlp_hidden)
+        _resize_linear(blk.mlp.fc2, in_features=bw.mlp_hidden)
     return model

@@ -1,0 +1,53 @@
+"""The whole pipeline on a generated dataset: bench, deploy and report tested without NEU-DET (issue 12, item 6)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_imagefolder
+
+from slimvit import cli
+from slimvit.config import load_config
+from slimvit.report import load_run
+from slimvit.spec import read_spec
+
+SETTINGS = ["--set", "distill.ablation=false", "--set", "quantize.modes=[int8-dynamic]"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("generated")
+    data = make_imagefolder(work / "data", per_class=12, size=32)
+    out = work / "run"
+    assert cli.main(["run", "--preset", "smoke", "--data", str(data), "--out", str(out), *SETTINGS]) == 0
+    return out, data
+
+
+def test_bench_rows_deploy_and_report_sections(run):
+    out, _ = run
+    bench = json.loads((out / "bench.json").read_text())
+    rows = {r["key"]: r for r in bench["rows"]}
+    onnx = [r for r in rows.values() if r["runtime"] == "onnxruntime"]
+    assert {r["precision"] for r in onnx} >= {"fp32", "int8-dynamic"}
+    for r in onnx:
+        lo, hi = r["accuracy_ci"]
+        assert r["n"] == len(bench["test_images"]["paths"]) and lo <= r["accuracy"] <= hi
+        assert 0 < r["size_mb"] and r["latency_ms_p50"] > 0 and r["val_n"] > 0
+    dep = json.loads((out / "deploy" / "deploy.json").read_text())
+    assert dep["deployed"] and dep["key"] in rows and (out / "deploy" / dep["file"]).is_file()
+    report = (out / "REPORT.md").read_text()
+    for section in ("## Conclusions", "## Stages", "## Pruning", "## Quantization", "## Deployed model", "## Classes"):
+        assert section in report, section
+    assert "distilled from the student" in report  # the typed config, not a re-read of config.yaml
+    # the pruned model's description is typed data anyone can read without torch
+    spec = read_spec(out / "pruned")
+    student = read_spec(out / "student")
+    assert student.widths is None and spec.widths.embed_dim < student.kwargs["embed_dim"]
+
+
+def test_report_reads_the_typed_config_it_is_given(run):
+    out, data = run
+    cfg = load_config("smoke", overrides=[*SETTINGS[1::2], "prune.teacher=teacher"], data_path=str(data))
+    assert load_run(out, cfg)["config"].prune.teacher == "teacher"
+    assert load_run(out)["config"].prune.teacher == "student"  # no config given: the run folder's own
