@@ -37,7 +37,14 @@ def test_bench_rows_deploy_and_report_sections(run):
     dep = json.loads((out / "deploy" / "deploy.json").read_text())
     assert dep["deployed"] and dep["key"] in rows and (out / "deploy" / dep["file"]).is_file()
     report = (out / "REPORT.md").read_text()
-    for section in ("## Conclusions", "## Stages", "## Pruning", "## Quantization", "## Deployed model", "## Classes"):
+    for section in (
+        "## Conclusions",
+        "## Stages",
+        "## Pruning",
+        "## Quantization",
+        "## Deployed model",
+        "## Classes",
+    ):
         assert section in report, section
     assert "distilled from the student" in report  # the typed config, not a re-read of config.yaml
     # the pruned model's description is typed data anyone can read without torch
