@@ -9,7 +9,7 @@ import torch
 from slimvit import models
 from slimvit.config import PruneConfig
 from slimvit.errors import ConfigError, ModelError
-from slimvit.prune import heads_to_remove, prune_model
+from slimvit.pruning import heads_to_remove, prune_model
 from slimvit.spec import BlockWidths, Widths
 from slimvit.timing import count_macs_params
 from slimvit.vit import apply_widths, check_attention, read_widths
@@ -116,7 +116,7 @@ def test_global_pruning_removes_what_uniform_removes(ratio):
 
 
 def test_global_keep_threshold():
-    from slimvit.prune import _global_keep
+    from slimvit.pruning import _global_keep
 
     scores = {"a": torch.tensor([5.0, 4.0, 1.0, 0.5]), "b": torch.tensor([3.0, 2.0, 0.1, 0.0])}
     cost = {"a": 10, "b": 1}

@@ -1,6 +1,6 @@
 """The timm ViT shapes slimvit builds, prunes and reloads: the convolutional token stem, the check that a
 model is a plain ViT, and its widths (read from a model, validated, applied to a fresh one so a pruned
-artifact's weights load). Torch and timm only: model creation (`models`) and pruning (`prune`) both
+artifact's weights load). Torch and timm only: model creation (`models`) and pruning (`pruning`) both
 build on it.
 """
 
