@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/kill_resume.py [--rounds 10] [--seed 0] [WORK_DIR]
 
-Runs the `smoke` preset (a few epochs per training stage, so kills land inside training as well as
-between stages) once without interruption on a generated 3-class dataset. Then, for each round, starts
+Runs the `smoke` preset (more epochs per training stage than the preset's one, so that kills land
+inside training as well as between stages) once without interruption on a generated 3-class dataset. Then, for each round, starts
 the same run in a fresh folder, sends SIGKILL to its whole process group at a moment drawn uniformly
 over the uninterrupted run's duration, and runs `slimvit run` again on that folder until it finishes.
 Each round must end with:
@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from stale_cases import make_dataset
+import numpy as np
+from PIL import Image
 
 from slimvit.io import is_temp_name
 
@@ -38,12 +40,25 @@ SETTINGS = [
     "--preset", "smoke",
     "--set", "distill.ablation=false",
     "--set", "quantize.modes=[int8-dynamic]",
-    "--set", "train.teacher_epochs=3",
-    "--set", "train.epochs=3",
-    "--set", "prune.finetune_epochs=3",
+    "--set", "train.teacher_epochs=8",
+    "--set", "train.epochs=20",
+    "--set", "train.batch_size=32",
+    "--set", "data.img_size=64",
+    "--set", "prune.finetune_epochs=5",
     "--set", "prune.recover=false",
 ]  # fmt: skip
 WEIGHTS = ("teacher", "student", "pruned")
+
+
+def make_dataset(root: Path, per_class: int = 150, size: int = 64) -> None:
+    """Three classes whose brightness ranges overlap, so that accuracy is not trivially 100%."""
+    for ci, c in enumerate("abc"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rng = np.random.default_rng(ci * 1000 + i)
+            shift = int(rng.integers(0, 50))  # per image: the class means (20 apart) overlap
+            arr = rng.integers(0, 80, (size, size), dtype=np.uint8) + 20 * ci + shift
+            Image.fromarray(arr).convert("RGB").save(root / c / f"{c}_{i}.png")
 
 
 def command(data: Path, out: Path) -> list[str]:
@@ -90,7 +105,9 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="slimvit-kill-"))
     data = work / "data"
     if not data.exists():
-        make_dataset(data, per_class=24)
+        make_dataset(data)
+    for old in [work / "uninterrupted", *work.glob("round*")]:  # a work folder used before: start over
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     ref = work / "uninterrupted"
     duration = finish(data, ref, work / "uninterrupted.log")
     expected, ref_weights = accuracies(ref), weights(ref)
@@ -114,7 +131,7 @@ def main() -> int:
         stage = next(
             (line.split("]")[1].split(":")[0].strip() for line in reversed(log.read_text().splitlines())
              if line.startswith("[") and ": running" in line),
-            "?",
+            "start-up",
         )  # fmt: skip
         resumed = finish(data, out, log)
         got = accuracies(out)

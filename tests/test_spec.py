@@ -28,6 +28,12 @@ SPEC = ModelSpec(
 def test_json_round_trip_and_the_file_format(tmp_path):
     d = SPEC.to_json()
     assert d["format"] == "slimvit-model/1" and d["widths"]["blocks"]["blocks.1"]["attn_dim"] == 24
+    # the key order of the files written before the typed spec: their digests (run fingerprints) stay put
+    assert list(d) == [
+        "format", "name", "kwargs", "stem", "num_classes", "classes", "input_size", "mean", "std",
+        "interpolation", "widths",
+    ]  # fmt: skip
+    assert list(d["widths"]["blocks"]["blocks.0"]) == ["num_heads", "head_dim", "attn_dim", "mlp_hidden"]
     (tmp_path / "model.json").write_text(json.dumps(d))
     back = read_spec(tmp_path)
     assert back == SPEC and back.img_size == 32 and back.widths.blocks["blocks.0"].attn_dim == 32
@@ -85,3 +91,20 @@ def test_quantize_bench_report_predict_read_specs_without_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == WIDTHS.describe()
+
+
+def test_saving_the_same_model_writes_the_same_bytes(tmp_path):
+    """Identical weights must give an identical file (run fingerprints digest it): nothing in the
+    safetensors header may depend on hash order."""
+    import hashlib
+
+    from test_prune import tiny_vit
+
+    from slimvit import models
+
+    model, spec = tiny_vit()
+    digests = set()
+    for i in range(8):
+        models.save(model, spec, tmp_path / str(i))
+        digests.add(hashlib.sha256((tmp_path / str(i) / "model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1

@@ -1,9 +1,9 @@
 """Create timm models, and save/load them as `model.safetensors` + `model.json` (no pickle).
 
-`model.json` (a `slimvit.spec.ModelSpec`) holds everything needed to rebuild the module: the timm name, constructor kwargs,
-the token stem, the classes, input size and normalisation, and, for pruned models, the width of
-every pruned layer. `load(path)` rebuilds the architecture, applies the widths, and loads the
-weights with safetensors.
+`model.json` (a `slimvit.spec.ModelSpec`) holds everything needed to rebuild the module: the timm
+name, constructor kwargs, the token stem, the classes, input size and normalisation, and, for pruned
+models, the width of every pruned layer. `load(path)` rebuilds the architecture, applies the widths,
+and loads the weights with safetensors.
 """
 
 from __future__ import annotations
@@ -180,7 +180,9 @@ def save(model: nn.Module, spec: ModelSpec, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out / "model.safetensors") as tmp:
-        save_file(sd, str(tmp), metadata={"format": FORMAT, "name": spec.name})
+        # One metadata key: safetensors writes the metadata map in hash order, so two keys came out in
+        # either order from one save to the next, and identical weights got a different file digest.
+        save_file(sd, str(tmp), metadata={"format": FORMAT})
     atomic_write_json(out / "model.json", spec.to_json())
     return out
 

@@ -248,6 +248,7 @@ def run_prune(
             "epochs": epochs,
             "lr": cfg.prune.finetune_lr,
             "distill": cfg.distill.loss,
+            "distilled_from": cfg.prune.teacher if teacher is not None else None,
             "recovery_target": target,
         },
         "widths_before": widths_before.to_json(),

@@ -9,7 +9,7 @@ block (`Widths`). Stdlib only, so quantize, bench, report and predict read it wi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ class BlockWidths:
         return self.num_heads * self.head_dim
 
     def to_json(self) -> dict:
-        return {**asdict(self), "attn_dim": self.attn_dim}
+        return {k: getattr(self, k) for k in BLOCK_KEYS}
 
     @classmethod
     def from_json(cls, d: Any, name: str) -> BlockWidths:
