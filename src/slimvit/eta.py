@@ -14,6 +14,8 @@ import logging
 import math
 import time
 
+from slimvit.spec import ModelSpec
+
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +48,7 @@ def _time_steps(model, x, y, precision: str, train: bool, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def measure_step(spec, tcfg, batch: int, train: bool = True, steps: int = 1) -> float:
+def measure_step(spec: ModelSpec, tcfg, batch: int, train: bool = True, steps: int = 1) -> float:
     """Seconds of one training step (or one forward, `train=False`) of the model `spec` describes."""
     import torch
 

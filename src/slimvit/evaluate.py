@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from slimvit.spec import ModelSpec
+
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval of a proportion k/n (sound near 100%, unlike the normal one)."""
@@ -103,7 +105,7 @@ def predict_logits(model, x, batch_size: int = 128) -> np.ndarray:
     return torch.cat(outs).numpy()
 
 
-def evaluate_model(model, data, spec, split: str = "test") -> dict:
+def evaluate_model(model, data, spec: ModelSpec, split: str = "test") -> dict:
     """Metrics of `model` on one split of `data` (a slimvit.data.Data)."""
     from slimvit.data import to_tensor_batch
 

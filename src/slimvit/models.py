@@ -23,7 +23,6 @@ from slimvit.vit import ConvStem, apply_widths
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelSpec", "read_spec"]  # re-exported: the torch side reads and writes specs through here too
 VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
 
 
