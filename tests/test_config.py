@@ -2,6 +2,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from slimvit.config import Config, load_config, preset_names, read_config, save_config
 from slimvit.errors import ConfigError
@@ -132,3 +133,12 @@ def test_bad_yaml_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(None, bad)
     assert len(str(e.value).splitlines()) == 1 and "line " in str(e.value)
+
+
+def test_a_key_added_later_reads_as_what_slimvit_did_before_it(tmp_path):
+    """A run folder's config.yaml written before `prune.teacher` existed means the teacher (what the
+    fine-tune used then); the neu-det preset's choice, the student, is then a config change."""
+    d = load_config("neu-det").to_dict()
+    assert d["prune"].pop("teacher") == "student"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(d))
+    assert read_config(tmp_path / "config.yaml").prune.teacher == "teacher"

@@ -184,6 +184,9 @@ def test_wrong_widths_are_refused(tmp_path):
         apply_widths(fresh, Widths(32, {"blocks.7": BlockWidths(1, 8, 8)}))
     with pytest.raises(ModelError, match="'blocks.0' must have exactly the keys"):
         Widths.from_json({"format": 1, "embed_dim": 32, "blocks": {"blocks.0": {}}})
+    blocks = read_widths(fresh).blocks
+    with pytest.raises(ModelError, match=r"blocks\.1\.mlp_hidden=0 must be a positive integer"):
+        apply_widths(fresh, Widths(32, {**blocks, "blocks.1": BlockWidths(1, 8, 0)}))
 
 
 def test_pruned_model_exports_to_onnx(tmp_path):

@@ -229,7 +229,7 @@ class PruneConfig:
     taylor_batches: int = 4
     """Training batches used to estimate Taylor importance."""
     finetune_epochs: int = 10
-    """Most fine-tuning epochs after pruning (with distillation from the teacher); see `recover`."""
+    """Most fine-tuning epochs after pruning (with distillation, see `teacher`); see `recover`."""
     recover: bool = True
     """Stop each fine-tune (main and sweep) after the first epoch whose validation balanced accuracy is
     back to the student's, less `recover_tolerance`; `finetune_epochs` / `sweep_epochs` are the cap.
@@ -239,10 +239,11 @@ class PruneConfig:
     recovered."""
     finetune_lr: float = 5e-4
     """Peak learning rate of the fine-tuning."""
-    teacher: str = "student"
-    """Whom each fine-tune distils from: `student`, the unpruned distilled student the pruned model came
-    from (what the fine-tune must recover; on NEU-DET also the more accurate on validation, 98.9% vs the
-    ResNet-18 teacher's 95.6%), or `teacher`, the run's teacher."""
+    teacher: str = "teacher"
+    """Whom each fine-tune distils from: `teacher`, the run's teacher (what slimvit did before this key
+    existed, so a run folder made then is read as such), or `student`, the unpruned distilled student the
+    pruned model came from (what the fine-tune must recover; the `neu-det` preset's choice: there it is
+    also the more accurate of the two on validation, 98.9% against the ResNet-18 teacher's 95.6%)."""
     sweep: tuple[float, ...] = ()
     """Ratios for `slimvit prune --sweep` (empty: no sweep in `slimvit run`)."""
     sweep_epochs: int = 5

@@ -86,6 +86,7 @@ class Estimate:
             return n_epochs * (steps * step + val_batches * fwd)
 
         t_fwd = rates.get("teacher_fwd", 0.0) if d.loss != "none" else 0.0
+        ft_fwd = rates.get("student_fwd", 0.0) if d.loss != "none" and p.teacher == "student" else t_fwd
         for s in to_run:
             if s == "teacher":
                 est = epochs_of(t.teacher_epochs, rates["teacher"], rates["teacher"] / 3)
@@ -93,9 +94,11 @@ class Estimate:
                 teacher = t_fwd if s == "distill" else 0.0
                 est = epochs_of(t.epochs, rates["student"] + teacher, rates["student_fwd"])
             elif s == "prune":
-                est = epochs_of(p.finetune_epochs, rates["student"] + t_fwd, rates["student_fwd"])
+                est = epochs_of(p.finetune_epochs, rates["student"] + ft_fwd, rates["student_fwd"])
             elif s == "sweep":
-                est = len(p.sweep) * epochs_of(p.sweep_epochs, rates["student"] + t_fwd, rates["student_fwd"])
+                est = len(p.sweep) * epochs_of(
+                    p.sweep_epochs, rates["student"] + ft_fwd, rates["student_fwd"]
+                )
             else:
                 est = previous.get(s)
             self.seconds[s] = est
@@ -115,7 +118,8 @@ class Estimate:
         if set(trains) - {"teacher"}:
             rates["student"] = measure_step(_role_spec(cfg, "student", data)[0], cfg.train, batch)
             rates["student_fwd"] = rates["student"] / 3
-            if cfg.distill.loss != "none" and set(trains) & {"distill", "prune", "sweep"}:
+            fine_tunes_from_teacher = cfg.prune.teacher == "teacher" and set(trains) & {"prune", "sweep"}
+            if cfg.distill.loss != "none" and ("distill" in trains or fine_tunes_from_teacher):
                 rates["teacher_fwd"] = measure_step(teacher_spec, cfg.train, batch, train=False)
         log.debug("eta: step times %s measured in %.1fs", rates, time.perf_counter() - t0)
         return rates

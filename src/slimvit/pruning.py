@@ -370,7 +370,7 @@ def prune_model(
     *,
     ratio: float | None = None,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> dict:
+) -> Widths:
     """Prune `model` in place by `ratio` (default `pcfg.ratio`) and return its new widths.
 
     Args:

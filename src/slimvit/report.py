@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from slimvit.config import Config, read_config
-from slimvit.errors import ModelError
+from slimvit.errors import ConfigError, ModelError
 from slimvit.io import atomic_path, atomic_write_text, is_main_process, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,10 @@ def load_run(run_dir: Path, cfg: Config | None = None) -> dict:
     """
     run_dir = Path(run_dir)
     if cfg is None and (run_dir / "config.yaml").exists():
-        cfg = read_config(run_dir / "config.yaml")
+        try:
+            cfg = read_config(run_dir / "config.yaml")
+        except ConfigError as e:  # a folder written by an older slimvit (keys since removed)
+            log.warning("report: %s; the configuration is left out", e)
     if not (run_dir / "bench.json").exists():
         raise ModelError(f"no '{run_dir / 'bench.json'}'; run `slimvit bench` (or `slimvit run`) first")
     r = {
@@ -388,6 +391,18 @@ def _environment(run: dict) -> list[str]:
     ]
 
 
+def _finetune_teacher(run: dict) -> str:
+    """Whom the main fine-tune distilled from, as prune.json recorded it (not as the config says)."""
+    if not run["prune"]:
+        return ""
+    ft = run["prune"].get("finetune", {})
+    if "distilled_from" not in ft:
+        return " (whom it distilled from is not recorded: an older run)"
+    return (
+        f", distilled from the {ft['distilled_from']}" if ft["distilled_from"] else ", without distillation"
+    )
+
+
 def _dataset(run: dict) -> list[str]:
     d, c = run["data"], run["config"]
     out = ["## Dataset and configuration", ""]
@@ -406,7 +421,7 @@ def _dataset(run: dict) -> list[str]:
             f"({t.teacher_epochs} epochs), student `{m.student}` with `{m.student_stem}` stem "
             f"({t.epochs} epochs, distillation `{dist.loss}`, alpha {dist.alpha}, T {dist.temperature}); "
             f"precision `{t.precision}`{_resolved_precision(run)}; prune ratio {p.ratio} ({p.importance}), "
-            f"at most {p.finetune_epochs} fine-tune epochs, distilled from the {p.teacher}.",
+            f"at most {p.finetune_epochs} fine-tune epochs{_finetune_teacher(run)}.",
             "",
             "<details><summary>Full resolved config (config.yaml)</summary>",
             "",

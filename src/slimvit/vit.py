@@ -200,6 +200,14 @@ def check_attention(attn: nn.Module, name: str = "attn") -> None:
 def validate_widths(widths: Widths, model: nn.Module) -> Widths:
     """Check `widths` against the (unpruned or less pruned) `model`; return them or raise ModelError."""
     cur = read_widths(model)
+    sizes = [("embed_dim", widths.embed_dim)] + [
+        (f"{n}.{k}", getattr(b, k))
+        for n, b in widths.blocks.items()
+        for k in ("num_heads", "head_dim", "mlp_hidden")
+    ]
+    small = [(k, v) for k, v in sizes if not (isinstance(v, int) and v >= 1)]
+    if small:
+        raise widths_error(f"{small[0][0]}={small[0][1]!r} must be a positive integer")
     if widths.embed_dim > cur.embed_dim:
         raise widths_error(f"embed_dim={widths.embed_dim} must be an integer in [1, {cur.embed_dim}]")
     extra = [k for k in widths.blocks if k not in cur.blocks]
