@@ -155,7 +155,7 @@ def run_prune(
     """
     from slimvit.data import load_data
     from slimvit.evaluate import evaluate_model
-    from slimvit.train import fit, scale_epochs
+    from slimvit.train import fit, load_teacher, scale_epochs
 
     ratio = check_ratio(cfg.prune.ratio if ratio is None else ratio)
     epochs = cfg.prune.finetune_epochs if epochs is None else int(epochs)
@@ -198,7 +198,8 @@ def run_prune(
 
     teacher, distill_cfg = None, None
     if epochs > 0 and cfg.distill.loss != "none":
-        teacher, distill_cfg = _finetune_teacher(cfg, run_dir, data.classes, pspec), cfg.distill
+        teacher = load_teacher(run_dir, data.classes, input_spec=pspec, source=cfg.prune.teacher)
+        distill_cfg = cfg.distill
     target = recovery_target(cfg, student_dir) if cfg.prune.recover else None
     if epochs > 0:
         model, summary = fit(
@@ -268,19 +269,6 @@ def run_prune(
         test["accuracy"],
     )
     return _summary(result)
-
-
-def _finetune_teacher(cfg, run_dir: Path, classes: list[str], pspec: ModelSpec) -> nn.Module:
-    """The model a fine-tune distils from (`prune.teacher`), taking the pruned model's inputs."""
-    from slimvit.train import Renormalize, load_teacher
-
-    if cfg.prune.teacher == "teacher":
-        return load_teacher(run_dir, classes, input_spec=pspec)
-    model, spec = load_student(run_dir, classes)
-    model.eval()
-    if (pspec.mean, pspec.std) != (spec.mean, spec.std):
-        model = Renormalize(model, pspec.mean, pspec.std, spec.mean, spec.std).eval()
-    return model
 
 
 def recovery_target(cfg, student_dir: Path) -> float:

@@ -671,21 +671,25 @@ class Renormalize(nn.Module):
         return self.model(x * self.scale + self.shift)
 
 
-def load_teacher(run_dir: Path, classes: list[str], input_spec: ModelSpec) -> nn.Module:
-    """The trained teacher in eval mode, taking inputs normalised as `input_spec` (the student's) says.
+def load_teacher(
+    run_dir: Path, classes: list[str], input_spec: ModelSpec, source: str = "teacher"
+) -> nn.Module:
+    """The model a run distils from, in eval mode, taking inputs normalised as `input_spec` says: the run's
+    `teacher`, or (`source="student"`, pruning fine-tunes) its distilled student.
 
     Required on purpose: a teacher fed the student's normalisation (here ImageNet statistics vs
     ViT's 0.5/0.5) gives wrong soft targets; distilling from them once collapsed the pruning
     fine-tune to about 33% training accuracy.
     """
-    path = Path(run_dir) / "teacher"
+    command = {"teacher": "slimvit teacher", "student": "slimvit distill"}[source]
+    path = Path(run_dir) / source
     if not (path / "train.json").exists():
-        raise ModelError(f"no trained teacher in '{path}'; run `slimvit teacher` (or `slimvit run`) first")
+        raise ModelError(f"no trained {source} in '{path}'; run `{command}` (or `slimvit run`) first")
     teacher, spec = models.load(path)
     if spec.num_classes != len(classes) or list(spec.classes) != list(classes):
         raise ModelError(
-            f"the teacher in '{path}' predicts {spec.num_classes} classes {list(spec.classes)}, "
-            f"the data has {len(classes)} {classes}; retrain the teacher on this dataset (slimvit teacher --force)"
+            f"the {source} in '{path}' predicts {spec.num_classes} classes {list(spec.classes)}, "
+            f"the data has {len(classes)} {classes}; retrain the {source} on this dataset ({command} --force)"
         )
     if (input_spec.mean, input_spec.std) != (spec.mean, spec.std):
         teacher = Renormalize(teacher, input_spec.mean, input_spec.std, spec.mean, spec.std).eval()
