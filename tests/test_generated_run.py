@@ -12,7 +12,10 @@ from slimvit.config import load_config
 from slimvit.report import load_run
 from slimvit.spec import read_spec
 
-SETTINGS = ["--set", "distill.ablation=false", "--set", "quantize.modes=[int8-dynamic]"]
+SETTINGS = [
+    *("--set", "distill.ablation=false", "--set", "quantize.modes=[int8-dynamic]"),
+    *("--set", "prune.sweep=[0.5]", "--set", "prune.depths=[1]", "--set", "prune.sweep_epochs=1"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +54,22 @@ def test_bench_rows_deploy_and_report_sections(run):
     spec = read_spec(out / "pruned")
     student = read_spec(out / "student")
     assert student.widths is None and spec.widths.embed_dim < student.kwargs["embed_dim"]
+
+
+def test_depth_pruned_candidate_goes_through_every_stage(run):
+    out, _ = run
+    spec = read_spec(out / "sweep" / "r0.5-d1")
+    assert spec.kwargs["depth"] == 1 and list(spec.widths.blocks) == ["blocks.0"]
+    prune = json.loads((out / "sweep" / "r0.5-d1" / "prune.json").read_text())
+    assert prune["depth"] == 1 and prune["source"] == "sweep/r0.5" and len(prune["removed_blocks"]) == 1
+    points = json.loads((out / "prune_sweep.json").read_text())["points"]
+    assert [(p["ratio"], p["depth"]) for p in points] == [(0.5, None), (0.5, 1)]
+    bench = json.loads((out / "bench.json").read_text())
+    deep = [r for r in bench["rows"] if r["stage"] == "sweep/r0.5-d1"]
+    assert deep and all(r["candidate"] and r["depth"] == 1 and r["ratio"] == 0.5 for r in deep)
+    assert {r["precision"] for r in deep} >= {"fp32", "int8-dynamic"}
+    assert all(r["depth"] is None for r in bench["rows"] if r["stage"] == "sweep/r0.5")
+    assert "| 0.5 | 1 |" in (out / "REPORT.md").read_text()  # the sweep table's blocks column
 
 
 def test_report_reads_the_typed_config_it_is_given(run):

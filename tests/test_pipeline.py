@@ -207,6 +207,7 @@ def test_forced_config_change_redoes_the_affected_stages(smoke_run, tmp_path):
         (["train.weight_decay"], "teacher"),
         (["model.student_stem"], "distill"),
         (["prune.sweep"], "sweep"),
+        (["prune.depths"], "sweep"),
         (["data.img_size"], "teacher"),  # the split does not depend on it; every trained model does
         (["data.seed"], "data"),
         (["quantize.optimize"], "export"),  # export applies it (it used to reset only from quantize)
@@ -380,3 +381,12 @@ def test_report_thread_scaling_table():
     assert (
         "default choice (fp32 on OpenVINO, sweep/r0.5) ms" in text and "| 2 | 2.00 | 1.20 | 0.60x |" in text
     )
+
+
+def test_a_key_the_record_lacks_is_a_change_only_off_its_default():
+    """A key added in a newer slimvit: its default reproduces the old behaviour, any other value does not."""
+    recorded = {"config": {"prune.ratio": 0.2}}
+    assert pipeline.input_changes(recorded, {"config": {"prune.ratio": 0.2, "prune.depths": []}}) == []
+    now = {"config": {"prune.ratio": 0.2, "prune.depths": [6]}}
+    assert pipeline.input_changes(recorded, now) == ["config prune.depths: not set before -> [6]"]
+    assert pipeline.input_changes(recorded, now, ignore=("prune.depths",)) == []

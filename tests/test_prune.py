@@ -9,7 +9,7 @@ import torch
 from slimvit import models
 from slimvit.config import PruneConfig
 from slimvit.errors import ConfigError, ModelError
-from slimvit.pruning import heads_to_remove, prune_model
+from slimvit.pruning import block_drop_order, drop_blocks, heads_to_remove, prune_model
 from slimvit.spec import BlockWidths, Widths
 from slimvit.timing import count_macs_params
 from slimvit.vit import apply_widths, check_attention, read_widths
@@ -219,3 +219,97 @@ def test_bad_input():
     spec = models.make_spec("vit_tiny_patch16_224", 4, CLASSES, 32, "patch", {**TINY, "qk_norm": True})
     with pytest.raises(ModelError, match=r"cannot prune layer 'blocks.0.attn'"):
         prune_model(models.build(spec), x, PruneConfig(ratio=0.2, importance="l2"))
+
+
+# --------------------------------------------------------------------------- depth
+
+
+def deeper_vit(depth=4):
+    spec = models.make_spec(
+        "vit_tiny_patch16_224", len(CLASSES), CLASSES, 32, "conv", {**TINY, "depth": depth}
+    )
+    torch.manual_seed(0)
+    return models.build(spec).eval(), spec
+
+
+def _silence(block):
+    """Make a block an identity: both residual branches output zero."""
+    with torch.no_grad():
+        block.attn.proj.weight.zero_()
+        block.attn.proj.bias.zero_()
+        block.mlp.fc2.weight.zero_()
+        block.mlp.fc2.bias.zero_()
+
+
+def test_block_drop_order_removes_blocks_that_do_nothing_first():
+    model, _ = deeper_vit(4)
+    _silence(model.blocks[1])
+    _silence(model.blocks[3])
+    xs = [x for x, _ in batches(n=2)]
+    order = block_drop_order(model, xs, depth=2)
+    assert sorted(order) == [1, 3]  # skipping them changes nothing; skipping any other block does
+    assert len(model.blocks) == 4  # scoring leaves the model whole
+
+
+def test_drop_blocks_saves_loads_and_computes_without_the_blocks(tmp_path):
+    model, spec = deeper_vit(4)
+    model = model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    kept = [model.blocks[0], model.blocks[2]]
+    with torch.no_grad():  # what the model computes with blocks 1 and 3 skipped
+        t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for b in kept:
+            t = b(t)
+        expected = model.forward_head(model.norm(t))
+    widths = drop_blocks(model, [3, 1])
+    assert list(widths.blocks) == ["blocks.0", "blocks.1"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    pspec = dataclasses.replace(spec.with_widths(widths), kwargs={**spec.kwargs, "depth": 2})
+    models.save(model, pspec, tmp_path / "d")
+    loaded, spec2 = models.load(tmp_path / "d")
+    assert len(loaded.blocks) == 2 and spec2.kwargs["depth"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    # width pruning still works on the shallower model
+    w2 = prune_model(loaded, x[:1], PruneConfig(ratio=0.5, importance="l2"))
+    assert len(w2.blocks) == 2
+
+
+def test_depth_bad_input():
+    model, _ = deeper_vit(4)
+    for depth in (0, 4, 5):
+        with pytest.raises(ConfigError, match=rf"depth={depth} must be in \[1, 3\]"):
+            block_drop_order(model, [torch.randn(2, 3, 32, 32)], depth=depth)
+    with pytest.raises(ConfigError, match="cannot remove blocks"):
+        drop_blocks(model, [0, 1, 2, 3])
+    with pytest.raises(ConfigError, match="cannot remove blocks"):
+        drop_blocks(model, [7])
+    with pytest.raises(ConfigError, match="depths"):
+        PruneConfig(sweep=(0.3,), depths=(0,))
+    with pytest.raises(ConfigError, match="needs|set a prune.sweep"):
+        PruneConfig(depths=(6,))
+
+
+def test_candidates_are_the_points_of_the_last_sweep(tmp_path):
+    import json
+
+    from slimvit.export import candidates
+
+    for name in ("r0.3", "r0.3-d6", "r0.3-d4", "r0.5", "r0.5-d6"):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        (tmp_path / "sweep" / name / "model.json").write_text("{}")
+    # no sweep summary yet: every sweep folder, in ratio order, fewer blocks later
+    assert candidates(tmp_path) == [
+        "pruned",
+        "sweep/r0.3",
+        "sweep/r0.3-d6",
+        "sweep/r0.3-d4",
+        "sweep/r0.5",
+        "sweep/r0.5-d6",
+    ]
+    # a later sweep of 0.2 (the main model) and 0.5 with depth 6: the other folders are no candidates
+    points = [{"model": m} for m in ("pruned", "sweep/r0.5-d6", "sweep/r0.5")]
+    (tmp_path / "prune_sweep.json").write_text(json.dumps({"points": points}))
+    assert candidates(tmp_path) == ["pruned", "sweep/r0.5", "sweep/r0.5-d6"]
+    assert (tmp_path / "sweep" / "r0.3-d4").is_dir()  # kept on disk for a sweep that has it again

@@ -50,6 +50,7 @@ def test_every_config_key_is_an_input_of_some_stage_and_the_report_quotes_all():
     assert [s.name for s in pipeline.stages_for_keys(["quantize.optimize"])] == ["export", "report"]
     assert [s.name for s in pipeline.stages_for_keys(["train.epochs"])] == ["distill", "ablation", "report"]
     assert [s.name for s in pipeline.stages_for_keys(["prune.sweep"])] == ["sweep", "report"]
+    assert [s.name for s in pipeline.stages_for_keys(["prune.depths"])] == ["sweep", "report"]
 
 
 def test_cli_subcommands_come_from_the_declaration():

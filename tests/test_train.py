@@ -608,3 +608,37 @@ def test_scale_epochs_keeps_the_optimizer_steps_of_the_floor():
     assert scale_epochs(30, t, 5000) == 30  # larger data: never fewer epochs
     assert scale_epochs(0, t, 100) == 0  # no fine-tune stays none
     assert scale_epochs(30, FAST, 100) == 30  # 0: off
+
+
+def test_a_logits_memo_computes_the_teacher_once_across_fits(tmp_path):
+    """The sweep's fine-tunes share one memo: the second fit with the same teacher and images reuses the
+    logits; another teacher's weights are computed anew."""
+    data = synthetic_data(n_per_class=8)
+    n_train = len(data.split["train"])
+    t_spec = models.make_spec("resnet10t", 3, CLASSES, 32)
+    torch.manual_seed(0)
+    base = models.build(t_spec).eval()
+    memo: dict = {}
+    seen = []
+    for i, weights_from in enumerate(("base", "base", "changed")):
+        if weights_from == "changed":
+            with torch.no_grad():
+                base.fc.bias.add_(1.0)
+        teacher = _Counting(base)
+        student, spec = tiny_student()
+        _, summary = fit(
+            student,
+            spec,
+            data,
+            FAST,
+            tmp_path / str(i),
+            epochs=1,
+            lr=1e-3,
+            teacher=teacher,
+            distill_cfg=DistillConfig(loss="soft"),
+            logits_memo=memo,
+        )
+        seen.append(teacher.images)
+        assert summary["teacher_logits"] == "cached"
+    assert seen == [8 * n_train, 0, 8 * n_train]
+    assert len(memo) == 1  # only the last teacher's logits are kept

@@ -34,6 +34,7 @@ ROW_KEYS = (
     "key",
     "stage",
     "ratio",
+    "depth",
     "candidate",
     "runtime",
     "precision",
@@ -76,6 +77,8 @@ class Variant:
     reference: bool = False
     ratio: float | None = None
     """Pruning ratio of a pruned model."""
+    depth: int | None = None
+    """Transformer blocks a depth-pruned model kept (None: all of the student's)."""
     candidate: bool = False
     """A deployment candidate (an ONNX variant of the pruned model or of a sweep model)."""
     portability: dict | None = None
@@ -162,9 +165,12 @@ def _onnx_variant(
     return Variant(stage, runtime, precision, rel, params, macs, predict, remote=remote, **kw)
 
 
-def _ratio(run_dir: Path, stage: str) -> float | None:
+def _pruning(run_dir: Path, stage: str) -> dict:
+    """{"ratio": width pruning ratio, "depth": blocks kept by depth pruning} of a pruned model (None each
+    where not pruned so)."""
     p = run_dir / stage / "prune.json"
-    return float(read_json(p)["ratio"]) if p.exists() else None
+    info = read_json(p) if p.exists() else {}
+    return {"ratio": float(info["ratio"]) if "ratio" in info else None, "depth": info.get("depth")}
 
 
 def _macs_params(run_dir: Path, stage: str) -> tuple[int, int]:
@@ -176,7 +182,15 @@ def _macs_params(run_dir: Path, stage: str) -> tuple[int, int]:
 
 
 def _candidate(
-    run_dir: Path, stage: str, mode: str, info: dict, size: tuple, ratio, threads: int, workers, runtime: str
+    run_dir: Path,
+    stage: str,
+    mode: str,
+    info: dict,
+    size: tuple,
+    pruning: dict,
+    threads: int,
+    workers,
+    runtime: str,
 ) -> Variant:
     """One deployment candidate: a quantize.json variant of a pruned or sweep model, on one runtime."""
     return _onnx_variant(
@@ -188,14 +202,14 @@ def _candidate(
         threads,
         workers,
         runtime=runtime,
-        ratio=ratio,
+        **pruning,
         candidate=True,
         portability=info.get("portability"),
     )
 
 
 def _openvino_variants(
-    run_dir: Path, quantized: dict, sizes: dict, ratios: dict, threads: int, workers=None
+    run_dir: Path, quantized: dict, sizes: dict, pruning: dict, threads: int, workers=None
 ) -> tuple[list[Variant], dict]:
     """OpenVINO runs of each candidate's FP32 and static INT8 files, and what happened (bench.json `openvino`)."""
     from slimvit import openvino_runtime as ovr
@@ -215,7 +229,7 @@ def _openvino_variants(
             try:
                 out.append(
                     _candidate(
-                        run_dir, stage, mode, info, sizes[stage], ratios[stage], threads, workers, "openvino"
+                        run_dir, stage, mode, info, sizes[stage], pruning[stage], threads, workers, "openvino"
                     )
                 )
             except ModelError as e:
@@ -234,7 +248,7 @@ def collect_variants(run_dir: Path, threads: int, workers=None) -> tuple[list[Va
         if not (run_dir / need).exists():
             raise ModelError(f"no '{run_dir / need}'; run `{cmd}` (or `slimvit run`) first")
     out = [_torch_variant(run_dir, s, reference=(s == "student")) for s in ("teacher", "student", "pruned")]
-    out[2].ratio = _ratio(run_dir, "pruned")
+    out[2].ratio = _pruning(run_dir, "pruned")["ratio"]
     sizes = {v.stage: (v.params, v.macs) for v in out}
     exported = read_json(run_dir / "onnx" / "export.json")
     quantized = read_json(run_dir / "onnx" / "quantize.json").get("models", {})
@@ -244,15 +258,15 @@ def collect_variants(run_dir: Path, threads: int, workers=None) -> tuple[list[Va
             sizes[stage] = (params, macs)
         if stage not in quantized:  # teacher, student: reference rows, not candidates
             out.append(_onnx_variant(run_dir, info["file"], stage, "fp32", *sizes[stage], threads, workers))
-    ratios = {stage: _ratio(run_dir, stage) for stage in quantized}
+    pruning = {stage: _pruning(run_dir, stage) for stage in quantized}
     for stage, variants in quantized.items():
         for mode, info in variants.items():
             out.append(
                 _candidate(
-                    run_dir, stage, mode, info, sizes[stage], ratios[stage], threads, workers, "onnxruntime"
+                    run_dir, stage, mode, info, sizes[stage], pruning[stage], threads, workers, "onnxruntime"
                 )
             )
-    ov, ov_status = _openvino_variants(run_dir, quantized, sizes, ratios, threads, workers)
+    ov, ov_status = _openvino_variants(run_dir, quantized, sizes, pruning, threads, workers)
     return out + ov, ov_status
 
 
@@ -301,6 +315,7 @@ def row(v: Variant, metrics: dict, size_mb: float, batch: int, val: dict | None 
         "key": v.key,
         "stage": v.stage,
         "ratio": v.ratio,
+        "depth": v.depth,
         "candidate": v.candidate,
         "runtime": v.runtime,
         "precision": v.precision,

@@ -251,6 +251,11 @@ class PruneConfig:
     sweep_from: str = "previous"
     """`previous`: prune each sweep ratio from the model of the next lower ratio (iterative; the main
     pruned model stands for its own ratio); `student`: every ratio from the distilled student."""
+    depths: tuple[int, ...] = ()
+    """Depth pruning: for each ratio of the sweep, also a candidate cut to each of these numbers of
+    transformer blocks (whole blocks removed, `pruning.block_drop_order`, then fine-tuned for
+    `sweep_epochs`), in `sweep/r<ratio>-d<depth>`. At batch 1 a small ViT's latency is mostly per-layer
+    overhead, which only fewer layers remove. Empty: widths only."""
 
     def __post_init__(self) -> None:
         _check(0 < self.ratio < 1, f"prune.ratio={self.ratio} must be in (0, 1)")
@@ -267,6 +272,14 @@ class PruneConfig:
         _check(all(0 < r < 1 for r in self.sweep), f"prune.sweep={self.sweep}: every ratio must be in (0, 1)")
         _check(self.sweep_epochs >= 0, f"prune.sweep_epochs={self.sweep_epochs} must be >= 0")
         _check_choice("prune.sweep_from", self.sweep_from, ("previous", "student"))
+        _check(
+            all(isinstance(d, int) and d >= 1 for d in self.depths),
+            f"prune.depths={self.depths}: every depth must be a whole number of blocks >= 1",
+        )
+        _check(
+            not self.depths or self.sweep,
+            f"prune.depths={self.depths} cuts sweep models: set a prune.sweep, or prune.depths=[]",
+        )
         _check_choice("prune.teacher", self.teacher, ("teacher", "student"))
 
 

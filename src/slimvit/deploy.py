@@ -54,10 +54,17 @@ def is_candidate(r: dict) -> bool:
     return bool(r.get("candidate")) and r["runtime"] != "pytorch"
 
 
+def shape_label(r: dict) -> str:
+    """How a candidate was pruned, in a few characters: "r=0.3", "r=0.3 d6" (6 blocks kept), "" if not."""
+    if r.get("ratio") is None:
+        return ""
+    return f"r={r['ratio']:g}" + (f" d{r['depth']}" if r.get("depth") is not None else "")
+
+
 def describe(r: dict) -> str:
-    ratio = f"r={r['ratio']:g} " if r.get("ratio") is not None else ""
+    shape = shape_label(r)
     return (
-        f"{r['stage']} {ratio}{r['runtime']} {r['precision']}: {r['latency_ms_p50']:.2f} ms, "
+        f"{r['stage']} {shape + ' ' if shape else ''}{r['runtime']} {r['precision']}: {r['latency_ms_p50']:.2f} ms, "
         f"{r['size_mb']:.2f} MB, validation balanced accuracy {100 * _val(r):.2f}%"
     )
 
@@ -155,6 +162,7 @@ def write_deploy(run_dir: Path, bench: dict, chosen: dict, why: str, budget: dic
             precision=chosen["precision"],
             stage=chosen["stage"],
             ratio=chosen.get("ratio"),
+            depth=chosen.get("depth"),
             portable=chosen.get("portable", True),
             validated_on=validated,
         )
@@ -170,6 +178,7 @@ def write_deploy(run_dir: Path, bench: dict, chosen: dict, why: str, budget: dic
         "precision": chosen["precision"],
         "stage": chosen["stage"],
         "ratio": chosen.get("ratio"),
+        "depth": chosen.get("depth"),
         "why": why,
         "budgets": budget,
         "chosen": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from slimvit import models, runtime
 from slimvit.errors import ModelError, first_line
-from slimvit.io import atomic_path, atomic_write_json, is_main_process
+from slimvit.io import atomic_path, atomic_write_json, is_main_process, read_json
 from slimvit.spec import ModelSpec
 from slimvit.vit import plain_attention
 
@@ -43,11 +44,19 @@ def candidates(run_dir: str | Path) -> list[str]:
     Each is exported, quantized in every mode and benchmarked; the deploy step chooses among them.
     """
     run_dir = Path(run_dir)
-    sweep = sorted(
-        (p.parent for p in (run_dir / "sweep").glob("r*/model.json")),
-        key=lambda p: float(p.name[1:]) if p.name[1:].replace(".", "", 1).isdigit() else 1.0,
-    )
-    return ["pruned", *(str(p.relative_to(run_dir)) for p in sweep)]
+
+    def order(name: str) -> tuple:  # r0.3 before r0.3-d8 before r0.3-d6 before r0.5; unknown names last
+        m = re.fullmatch(r"sweep/r(\d*\.?\d+)(?:-d(\d+))?", name)
+        return (0, float(m[1]), -int(m[2] or 1_000), name) if m else (1, 0.0, 0, name)
+
+    summary = run_dir / "prune_sweep.json"
+    points = read_json(summary).get("points", []) if summary.exists() else []
+    if points and all(p.get("model") for p in points):  # the sweep's own list: no folder of an earlier sweep
+        names = [p["model"] for p in points if p["model"] != "pruned"]
+    else:  # no sweep summary (yet): every sweep folder with a model
+        names = [str(p.parent.relative_to(run_dir)) for p in (run_dir / "sweep").glob("r*/model.json")]
+    names = [n for n in dict.fromkeys(names) if (run_dir / n / "model.json").exists()]
+    return ["pruned", *sorted(names, key=order)]
 
 
 def onnx_name(stage: str, precision: str) -> str:

@@ -26,6 +26,7 @@ No stage writes a file another stage writes, and every caller holds the run fold
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import hashlib
 import json
@@ -249,7 +250,7 @@ STAGES: tuple[Stage, ...] = (
         artifacts=(*_trained("pruned"), "pruned/train.json"),
         folders=("pruned",),
         reads=("split.json", *_model("student"), "student/train.json", *_model("teacher")),
-        params=("data.img_size", "prune.", "-prune.sweep", *_TRAIN, *_KD),
+        params=("data.img_size", "prune.", "-prune.sweep", "-prune.depths", *_TRAIN, *_KD),
         trains=True,
         flags=("resume", "sweep", "force"),
     ),
@@ -273,7 +274,7 @@ STAGES: tuple[Stage, ...] = (
         command="prune",
         extra=("sweep",),
         enabled=_sweep_enabled,
-        rerun_keys=("prune.sweep",),
+        rerun_keys=("prune.sweep", "prune.depths"),
     ),
     Stage(
         "export",
@@ -478,9 +479,16 @@ class Fingerprints:
         return self.files(stage.writes)
 
 
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    from slimvit.config import Config
+
+    return flat_config(Config())
+
+
 def input_changes(recorded: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """One phrase per input that differs. Config keys present on one side only are not changes (a key
-    added in a newer slimvit has the default that reproduces the old behaviour)."""
+    """One phrase per input that differs. A config key the record lacks (added in a newer slimvit) is a
+    change only when its value is not the key's default, the value that reproduces the old behaviour."""
     out = []
     if "dataset" in recorded and "dataset" in current and recorded["dataset"] != current["dataset"]:
         out.append("the dataset changed")
@@ -496,6 +504,10 @@ def input_changes(recorded: dict, current: dict, ignore: tuple[str, ...] = ()) -
     for key in sorted(set(old) & set(new)):
         if old[key] != new[key] and key not in ignore:
             out.append(f"config {key}: {old[key]!r} -> {new[key]!r}")
+    if old:  # a record without config values (an older manifest's stage) is judged by its files alone
+        for key in sorted(set(new) - set(old)):
+            if key in _defaults() and new[key] != _defaults()[key] and key not in ignore:
+                out.append(f"config {key}: not set before -> {new[key]!r}")
     return out
 
 

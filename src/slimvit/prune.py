@@ -10,6 +10,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,10 @@ from slimvit import models
 from slimvit.config import PruneConfig
 from slimvit.errors import ConfigError, ModelError
 from slimvit.io import atomic_write_json, atomic_write_text, is_main_process, read_json
-from slimvit.pruning import check_ratio, criterion, prune_model
-from slimvit.spec import ModelSpec
+from slimvit.pruning import block_drop_order, check_ratio, criterion, drop_blocks, prune_model
+from slimvit.spec import ModelSpec, read_spec
 from slimvit.timing import compare_latency, count_macs_params
-from slimvit.vit import read_widths
+from slimvit.vit import apply_widths, read_widths, vit_parts
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +80,36 @@ def _settings(pcfg: PruneConfig, ratio: float) -> dict:
 
 
 def _prune_or_resume(
-    cfg, student: nn.Module, spec: ModelSpec, data, out: Path, ratio: float, resume, source=("student", 0.0)
+    cfg,
+    student: nn.Module,
+    spec: ModelSpec,
+    data,
+    out: Path,
+    ratio: float,
+    resume,
+    source=("student", 0.0),
+    depth: int | None = None,
 ) -> tuple:
     """The pruned, not yet fine-tuned model: made now (and saved in out/init/), or read back on resume.
 
     `source` is (folder, its ratio): the model pruned further, by the step that brings it to `ratio` of
-    the student's widths.
+    the student's widths. With `depth`, the source keeps its widths and loses whole blocks instead, down to
+    `depth` of them (`pruning.block_drop_order`).
     """
     init = out / "init"
     step = 1 - (1 - ratio) / (1 - source[1])
-    settings = {
-        **_settings(cfg.prune, ratio),
-        **({"source": source[0], "step_ratio": step} if source[1] else {}),
-    }
+    if depth is not None:
+        settings = {
+            "ratio": ratio,
+            "depth": depth,
+            "source": source[0],
+            "depth_batches": cfg.prune.taylor_batches,
+        }
+    else:
+        settings = {
+            **_settings(cfg.prune, ratio),
+            **({"source": source[0], "step_ratio": step} if source[1] else {}),
+        }
     if resume and (init / "pruning.json").exists():
         info = read_json(init / "pruning.json")
         if info.get("settings") != settings:
@@ -109,11 +127,23 @@ def _prune_or_resume(
     torch.manual_seed(cfg.train.seed)  # the random criterion draws from torch's RNG
     model = student
     batches = None
-    if criterion(cfg.prune.importance).needs_gradients:
+    if depth is not None or criterion(cfg.prune.importance).needs_gradients:
         batches = _taylor_batches(data, spec, cfg.prune.taylor_batches, cfg.train.batch_size, cfg.train.seed)
     t0 = time.perf_counter()
-    widths = prune_model(model, torch.randn(1, *spec.input_size), cfg.prune, ratio=step, batches=batches)
-    pspec = spec.with_widths(widths)
+    extra = {}
+    if depth is not None:
+        removed = block_drop_order(model, [x for x, _ in batches], depth)
+        widths = drop_blocks(model, removed)
+        pspec = replace(spec.with_widths(widths), kwargs={**spec.kwargs, "depth": depth})
+        # the model as `models.load` rebuilds it (timm spreads drop-path rates over the new depth), so that
+        # a resumed fine-tune trains the same model as an uninterrupted one
+        fresh = apply_widths(models.build(pspec), widths)
+        fresh.load_state_dict(model.state_dict())
+        model = fresh
+        extra = {"removed_blocks": removed}
+    else:
+        widths = prune_model(model, torch.randn(1, *spec.input_size), cfg.prune, ratio=step, batches=batches)
+        pspec = spec.with_widths(widths)
     from slimvit.evaluate import evaluate_model
 
     val = evaluate_model(model, data, pspec, "val")
@@ -122,6 +152,7 @@ def _prune_or_resume(
         "seconds": time.perf_counter() - t0,
         "val_acc_pruned": val["accuracy"],
         "val_bal_acc_pruned": val["balanced_accuracy"],
+        **extra,
     }
     if is_main_process():
         models.save(model, pspec, init)
@@ -138,6 +169,8 @@ def run_prune(
     out_name: str = "pruned",
     epochs: int | None = None,
     source: str = "student",
+    depth: int | None = None,
+    logits_memo: dict | None = None,
 ) -> dict:
     """Prune the distilled student, fine-tune it with distillation, evaluate, and write prune.json.
 
@@ -149,6 +182,9 @@ def run_prune(
         epochs: fine-tuning epochs; default `cfg.prune.finetune_epochs`.
         source: folder of the model to prune: the student, or a pruned model of a lower ratio (iterative
             pruning: it is pruned by the step to `ratio` of the student's widths, then fine-tuned).
+        depth: remove whole blocks of `source` (a pruned model of ratio `ratio`) down to this many, instead
+            of pruning widths.
+        logits_memo: passed to `train.fit`: a sweep's fine-tunes reuse one computation of the teacher's logits.
 
     Returns:
         A compact summary (ratio, params/MACs/latency before and after, val/test accuracy).
@@ -178,10 +214,10 @@ def run_prune(
     if source != "student":
         src_ratio = float(read_json(run_dir / source / "prune.json")["ratio"])
         student, spec = models.load(run_dir / source)
-        if src_ratio >= ratio:
+        if depth is None and src_ratio >= ratio:
             raise ConfigError(f"cannot prune '{source}' (ratio {src_ratio:g}) to the lower ratio {ratio:g}")
     model, pspec, info, resumed = _prune_or_resume(
-        cfg, student, spec, data, out, ratio, resume, source=(source, src_ratio)
+        cfg, student, spec, data, out, ratio, resume, source=(source, src_ratio), depth=depth
     )
     macs_after, params_after = count_macs_params(model, pspec.input_size)
     log.info(
@@ -213,9 +249,10 @@ def run_prune(
             teacher=teacher,
             distill_cfg=distill_cfg,
             resume="auto" if resumed else False,
-            desc=f"finetune r={ratio:g}",
+            desc=f"finetune r={ratio:g}" + (f" depth {depth}" if depth else ""),
             select_initial=True,
             stop_at=target,
+            logits_memo=logits_memo,
         )
         val_acc, val_bal = summary["best_val_acc"], summary["best_val_bal_acc"]
     else:
@@ -252,6 +289,7 @@ def run_prune(
             "distilled_from": cfg.prune.teacher if teacher is not None else None,
             "recovery_target": target,
         },
+        **({"removed_blocks": info["removed_blocks"]} if "removed_blocks" in info else {}),
         "widths_before": widths_before.to_json(),
         "widths_after": pspec.widths.to_json(),
     }
@@ -282,6 +320,7 @@ def _summary(result: dict) -> dict:
     keys = ("ratio", "params_before", "params_after", "macs_before", "macs_after", "latency_ratio")
     return {
         **{k: result[k] for k in keys},
+        "depth": result.get("depth"),
         "latency_ms_before": result["latency_ms_before"]["p50"],
         "latency_ms_after": result["latency_ms_after"]["p50"],
         "val_acc": result["val_acc"],
@@ -290,8 +329,8 @@ def _summary(result: dict) -> dict:
     }
 
 
-def sweep_dir_name(ratio: float) -> str:
-    return f"sweep/r{ratio:g}"
+def sweep_dir_name(ratio: float, depth: int | None = None) -> str:
+    return f"sweep/r{ratio:g}" + (f"-d{depth}" if depth is not None else "")
 
 
 def run_sweep(cfg, run_dir: str | Path, ratios: Sequence[float], data=None) -> list[dict]:
@@ -300,7 +339,11 @@ def run_sweep(cfg, run_dir: str | Path, ratios: Sequence[float], data=None) -> l
     With `prune.sweep_from: previous` (the default) the ratios are pruned iteratively: each from the model
     of the next lower ratio (the main pruned model stands for its own ratio), so a high ratio starts from
     an already fine-tuned, partly pruned model. `student` prunes every ratio from the student.
-    Ratios already done (prune.json and eval.json present) are read back, not redone.
+    Each depth of `prune.depths` adds a candidate per ratio: that ratio's model with whole blocks removed
+    (`sweep/r<ratio>-d<depth>`).
+    Points already done (prune.json and eval.json present) are read back, not redone. prune_sweep.json lists
+    this sweep's points; export takes its candidates from it, so a folder of an earlier sweep (another
+    `prune.sweep`) stays on disk for reuse but is no candidate.
     """
     from slimvit.data import load_data
 
@@ -308,35 +351,52 @@ def run_sweep(cfg, run_dir: str | Path, ratios: Sequence[float], data=None) -> l
     if not ratios:
         raise ConfigError("no ratios to sweep; pass --sweep 0.1,0.2,0.3,0.5 or set prune.sweep")
     run_dir = Path(run_dir)
+    if (
+        cfg.prune.depths
+    ):  # before any fine-tune: a depth the student cannot be cut to fails now, not in an hour
+        blocks = len(vit_parts(load_student(run_dir, read_spec(run_dir / "student").classes)[0]).blocks)
+        if max(cfg.prune.depths) >= blocks:
+            raise ConfigError(
+                f"prune.depths={list(cfg.prune.depths)}: the student has {blocks} blocks; each depth must be fewer"
+            )
     rows = []
     chain = cfg.prune.sweep_from == "previous"
     main = run_dir / "pruned" / "prune.json"
+    memo: dict = {}
     source = "student"
     for r in sorted(set(ratios)):
-        out = run_dir / sweep_dir_name(r)
+        points = [(r, None, source)]
         if chain and abs(r - cfg.prune.ratio) < 1e-9 and main.exists():
             log.info("sweep r=%g: the main pruned model (pruned/) is this point", r)
             rows.append({**_summary(read_json(main)), "model": "pruned"})
-            source = "pruned"
-            continue
-        if (out / "prune.json").exists() and (out / "eval.json").exists():
-            log.info("sweep r=%g: done, skipped", r)
-            rows.append({**_summary(read_json(out / "prune.json")), "model": sweep_dir_name(r)})
+            points, width_model = [], "pruned"
         else:
+            width_model = sweep_dir_name(r)
+        # depth candidates: the ratio's own model (or the main pruned one) loses whole blocks
+        points += [(r, d, width_model) for d in sorted(set(cfg.prune.depths), reverse=True)]
+        for ratio, depth, src in points:
+            name = sweep_dir_name(ratio, depth)
+            out = run_dir / name
+            if (out / "prune.json").exists() and (out / "eval.json").exists():
+                log.info("sweep %s: done, skipped", name)
+                rows.append({**_summary(read_json(out / "prune.json")), "model": name})
+                continue
             data = data or load_data(cfg.data, run_dir)
             summary = run_prune(
                 cfg,
                 run_dir,
                 data,
                 resume="auto",
-                ratio=r,
-                out_name=sweep_dir_name(r),
+                ratio=ratio,
+                out_name=name,
                 epochs=cfg.prune.sweep_epochs,
-                source=source,
+                source=src,
+                depth=depth,
+                logits_memo=memo,
             )
-            rows.append({**summary, "model": sweep_dir_name(r)})
+            rows.append({**summary, "model": name})
         if chain:
-            source = sweep_dir_name(r)
+            source = width_model
     baseline = _baseline(run_dir, rows)
     if is_main_process():
         atomic_write_json(run_dir / "prune_sweep.json", {"baseline": baseline, "points": rows})

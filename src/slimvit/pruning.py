@@ -19,6 +19,9 @@ After pruning the model is still a plain timm ``VisionTransformer``: each ``Atte
 (fused ``scaled_dot_product_attention``) runs unchanged, and no timm class is patched. The
 artifact records the widths in ``model.json``; :func:`slimvit.vit.apply_widths` reshapes a freshly built model
 to them so the weights load (``models.load`` calls it).
+
+Depth pruning (:func:`block_drop_order`, :func:`drop_blocks`) removes whole transformer blocks; the model
+stays a timm ``VisionTransformer`` whose ``depth`` kwarg in the spec rebuilds it.
 """
 
 from __future__ import annotations
@@ -414,4 +417,70 @@ def prune_model(
             f"pruning changed the output shape {tuple(out_before.shape)} -> {tuple(out_after.shape)}"
         )
     model.train(was_training)
+    return read_widths(model)
+
+
+# --------------------------------------------------------------------------- depth
+
+
+@torch.no_grad()
+def block_drop_order(model: nn.Module, batches: Sequence[torch.Tensor], depth: int) -> list[int]:
+    """Which blocks to remove to bring `model` to `depth` blocks, most dispensable first.
+
+    Greedy: at each step, remove the block whose skipping (its residual branch dropped, the tokens passing
+    straight through) moves the model's predictions least from the intact model's, as the KL divergence of
+    the class distributions over `batches` (training images; no labels read). Each step re-scores the
+    remaining blocks with the earlier removals in place, so two blocks that stand in for each other are
+    not both removed on the strength of each other.
+    """
+    n = len(vit_parts(model).blocks)
+    if not 1 <= depth < n:
+        raise ConfigError(f"depth={depth} must be in [1, {n - 1}]: the model has {n} blocks and keeps fewer")
+    was_training = model.training
+    model.eval()
+    blocks = model.blocks
+    ref = [F.log_softmax(models.eval_logits(model(x)).float(), -1) for x in batches]
+    kept, order = list(range(n)), []
+    try:
+        while len(kept) > depth:
+            scores = []
+            for i in kept:
+                model.blocks = nn.Sequential(*(blocks[j] for j in kept if j != i))
+                kl = sum(
+                    F.kl_div(
+                        F.log_softmax(models.eval_logits(model(x)).float(), -1),
+                        r,
+                        log_target=True,
+                        reduction="batchmean",
+                    ).item()
+                    for x, r in zip(batches, ref, strict=True)
+                )
+                scores.append((kl / len(batches), i))
+            kl, least = min(scores)
+            log.info(
+                "depth: block %d is the most dispensable of %d (KL %.4f when skipped)", least, len(kept), kl
+            )
+            kept.remove(least)
+            order.append(least)
+    finally:
+        model.blocks = blocks
+        model.train(was_training)
+    return order
+
+
+def drop_blocks(model: nn.Module, remove: Sequence[int]) -> Widths:
+    """Remove the blocks numbered `remove` from `model` in place; return the new widths (blocks renumbered).
+
+    The model stays a plain timm VisionTransformer of fewer blocks: `models.build` rebuilds it from the
+    spec's `depth` kwarg, so its weights load like any pruned artifact's.
+    """
+    n = len(vit_parts(model).blocks)
+    bad = [i for i in remove if not 0 <= i < n]
+    if bad or len(set(remove)) == n:
+        raise ConfigError(f"cannot remove blocks {sorted(remove)} of a model with {n} blocks")
+    model.blocks = nn.Sequential(*(b for i, b in enumerate(model.blocks) if i not in set(remove)))
+    if hasattr(model, "feature_info"):  # timm lists one entry per block for features_only users
+        model.feature_info = [
+            dict(f, module=f"blocks.{k}") for k, f in enumerate(model.feature_info[: len(model.blocks)])
+        ]
     return read_widths(model)

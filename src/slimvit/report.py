@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 
 from slimvit.config import Config, read_config
+from slimvit.deploy import shape_label
 from slimvit.errors import ConfigError, ModelError
 from slimvit.io import atomic_path, atomic_write_text, is_main_process, read_json, read_jsonl
 
@@ -207,11 +208,11 @@ def plot_pareto(run: dict, path: Path) -> None:
     if not rows:
         rows = [r for r in _rows(run) if r["runtime"] != "pytorch"]
     sizes = np.array([r["size_mb"] for r in rows] or [1.0])
-    ratios = sorted({r.get("ratio") or 0.0 for r in rows})
+    shapes = sorted({_shape_key(r) for r in rows})
     cmap = plt.get_cmap("viridis")
     markers = {"onnxruntime": "o", "openvino": "D"}
     for r in rows:
-        c = cmap(ratios.index(r.get("ratio") or 0.0) / max(1, len(ratios) - 1))
+        c = cmap(shapes.index(_shape_key(r)) / max(1, len(shapes) - 1))
         acc = r.get("val_accuracy") if r.get("val_accuracy") is not None else r["accuracy"]
         ax.scatter(
             r["latency_ms_p50"],
@@ -235,7 +236,7 @@ def plot_pareto(run: dict, path: Path) -> None:
         )
         for r in f:
             ax.annotate(
-                f"r={r.get('ratio') or 0:g} {r['precision']}\n{r['size_mb']:.1f} MB",
+                f"{shape_label(r) or 'r=0'} {r['precision']}\n{r['size_mb']:.1f} MB",
                 (r["latency_ms_p50"], 100 * r["val_accuracy"]),
                 fontsize=7,
                 xytext=(6, -10),
@@ -266,9 +267,12 @@ def plot_pareto(run: dict, path: Path) -> None:
                 s=25,
                 linewidths=1,
             )
-    for ratio in ratios:
+    for k in shapes:
         ax.scatter(
-            [], [], color=cmap(ratios.index(ratio) / max(1, len(ratios) - 1)), label=f"ratio {ratio:g}"
+            [],
+            [],
+            color=cmap(shapes.index(k) / max(1, len(shapes) - 1)),
+            label=f"ratio {k[0]:g}" + (f", {-k[1]} blocks" if k[1] > -(10**6) else ""),
         )
     for runtime in sorted({r["runtime"] for r in rows}):
         name = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}.get(runtime, runtime)
@@ -358,12 +362,26 @@ def plot_sweep(run: dict, path: Path) -> None:
     sw = run["sweep"]
     fig, ax = plt.subplots(figsize=(6, 4))
     base = sw["baseline"]
-    pts = sorted(sw["points"], key=lambda p: p["ratio"])
-    macs = [base["macs"] / 1e6] + [p["macs_after"] / 1e6 for p in pts]
-    acc = [100 * (base["test_acc"] or 0)] + [100 * p["test_acc"] for p in pts]
-    ax.plot(macs, acc, "o-")
-    for m, a, r in zip(macs, acc, [0.0] + [p["ratio"] for p in pts], strict=True):
-        ax.annotate(f"r={r:g}", (m, a), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    pts = sorted(sw["points"], key=_shape_key)
+    widths = [p for p in pts if p.get("depth") is None]
+    macs = [base["macs"] / 1e6] + [p["macs_after"] / 1e6 for p in widths]
+    acc = [100 * (base["test_acc"] or 0)] + [100 * p["test_acc"] for p in widths]
+    ax.plot(macs, acc, "o-", label="widths pruned")
+    labels = ["r=0"] + [shape_label(p) for p in widths]
+    deep = [p for p in pts if p.get("depth") is not None]
+    if deep:
+        ax.plot(
+            [p["macs_after"] / 1e6 for p in deep],
+            [100 * p["test_acc"] for p in deep],
+            "s",
+            label="and blocks removed",
+        )
+        macs += [p["macs_after"] / 1e6 for p in deep]
+        acc += [100 * p["test_acc"] for p in deep]
+        labels += [shape_label(p) for p in deep]
+        ax.legend(fontsize=8)
+    for m, a, lab in zip(macs, acc, labels, strict=True):
+        ax.annotate(lab, (m, a), xytext=(4, 4), textcoords="offset points", fontsize=8)
     ax.set_xlabel("MACs (M), batch 1")
     ax.set_ylabel("test accuracy %")
     ax.set_title("Pruning sweep: accuracy vs MACs")
@@ -604,15 +622,15 @@ def sweep_table(baseline: dict, rows: list[dict]) -> str:
         return "-" if x is None else f"{100 * x:.2f}"
 
     lines = [
-        "| ratio | params (M) | MACs (M) | FP32 latency ms (p50) | val acc % | test acc % | fine-tune epochs |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-        f"| 0 (student) | {baseline['params'] / 1e6:.3f} | {baseline['macs'] / 1e6:.1f} | "
+        "| ratio | blocks | params (M) | MACs (M) | FP32 latency ms (p50) | val acc % | test acc % | fine-tune epochs |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| 0 (student) | all | {baseline['params'] / 1e6:.3f} | {baseline['macs'] / 1e6:.1f} | "
         f"{baseline['latency_ms']:.2f} | {pct(baseline['val_acc'])} | {pct(baseline['test_acc'])} | - |",
     ]
     for r in rows:
         ep = r.get("finetune_epochs_run")
         lines.append(
-            f"| {r['ratio']:g} | {r['params_after'] / 1e6:.3f} | {r['macs_after'] / 1e6:.1f} | "
+            f"| {r['ratio']:g} | {r.get('depth') or 'all'} | {r['params_after'] / 1e6:.3f} | {r['macs_after'] / 1e6:.1f} | "
             f"{r['latency_ms_after']:.2f} | {pct(r['val_acc'])} | {pct(r['test_acc'])} | "
             f"{'-' if ep is None else ep} |"
         )
@@ -631,7 +649,16 @@ def _sweep_text(run: dict) -> str:
     cap = f"at most {pc.sweep_epochs} epochs"
     if pc.recover:
         cap += ", stopping once validation balanced accuracy is back to the student's"
-    return f"{how} and fine-tuned for {cap}; the last column is the epochs it took."
+    depth = ""
+    depths = {p["depth"] for p in (run["sweep"] or {}).get("points", []) if p.get("depth") is not None}
+    if depths:
+        kept = " or ".join(str(d) for d in sorted(depths, reverse=True))
+        depth = (
+            f" Rows with a number of blocks are that ratio's model cut to {kept} blocks: the blocks whose "
+            "skipping changed its predictions on training images least were removed one at a time, then it "
+            "was fine-tuned the same way."
+        )
+    return f"{how} and fine-tuned for {cap}; the last column is the epochs it took.{depth}"
 
 
 def _modes(q: dict) -> dict:
@@ -681,7 +708,16 @@ def _quantization(run: dict) -> list[str]:
 
 
 def _ratio_text(r: dict) -> str:
-    return f", pruning ratio {r['ratio']:g}" if r.get("ratio") is not None else ""
+    if r.get("ratio") is None:
+        return ""
+    return f", pruning ratio {r['ratio']:g}" + (
+        f", {r['depth']} blocks" if r.get("depth") is not None else ""
+    )
+
+
+def _shape_key(r: dict) -> tuple:
+    """Sort key of a pruned model: by width ratio, then fewer blocks later (all blocks first)."""
+    return (r.get("ratio") or 0.0, -(r.get("depth") or 10**6))
 
 
 def _budget_sentences(run: dict) -> list[str]:
@@ -726,8 +762,8 @@ def _candidates(run: dict) -> list[str]:
         "to choose. The front: candidates that no other candidate beats on both validation accuracy and batch-1 "
         "latency.",
         "",
-        "| ratio | runtime | precision | size MB | p50 ms | val accuracy (95% CI) | test accuracy (95% CI) | "
-        "x FP32 of same ratio: test | portable |",
+        "| ratio (dN: N blocks kept) | runtime | precision | size MB | p50 ms | val accuracy (95% CI) | "
+        "test accuracy (95% CI) | x FP32 of same model: test | portable |",
         "|---:|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in f:
@@ -739,7 +775,7 @@ def _candidates(run: dict) -> list[str]:
         )
         tag = " **(deployed)**" if r["deployed"] else ""
         out.append(
-            f"| {r.get('ratio') or 0:g}{tag} | {r['runtime']} | {r['precision']} | {r['size_mb']:.2f} | "
+            f"| {shape_label(r).removeprefix('r=') or '0'}{tag} | {r['runtime']} | {r['precision']} | {r['size_mb']:.2f} | "
             f"{r['latency_ms_p50']:.2f} | {pct_ci(r['val_accuracy'], r.get('val_accuracy_ci'))} | "
             f"{pct_ci(r['accuracy'], r.get('accuracy_ci'))} | {vs} | "
             f"{'yes' if r.get('portable', True) else 'VNNI only'} |"
@@ -968,7 +1004,7 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
             out.append(
                 ("pruned test accuracy within 0.5 point of student", f"{100 * d:+.2f} points", d >= -0.005)
             )
-        swept = sorted(pt["ratio"] for pt in (run["sweep"] or {}).get("points", []))
+        swept = sorted({pt["ratio"] for pt in (run["sweep"] or {}).get("points", [])})
         out.append(
             (
                 "pruning sweep 0.1/0.2/0.3/0.5 exists",

@@ -17,6 +17,7 @@ stored in the checkpoint determines them: a resumed run trains exactly as an uni
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -294,11 +295,44 @@ def _start_or_resume(acc, out_dir: Path, resume, epochs: int, desc: str, model, 
     return start_epoch, best, elapsed, stopped, best_weights
 
 
-def _cache_teacher(teacher, train: EvalDataset, tcfg: TrainConfig, precision: str, device, desc: str):
-    """The teacher's view-averaged logits of every training image, and the seconds they took."""
+def _memo_key(teacher: nn.Module, train: EvalDataset, tcfg: TrainConfig, precision: str, device) -> str:
+    def update(t: torch.Tensor) -> None:  # the tensor's bytes, without a copy where it is contiguous on CPU
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    h = hashlib.blake2b(digest_size=16)
+    # parameters and every buffer, non-persistent ones too (a renormalisation's scale and shift)
+    for k, v in [*teacher.named_parameters(), *teacher.named_buffers()]:
+        h.update(k.encode())
+        update(v)
+    update(train.x)
+    h.update(repr((tcfg.flips, tcfg.rot90, precision, str(device))).encode())
+    return h.hexdigest()
+
+
+def _cache_teacher(
+    teacher,
+    train: EvalDataset,
+    tcfg: TrainConfig,
+    precision: str,
+    device,
+    desc: str,
+    memo: dict | None = None,
+):
+    """The teacher's view-averaged logits of every training image, and the seconds they took.
+
+    `memo` (a dict the caller keeps across fits) holds the last logits computed, by teacher weights, images
+    and views: the sweep's fine-tunes all distil from one model on one training set.
+    """
+    key = _memo_key(teacher, train, tcfg, precision, device) if memo is not None else None
+    if key is not None and key in memo:
+        log.info("%s: teacher logits reused from the previous fine-tune (same teacher, same images)", desc)
+        return memo[key], 0.0
     t0 = time.perf_counter()
     cached = teacher_logits(teacher, train, tcfg, precision, device)
     seconds = time.perf_counter() - t0
+    if key is not None:
+        memo.clear()
+        memo[key] = cached
     agree = float((cached.argmax(1) == train.labels).float().mean())
     log.info(
         "%s: teacher logits of %d training images x %d flips/rotations in %.0fs (averaged, they name "
@@ -388,6 +422,7 @@ def fit(
     desc: str = "train",
     select_initial: bool = False,
     stop_at: float | None = None,
+    logits_memo: dict | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train `model` and keep the best epoch by validation balanced accuracy (mean per-class recall;
     ties: accuracy, then lower val loss). On a split with as many validation images per class this is
@@ -403,6 +438,8 @@ def fit(
         stop_at: stop after the first epoch whose validation balanced accuracy reaches this (fine-tuning
             until a pruned model has recovered); `epochs` is then a cap. `train.patience` also stops
             training when the best epoch is that many epochs old.
+        logits_memo: a dict kept across several fits that distil from one teacher on one training set (the
+            sweep's fine-tunes): the cached teacher logits are computed once and reused.
 
     Returns:
         The model with the best weights loaded (in eval mode) and the summary written to train.json.
@@ -469,7 +506,13 @@ def fit(
         teacher = teacher.to(device, memory_format=mem_format).eval()
         if distill_cfg.teacher_logits == "cached" and not (tcfg.mixup > 0 or tcfg.cutmix > 0):
             cached, cache_seconds = _cache_teacher(
-                teacher, EvalDataset(*data.arrays("train"), mean, std), tcfg, precision, device, desc
+                teacher,
+                EvalDataset(*data.arrays("train"), mean, std),
+                tcfg,
+                precision,
+                device,
+                desc,
+                logits_memo,
             )
     loss_fn = make_loss(distill_cfg if loss_name != "none" else None, tcfg.label_smoothing)
     mixup = None
