@@ -216,6 +216,10 @@ def run_prune(
         student, spec = models.load(run_dir / source)
         if depth is None and src_ratio >= ratio:
             raise ConfigError(f"cannot prune '{source}' (ratio {src_ratio:g}) to the lower ratio {ratio:g}")
+    if depth is not None and abs(src_ratio - ratio) > 1e-9:  # a depth point keeps its source's widths
+        raise ConfigError(
+            f"a depth-pruned model of ratio {ratio:g} is cut from a model of that ratio, not '{source}'"
+        )
     model, pspec, info, resumed = _prune_or_resume(
         cfg, student, spec, data, out, ratio, resume, source=(source, src_ratio), depth=depth
     )
