@@ -96,7 +96,8 @@ class Estimate:
             elif s == "prune":
                 est = epochs_of(p.finetune_epochs, rates["student"] + ft_fwd, rates["student_fwd"])
             elif s == "sweep":
-                points = len(set(p.sweep)) * (1 + len(set(p.depths)))  # each ratio, and each ratio cut to each depth
+                # each ratio, and each ratio cut to each depth
+                points = len(set(p.sweep)) * (1 + len(set(p.depths)))
                 est = points * epochs_of(p.sweep_epochs, rates["student"] + ft_fwd, rates["student_fwd"])
             else:
                 est = previous.get(s)
