@@ -546,6 +546,22 @@ def test_views_are_the_eight_symmetries_of_the_square():
     )
 
 
+def _teacher():
+    """A small seeded CNN teacher for the distillation tests."""
+    torch.manual_seed(0)
+    return models.build(models.make_spec("resnet10t", 3, CLASSES, 32)).eval()
+
+
+def _fit_counting(base, data, out, epochs: int, distill_cfg, **kw) -> tuple[int, dict]:
+    """Distil a tiny student from `base`; (images the teacher saw, the fit's summary)."""
+    teacher = _Counting(base)
+    student, spec = tiny_student()
+    _, summary = fit(
+        student, spec, data, FAST, out, epochs=epochs, lr=1e-3, teacher=teacher, distill_cfg=distill_cfg, **kw
+    )
+    return teacher.images, summary
+
+
 def test_cached_teacher_logits_run_the_teacher_once_per_image_and_view(tmp_path):
     """The default: the teacher sees every training image in its 8 flips/rotations once, before training;
     the steps use the averaged logits. `live` runs it on every augmented batch."""
@@ -553,31 +569,20 @@ def test_cached_teacher_logits_run_the_teacher_once_per_image_and_view(tmp_path)
 
     data = synthetic_data(n_per_class=8)
     n_train = len(data.split["train"])
-    t_spec = models.make_spec("resnet10t", 3, CLASSES, 32)
-    torch.manual_seed(0)
-    base = models.build(t_spec).eval()
+    base = _teacher()
     for mode in ("cached", "live"):
-        teacher = _Counting(base)
-        student, spec = tiny_student()
-        _, summary = fit(
-            student,
-            spec,
-            data,
-            FAST,
-            tmp_path / mode,
-            epochs=2,
-            lr=1e-3,
-            teacher=teacher,
-            distill_cfg=DistillConfig(loss="soft", teacher_logits=mode),
+        images, summary = _fit_counting(
+            base, data, tmp_path / mode, 2, DistillConfig(loss="soft", teacher_logits=mode)
         )
         assert summary["teacher_logits"] == mode
         if mode == "cached":
-            assert teacher.images == 8 * n_train  # once per image and view, none during the 2 epochs
+            assert images == 8 * n_train  # once per image and view, none during the 2 epochs
         else:
-            assert teacher.images >= 2 * (n_train // FAST.batch_size) * FAST.batch_size
+            assert images >= 2 * (n_train // FAST.batch_size) * FAST.batch_size
     # the cache is the mean of the logits over the views
     from slimvit.data import EvalDataset
 
+    spec = tiny_student()[1]
     ds = EvalDataset(*data.arrays("train"), spec.mean, spec.std)
     cached = teacher_logits(base, ds, FAST, "no", torch.device("cpu"))
     with torch.no_grad():
@@ -615,30 +620,17 @@ def test_a_logits_memo_computes_the_teacher_once_across_fits(tmp_path):
     logits; another teacher's weights are computed anew."""
     data = synthetic_data(n_per_class=8)
     n_train = len(data.split["train"])
-    t_spec = models.make_spec("resnet10t", 3, CLASSES, 32)
-    torch.manual_seed(0)
-    base = models.build(t_spec).eval()
+    base = _teacher()
     memo: dict = {}
     seen = []
     for i, weights_from in enumerate(("base", "base", "changed")):
         if weights_from == "changed":
             with torch.no_grad():
                 base.fc.bias.add_(1.0)
-        teacher = _Counting(base)
-        student, spec = tiny_student()
-        _, summary = fit(
-            student,
-            spec,
-            data,
-            FAST,
-            tmp_path / str(i),
-            epochs=1,
-            lr=1e-3,
-            teacher=teacher,
-            distill_cfg=DistillConfig(loss="soft"),
-            logits_memo=memo,
+        images, summary = _fit_counting(
+            base, data, tmp_path / str(i), 1, DistillConfig(loss="soft"), logits_memo=memo
         )
-        seen.append(teacher.images)
+        seen.append(images)
         assert summary["teacher_logits"] == "cached"
     assert seen == [8 * n_train, 0, 8 * n_train]
     assert len(memo) == 1  # only the last teacher's logits are kept
