@@ -1,17 +1,23 @@
-"""What one distillation training step costs with the teacher run live against cached teacher logits.
+"""What one training step of the default recipe's models costs, under the choices that set the pipeline's time.
 
-    python scripts/step_cost.py [--steps 12] [--size 128] [--batch 64]
+    python scripts/step_cost.py [--compare logits|size|compile] [--steps 10] [--size 96] [--batch 64]
 
-Builds the default recipe's ViT-Ti student (conv stem) and ResNet-18 teacher with random weights, and
-times training steps (forward, soft-KD loss, backward, AdamW) in interleaved rounds: the teacher run on
-the batch (`distill.teacher_logits: live`) or its logits read from memory (`cached`). Prints the median
-milliseconds per step of each and their ratio, with the CPU and the autocast precision it used.
+Builds the `neu-det` preset's ViT-Ti student (conv stem) and ResNet-18 teacher with random weights and times
+training steps (forward, soft-KD loss, backward, AdamW) in interleaved rounds, so that a slow spell of the
+machine falls on every arm alike. Prints the median milliseconds per step of each arm and its ratio to the
+first, with the CPU and the autocast precision used.
+
+    --compare logits   the student's step with the teacher run on the batch (`distill.teacher_logits: live`)
+                       against its logits read from memory (`cached`)
+    --compare size     each model at --sizes (default 128,96 px)
+    --compare compile  each model eager against torch.compile (the compile time is printed too)
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,33 +28,34 @@ from slimvit.distill import make_loss
 from slimvit.timing import cpu_name
 from slimvit.train import autocast_context, resolve_precision
 
+CLASSES = [str(i) for i in range(6)]
+DEVICE = torch.device("cpu")
+STUDENT, TEACHER = ("vit_tiny_patch16_224", "conv"), ("resnet18", "patch")
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=12, help="timed steps per mode (after 3 untimed)")
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    classes = [str(i) for i in range(6)]
-    device = torch.device("cpu")
-    precision = resolve_precision("auto", device)
-    student = models.build(models.make_spec("vit_tiny_patch16_224", 6, classes, args.size, "conv"))
-    teacher = models.build(models.make_spec("resnet18", 6, classes, args.size)).eval()
-    student = student.to(memory_format=torch.channels_last).train()
-    teacher = teacher.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+
+def build(name_stem: tuple[str, str], size: int) -> torch.nn.Module:
+    name, stem = name_stem
+    model = models.build(models.make_spec(name, len(CLASSES), CLASSES, size, stem))
+    return model.to(memory_format=torch.channels_last)
+
+
+def make_step(
+    model: torch.nn.Module, size: int, batch: int, precision: str, teacher=None, compiled: bool = False
+) -> Callable[[], float]:
+    """A closure that runs one training step of `model` on a fixed random batch and returns its milliseconds."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = make_loss(DistillConfig(loss="soft"), 0.1)
-    x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 6, (args.batch,))
-    cached = torch.randn(args.batch, 6)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, len(CLASSES), (batch,))
+    cached = torch.randn(batch, len(CLASSES))
+    forward = torch.compile(model) if compiled else model
 
-    def step(live: bool) -> float:
+    def step() -> float:
         t0 = time.perf_counter()
-        with autocast_context(precision, device):
-            out = student(x)
-            if live:
+        with autocast_context(precision, DEVICE):
+            out = forward(x)
+            if teacher is not None:
                 with torch.no_grad():
                     t_logits = teacher(x)
             else:
@@ -59,16 +66,61 @@ def main() -> int:
         opt.step()
         return (time.perf_counter() - t0) * 1e3
 
-    for _ in range(3):
-        step(True), step(False)
-    times = {"live": [], "cached": []}
-    for _ in range(args.steps):  # interleaved: a slow spell of the machine falls on both
-        times["live"].append(step(True))
-        times["cached"].append(step(False))
-    live, cached_ms = np.median(times["live"]), np.median(times["cached"])
-    print(f"{cpu_name()}, {args.threads} threads, autocast {precision}, batch {args.batch} at {args.size} px")
-    print(f"live teacher:   {live:.0f} ms/step")
-    print(f"cached logits:  {cached_ms:.0f} ms/step  ({cached_ms / live:.2f}x)")
+    return step
+
+
+def time_interleaved(arms: dict[str, Callable[[], float]], steps: int) -> dict[str, float]:
+    """Median ms per step of each arm; 3 untimed steps each first (a compiled arm compiles there)."""
+    for name, step in arms.items():
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        print(f"  {name}: first 3 steps {time.perf_counter() - t0:.1f} s", flush=True)
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(steps):
+        for name, step in arms.items():
+            times[name].append(step())
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare", choices=("logits", "size", "compile"), default="logits")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per arm (after 3 untimed)")
+    ap.add_argument("--size", type=int, default=96, help="image size of --compare logits and compile")
+    ap.add_argument("--sizes", default="128,96", help="image sizes of --compare size")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    precision = resolve_precision("auto", DEVICE)
+    print(f"{cpu_name()}, {args.threads} threads, autocast {precision}, batch {args.batch}", flush=True)
+    if args.compare == "logits":
+        teacher = build(TEACHER, args.size).eval()
+        groups = {
+            f"student at {args.size} px": {
+                "live teacher": make_step(build(STUDENT, args.size), args.size, args.batch, precision, teacher),
+                "cached logits": make_step(build(STUDENT, args.size), args.size, args.batch, precision),
+            }
+        }
+    else:
+        groups = {}
+        for what, name_stem in (("student", STUDENT), ("teacher", TEACHER)):
+            if args.compare == "size":
+                sizes = [int(s) for s in args.sizes.split(",")]
+                arms = {f"{s} px": make_step(build(name_stem, s), s, args.batch, precision) for s in sizes}
+            else:
+                arms = {
+                    mode: make_step(build(name_stem, args.size), args.size, args.batch, precision, compiled=c)
+                    for mode, c in (("eager", False), ("torch.compile", True))
+                }
+            groups[f"{what} ({name_stem[0]})" + (f" at {args.size} px" if args.compare == "compile" else "")] = arms
+    for title, arms in groups.items():
+        print(title, flush=True)
+        ms = time_interleaved(arms, args.steps)
+        first = next(iter(ms.values()))
+        for name, t in ms.items():
+            print(f"  {name}: {t:.0f} ms/step ({t / first:.2f}x)", flush=True)
     return 0
 
 

@@ -112,7 +112,7 @@ def test_config_file_alone_merges_over_the_default_preset(tmp_path, text):
     user.write_text(text)
     cfg, out = load_cli_config(build_parser().parse_args(["data", "--config", str(user)]))
     assert cfg == load_config("neu-det", overrides=["train.teacher_epochs=25"])
-    assert cfg.data.img_size == 128 and cfg.prune.sweep == (0.2, 0.3, 0.5)
+    assert cfg.data.img_size == 96 and cfg.prune.sweep == (0.2, 0.3, 0.5)
     assert cfg.preset == "neu-det" and out == Path("runs") / "neu-det"
 
 

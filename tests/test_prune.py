@@ -251,6 +251,43 @@ def test_block_drop_order_removes_blocks_that_do_nothing_first():
     assert len(model.blocks) == 4  # scoring leaves the model whole
 
 
+def test_block_drop_order_scores_as_a_full_forward_of_each_skip(caplog):
+    """The scorer reuses the tokens entering each block; a plain forward per skipped block must agree."""
+    import logging
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    model, _ = deeper_vit(5)
+    with torch.no_grad():  # blocks that matter unequally, so the order is not a tie
+        for i, b in enumerate(model.blocks):
+            b.mlp.fc2.weight.mul_(1 + i)
+    xs = [x for x, _ in batches(n=2)]
+    blocks = list(model.blocks)
+    with torch.no_grad():
+        ref = [F.log_softmax(model(x), -1) for x in xs]
+        kept, expected, expected_kl = list(range(5)), [], []
+        while len(kept) > 2:
+            scores = []
+            for i in kept:
+                model.blocks = nn.Sequential(*(blocks[j] for j in kept if j != i))
+                kl = sum(
+                    F.kl_div(F.log_softmax(model(x), -1), r, log_target=True, reduction="batchmean").item()
+                    for x, r in zip(xs, ref)
+                ) / len(xs)
+                scores.append((kl, i))
+            kl, least = min(scores)
+            kept.remove(least)
+            expected.append(least)
+            expected_kl.append(kl)
+        model.blocks = nn.Sequential(*blocks)
+    with caplog.at_level(logging.INFO, logger="slimvit.pruning"):
+        assert block_drop_order(model, xs, depth=2) == expected
+    logged = [float(r.getMessage().split("KL ")[1].split()[0]) for r in caplog.records if "KL" in r.getMessage()]
+    assert logged == pytest.approx([round(k, 4) for k in expected_kl], abs=1e-4)
+    assert list(model.blocks) == blocks  # scoring leaves the model whole
+
+
 def test_drop_blocks_saves_loads_and_computes_without_the_blocks(tmp_path):
     model, spec = deeper_vit(4)
     model = model.eval()

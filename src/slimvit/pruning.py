@@ -443,18 +443,17 @@ def block_drop_order(model: nn.Module, batches: Sequence[torch.Tensor], depth: i
     kept, order = list(range(n)), []
     try:
         while len(kept) > depth:
+            # the tokens entering each kept block, from one pass of the current model: skipping block kept[p]
+            # then runs only the blocks after it, on the tokens that entered it (same scores, half the blocks;
+            # the stem still runs on x)
+            inputs = _block_inputs(model, [blocks[j] for j in kept], batches)
             scores = []
-            for i in kept:
-                model.blocks = nn.Sequential(*(blocks[j] for j in kept if j != i))
-                kl = sum(
-                    F.kl_div(
-                        F.log_softmax(models.eval_logits(model(x)).float(), -1),
-                        r,
-                        log_target=True,
-                        reduction="batchmean",
-                    ).item()
-                    for x, r in zip(batches, ref, strict=True)
-                )
+            for p, i in enumerate(kept):
+                kl = 0.0
+                for x, h, r in zip(batches, inputs[p], ref, strict=True):
+                    model.blocks = nn.Sequential(_Replay(h), *(blocks[j] for j in kept[p + 1 :]))
+                    logp = F.log_softmax(models.eval_logits(model(x)).float(), -1)
+                    kl += F.kl_div(logp, r, log_target=True, reduction="batchmean").item()
                 scores.append((kl / len(batches), i))
             kl, least = min(scores)
             log.info(
@@ -466,6 +465,33 @@ def block_drop_order(model: nn.Module, batches: Sequence[torch.Tensor], depth: i
         model.blocks = blocks
         model.train(was_training)
     return order
+
+
+class _Replay(nn.Module):
+    """Stands first in `model.blocks` and returns the tokens it holds in place of its input."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens
+
+
+def _block_inputs(model: nn.Module, kept: list[nn.Module], batches) -> list[list[torch.Tensor]]:
+    """inputs[p][b]: the tokens entering kept block p for batch b, with `model.blocks` set to `kept`."""
+    model.blocks = nn.Sequential(*kept)
+    inputs: list[list[torch.Tensor]] = [[] for _ in kept]
+    hooks = [
+        b.register_forward_pre_hook(lambda _m, args, p=p: inputs[p].append(args[0])) for p, b in enumerate(kept)
+    ]
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
 
 
 def drop_blocks(model: nn.Module, remove: Sequence[int]) -> Widths:
