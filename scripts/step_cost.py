@@ -99,7 +99,9 @@ def main() -> int:
         teacher = build(TEACHER, args.size).eval()
         groups = {
             f"student at {args.size} px": {
-                "live teacher": make_step(build(STUDENT, args.size), args.size, args.batch, precision, teacher),
+                "live teacher": make_step(
+                    build(STUDENT, args.size), args.size, args.batch, precision, teacher
+                ),
                 "cached logits": make_step(build(STUDENT, args.size), args.size, args.batch, precision),
             }
         }
@@ -114,7 +116,9 @@ def main() -> int:
                     mode: make_step(build(name_stem, args.size), args.size, args.batch, precision, compiled=c)
                     for mode, c in (("eager", False), ("torch.compile", True))
                 }
-            groups[f"{what} ({name_stem[0]})" + (f" at {args.size} px" if args.compare == "compile" else "")] = arms
+            groups[
+                f"{what} ({name_stem[0]})" + (f" at {args.size} px" if args.compare == "compile" else "")
+            ] = arms
     for title, arms in groups.items():
         print(title, flush=True)
         ms = time_interleaved(arms, args.steps)

@@ -84,6 +84,18 @@ def test_bad_config_file(tmp_path):
         load_config("neu-det", bad)
 
 
+def test_changed_run_config_names_the_force_that_redoes_it(tmp_path):
+    """The refusal names a command that works: `slimvit run --force` takes the first stage to redo."""
+    from slimvit.runs import prepare_run_dir
+
+    run = tmp_path / "run"
+    prepare_run_dir(load_config("smoke"), run)
+    with pytest.raises(ConfigError, match=r"`slimvit run --force prune`"):
+        prepare_run_dir(load_config("smoke", overrides=["prune.recover=false"]), run)
+    with pytest.raises(ConfigError, match=r"`slimvit run --force teacher`"):
+        prepare_run_dir(load_config("smoke", overrides=["train.teacher_epochs=3"]), run)
+
+
 def test_unreadable_run_config_is_refused_then_redone_with_force(tmp_path):
     from slimvit.config import read_config
     from slimvit.io import atomic_write_json

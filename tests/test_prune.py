@@ -273,7 +273,7 @@ def test_block_drop_order_scores_as_a_full_forward_of_each_skip(caplog):
                 model.blocks = nn.Sequential(*(blocks[j] for j in kept if j != i))
                 kl = sum(
                     F.kl_div(F.log_softmax(model(x), -1), r, log_target=True, reduction="batchmean").item()
-                    for x, r in zip(xs, ref)
+                    for x, r in zip(xs, ref, strict=True)
                 ) / len(xs)
                 scores.append((kl, i))
             kl, least = min(scores)
@@ -283,7 +283,9 @@ def test_block_drop_order_scores_as_a_full_forward_of_each_skip(caplog):
         model.blocks = nn.Sequential(*blocks)
     with caplog.at_level(logging.INFO, logger="slimvit.pruning"):
         assert block_drop_order(model, xs, depth=2) == expected
-    logged = [float(r.getMessage().split("KL ")[1].split()[0]) for r in caplog.records if "KL" in r.getMessage()]
+    logged = [
+        float(r.getMessage().split("KL ")[1].split()[0]) for r in caplog.records if "KL" in r.getMessage()
+    ]
     assert logged == pytest.approx([round(k, 4) for k in expected_kl], abs=1e-4)
     assert list(model.blocks) == blocks  # scoring leaves the model whole
 

@@ -483,7 +483,8 @@ def _block_inputs(model: nn.Module, kept: list[nn.Module], batches) -> list[list
     model.blocks = nn.Sequential(*kept)
     inputs: list[list[torch.Tensor]] = [[] for _ in kept]
     hooks = [
-        b.register_forward_pre_hook(lambda _m, args, p=p: inputs[p].append(args[0])) for p, b in enumerate(kept)
+        b.register_forward_pre_hook(lambda _m, args, p=p: inputs[p].append(args[0]))
+        for p, b in enumerate(kept)
     ]
     try:
         for x in batches:

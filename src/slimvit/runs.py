@@ -161,9 +161,11 @@ def prepare_run_dir(cfg: Config, out: str | Path, force: bool = False) -> Path:
             diff, redo = [f"unreadable {path.name}"], list(STAGES)  # nothing in the folder can be trusted
         if diff and not force and not all(d.startswith(FREE_KEYS) for d in diff):
             shown = "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
+            first = redo[0].name if redo else "data"
             raise ConfigError(
-                f"run folder '{run_dir}' was made with a different config ({shown}); "
-                "use another --out, or add --force to redo the affected stages with the new config"
+                f"run folder '{run_dir}' was made with a different config ({shown}); use another --out, or "
+                f"redo what the change affects with the new config: `slimvit run --force {first}` (a stage "
+                "command: add --force)"
             )
         if diff:
             _reset(run_dir, redo)
