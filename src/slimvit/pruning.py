@@ -444,8 +444,8 @@ def block_drop_order(model: nn.Module, batches: Sequence[torch.Tensor], depth: i
     try:
         while len(kept) > depth:
             # the tokens entering each kept block, from one pass of the current model: skipping block kept[p]
-            # then runs only the blocks after it, on the tokens that entered it (same scores, half the blocks;
-            # the stem still runs on x)
+            # then runs only the blocks after it, on the tokens that entered it (same scores; measured 0.78x the
+            # time of a full forward per skip on the 96-px student, the stem and head still run each time)
             inputs = _block_inputs(model, [blocks[j] for j in kept], batches)
             scores = []
             for p, i in enumerate(kept):
