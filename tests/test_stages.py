@@ -243,3 +243,18 @@ def test_time_estimate_from_step_times_corrected_as_stages_finish(monkeypatch):
     assert est.line(parts=False) == f"about {eta._fmt(left)} to go"
     assert est.line().startswith(f"about {eta._fmt(left)} to go (distill ")
     assert eta._fmt(3725) == "1h02m" and eta._fmt(65) == "1m05s"
+
+
+def test_time_estimate_counts_the_epochs_a_small_split_is_raised_to(monkeypatch):
+    """train.steps_floor_images gives a small split more epochs; the estimate must count them."""
+    from test_train import synthetic_data
+
+    monkeypatch.setattr(
+        eta, "measure_step", lambda spec, tcfg, batch, train=True, steps=1: 2.0 if train else 0.5
+    )
+    overrides = ["train.teacher_epochs=3", "train.batch_size=8"]
+    data = synthetic_data(n_per_class=20)  # 36 training images
+    plain = eta.Estimate(load_config("smoke", overrides=overrides), data, ["teacher"], {})
+    floored = load_config("smoke", overrides=[*overrides, "train.steps_floor_images=72"])
+    est = eta.Estimate(floored, data, ["teacher"], {})
+    assert est.seconds["teacher"] == pytest.approx(2 * plain.seconds["teacher"])  # 6 epochs, not 3

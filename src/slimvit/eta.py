@@ -72,6 +72,8 @@ class Estimate:
     TRAINING = ("teacher", "distill", "ablation", "prune", "sweep")
 
     def __init__(self, cfg, data, to_run: list[str], previous: dict[str, float]) -> None:
+        from slimvit.train import floor_epochs
+
         self.seconds: dict[str, float | None] = {}
         self.factor = 1.0
         t, d, p = cfg.train, cfg.distill, cfg.prune
@@ -83,7 +85,8 @@ class Estimate:
         val_batches = math.ceil(n_val / 256) * 256 / batch  # validation runs 256 at a time
 
         def epochs_of(n_epochs: int, step: float, fwd: float) -> float:
-            return n_epochs * (steps * step + val_batches * fwd)
+            # as many epochs as training will run: a small split gets more (train.steps_floor_images)
+            return floor_epochs(n_epochs, t, n_train) * (steps * step + val_batches * fwd)
 
         t_fwd = rates.get("teacher_fwd", 0.0) if d.loss != "none" else 0.0
         ft_fwd = rates.get("student_fwd", 0.0) if d.loss != "none" and p.teacher == "student" else t_fwd

@@ -163,13 +163,18 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)
 
 
-def scale_epochs(epochs: int, tcfg: TrainConfig, n_train: int, what: str = "training") -> int:
+def floor_epochs(epochs: int, tcfg: TrainConfig, n_train: int) -> int:
     """`epochs`, raised so that a training split smaller than `train.steps_floor_images` gets as many
     optimizer steps as that many images would (rounded: a split one image short changes nothing)."""
     floor = tcfg.steps_floor_images
     if not floor or n_train >= floor or epochs == 0:
         return epochs
-    scaled = max(epochs, round(epochs * floor / max(1, n_train)))
+    return max(epochs, round(epochs * floor / max(1, n_train)))
+
+
+def scale_epochs(epochs: int, tcfg: TrainConfig, n_train: int, what: str = "training") -> int:
+    """`floor_epochs`, saying so in the log when it raised the count."""
+    scaled = floor_epochs(epochs, tcfg, n_train)
     if scaled != epochs:
         log.info(
             "%s: %d epochs instead of %d: %d training images get the optimizer steps of %d (train.steps_floor_images)",
@@ -177,7 +182,7 @@ def scale_epochs(epochs: int, tcfg: TrainConfig, n_train: int, what: str = "trai
             scaled,
             epochs,
             n_train,
-            floor,
+            tcfg.steps_floor_images,
         )
     return scaled
 
