@@ -355,9 +355,8 @@ def run_sweep(cfg, run_dir: str | Path, ratios: Sequence[float], data=None) -> l
     if not ratios:
         raise ConfigError("no ratios to sweep; pass --sweep 0.1,0.2,0.3,0.5 or set prune.sweep")
     run_dir = Path(run_dir)
-    if (
-        cfg.prune.depths
-    ):  # before any fine-tune: a depth the student cannot be cut to fails now, not in an hour
+    # before any fine-tune: a depth the student cannot be cut to fails now, not in an hour
+    if cfg.prune.depths:
         blocks = len(vit_parts(load_student(run_dir, read_spec(run_dir / "student").classes)[0]).blocks)
         if max(cfg.prune.depths) >= blocks:
             raise ConfigError(

@@ -209,6 +209,11 @@ def plot_pareto(run: dict, path: Path) -> None:
         rows = [r for r in _rows(run) if r["runtime"] != "pytorch"]
     sizes = np.array([r["size_mb"] for r in rows] or [1.0])
     shapes = sorted({_shape_key(r) for r in rows})
+    legend = {
+        _shape_key(r): f"ratio {r.get('ratio') or 0:g}"
+        + (f", {r['depth']} blocks" if r.get("depth") is not None else "")
+        for r in rows
+    }
     cmap = plt.get_cmap("viridis")
     markers = {"onnxruntime": "o", "openvino": "D"}
     for r in rows:
@@ -272,7 +277,7 @@ def plot_pareto(run: dict, path: Path) -> None:
             [],
             [],
             color=cmap(shapes.index(k) / max(1, len(shapes) - 1)),
-            label=f"ratio {k[0]:g}" + (f", {-k[1]} blocks" if k[1] > -(10**6) else ""),
+            label=legend[k],
         )
     for runtime in sorted({r["runtime"] for r in rows}):
         name = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}.get(runtime, runtime)
