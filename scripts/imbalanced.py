@@ -1,12 +1,17 @@
 """The imbalanced-data benchmark: NEU-DET cut to 300/200/120/80/50/30 images per class, the default pipeline
 on it, and (with --twin) the same teacher + student trained without class balancing, for a paired test.
 
-    python scripts/imbalanced.py [--balanced runs/neu-det] [--twin] [--set SECTION.KEY=VALUE ...]
+    python scripts/imbalanced.py [--balanced runs/neu-det] [--twin] [--seeds 0,1,2] [--set SECTION.KEY=VALUE ...]
 
 Writes runs/neu-det-imbalanced/IMBALANCED.md: balanced accuracy and the smallest class recall of every
 step against its input (exact McNemar on the same test images), beside the balanced run when --balanced
-names one, and the sampler's effect when --twin ran. The subset is built once (slimvit subset, seed 0)
+names one, and the sampler's effect when --twin ran. The subset is built once per seed (slimvit subset)
 under runs/data/; every run folder is resumable (run the same command again).
+
+With several --seeds, each seed draws another subset (other images in every class, so another split) and
+gets a run folder of its own (`--out` for seed 0, `--out`-s<seed> for the others); IMBALANCED.md then also
+pools them: one test image of a class with 6 is 17 points of its recall, and three subsets triple the
+images each figure rests on. Pooled McNemar pairs each model with its input on the same (subset, image).
 """
 
 from __future__ import annotations
@@ -79,6 +84,46 @@ def summary(run: Path, title: str) -> list[str]:
     return lines
 
 
+STEPS = ("teacher", "student", "pruned r=0.2", "deployed model's FP32 file", "deployed")
+
+
+def steps_by_role(run: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(predictions, labels) of STEPS in one run; a deployed FP32 file stands for its own FP32 row."""
+    steps = report.class_models(report.load_run(run))
+    if len(steps) < 4:
+        raise SystemExit(f"{run}: no deployed model to pool (run it to the end first)")
+    if len(steps) == 4:  # the deployed file is the FP32 one
+        steps.insert(3, steps[3])
+    return [(p, y) for _, p, y in steps]
+
+
+def pooled(runs: list[Path], classes: list[str]) -> list[str]:
+    """Every step over the test images of all `runs` together (one subset seed each)."""
+    per_run = [steps_by_role(r) for r in runs]
+    lines = [
+        f"### Pooled over {len(runs)} subsets ({', '.join(f'`{r}`' for r in runs)})",
+        "",
+        "| model | test balanced accuracy % | accuracy % | per class: right/images (95% lower bound) | "
+        "change vs input (points) | paired images (lost / gained) | McNemar p |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for i, name in enumerate(STEPS):
+        p = np.concatenate([steps[i][0] for steps in per_run])
+        y = np.concatenate([steps[i][1] for steps in per_run])
+        bal = balanced_accuracy(p, y)
+        change, pairs, pv = "", "", ""
+        if i >= 2:
+            pp = np.concatenate([steps[i - 1][0] for steps in per_run])
+            t = mcnemar(pp == y, p == y)
+            change = f"{100 * (bal - balanced_accuracy(pp, y)):+.2f}"
+            pairs, pv = f"{t['a_only']} / {t['b_only']}", f"{t['p']:.2g}"
+        lines.append(
+            f"| {name} | {100 * bal:.2f} | {100 * (p == y).mean():.2f} | {per_class(p, y, classes)} | "
+            f"{change} | {pairs} | {pv} |"
+        )
+    return lines + [""]
+
+
 def twin(run: Path, nobal: Path) -> list[str]:
     classes = load(run / "bench.json")["classes"]
     lines = [
@@ -113,29 +158,55 @@ def main() -> int:
     ap.add_argument(
         "--twin", action="store_true", help="also train teacher + student with train.balance=none"
     )
+    ap.add_argument("--seeds", default="0", help="subset seeds, comma-separated: one run each, pooled")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="passed to slimvit run")
     args = ap.parse_args()
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
 
-    subset = Path("runs/data/NEU-DET-imbalanced")
-    if not (subset / "SUBSET.json").exists():
-        subset.parent.mkdir(parents=True, exist_ok=True)
-        sh(slimvit(), "subset", args.data, str(subset), "--counts", COUNTS, "--seed", "0")
     sets = [a for s in args.overrides for a in ("--set", s)]
     out = Path(args.out)
-    # exit 2 with a finished report: no candidate met the deploy rule (the summary says so)
-    sh(slimvit(), "run", "--preset", "neu-det", "--data", str(subset), "--out", str(out), *sets, ok=(0, 2))
+    runs = []
+    for seed in seeds:
+        suffix = f"-s{seed}" if seed else ""
+        subset = Path(f"runs/data/NEU-DET-imbalanced{suffix}")
+        if not (subset / "SUBSET.json").exists():
+            subset.parent.mkdir(parents=True, exist_ok=True)
+            sh(slimvit(), "subset", args.data, str(subset), "--counts", COUNTS, "--seed", str(seed))
+        run = out.with_name(out.name + suffix)
+        # exit 2 with a finished report: no candidate met the deploy rule (the summary says so)
+        sh(
+            slimvit(),
+            "run",
+            "--preset",
+            "neu-det",
+            "--data",
+            str(subset),
+            "--out",
+            str(run),
+            *sets,
+            ok=(0, 2),
+        )
+        runs.append(run)
     lines = [
         "# Imbalanced NEU-DET benchmark",
         "",
-        f"Subset: {COUNTS} images per class (slimvit subset, seed 0).",
+        f"Subset: {COUNTS} images per class (slimvit subset, seed {args.seeds}).",
         "",
     ]
-    lines += summary(out, "Imbalanced subset")
+    for seed, run in zip(seeds, runs, strict=True):
+        lines += summary(run, f"Imbalanced subset, seed {seed}")
+    if len(runs) > 1:
+        lines += pooled(runs, load(runs[0] / "bench.json")["classes"])
     if args.balanced and (Path(args.balanced) / "deploy" / "deploy.json").exists():
         lines += summary(Path(args.balanced), "Balanced NEU-DET")
     elif args.balanced:
         print(f"note: no finished run in {args.balanced}; run `make run` first to compare with it")
     if args.twin:
+        subset = Path("runs/data/NEU-DET-imbalanced" + (f"-s{seeds[0]}" if seeds[0] else ""))
+        out = runs[0]
         nobal = out.with_name(out.name + "-nobalance")
         for stage in ("teacher", "distill"):
             sh(
@@ -151,8 +222,8 @@ def main() -> int:
                 "--set",
                 "train.balance=none",
             )
-        lines += twin(out, nobal)
-    (out / "IMBALANCED.md").write_text("\n".join(lines))
+        lines += twin(out, nobal)  # seed 0's subset
+    (runs[0] / "IMBALANCED.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

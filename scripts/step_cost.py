@@ -1,6 +1,7 @@
 """What one training step of the default recipe's models costs, under the choices that set the pipeline's time.
 
-    python scripts/step_cost.py [--compare logits|size|compile] [--steps 10] [--size 96] [--batch 64]
+    python scripts/step_cost.py [--compare logits|size|compile|precision] [--steps 10] [--size 96] [--batch 64]
+                                [--precision auto|no|bf16]
 
 Builds the `neu-det` preset's ViT-Ti student (conv stem) and ResNet-18 teacher with random weights and times
 training steps (forward, soft-KD loss, backward, AdamW) in interleaved rounds, so that a slow spell of the
@@ -11,6 +12,12 @@ first, with the CPU and the autocast precision used.
                        against its logits read from memory (`cached`)
     --compare size     each model at --sizes (default 128,96 px)
     --compare compile  each model eager against torch.compile (the compile time is printed too)
+    --compare precision  each model in fp32 against bf16 autocast (`train.precision: no` / `bf16`)
+
+An AVX2-only CPU's training path can be approximated on an AVX-512 one: `--precision no` (fp32, what
+`train.precision: auto` chooses there) with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` in the
+environment (PyTorch's and oneDNN's kernels limited to AVX2). Ratios between arms carry over; milliseconds
+do not (another core, clock and memory).
 """
 
 from __future__ import annotations
@@ -85,16 +92,25 @@ def time_interleaved(arms: dict[str, Callable[[], float]], steps: int) -> dict[s
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--compare", choices=("logits", "size", "compile"), default="logits")
+    ap.add_argument("--compare", choices=("logits", "size", "compile", "precision"), default="logits")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per arm (after 3 untimed)")
-    ap.add_argument("--size", type=int, default=96, help="image size of --compare logits and compile")
+    ap.add_argument(
+        "--size", type=int, default=96, help="image size of --compare logits, compile and precision"
+    )
     ap.add_argument("--sizes", default="128,96", help="image sizes of --compare size")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--precision", default="auto", choices=("auto", "no", "bf16"), help="autocast, as `train.precision`"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    precision = resolve_precision("auto", DEVICE)
-    print(f"{cpu_name()}, {args.threads} threads, autocast {precision}, batch {args.batch}", flush=True)
+    precision = resolve_precision(args.precision, DEVICE)
+    isa = torch.backends.cpu.get_cpu_capability()
+    print(
+        f"{cpu_name()} (kernels: {isa}), {args.threads} threads, autocast {precision}, batch {args.batch}",
+        flush=True,
+    )
     if args.compare == "logits":
         teacher = build(TEACHER, args.size).eval()
         groups = {
@@ -111,14 +127,19 @@ def main() -> int:
             if args.compare == "size":
                 sizes = [int(s) for s in args.sizes.split(",")]
                 arms = {f"{s} px": make_step(build(name_stem, s), s, args.batch, precision) for s in sizes}
+            elif args.compare == "precision":
+                arms = {
+                    p: make_step(build(name_stem, args.size), args.size, args.batch, p)
+                    for p in ("no", "bf16")
+                }
             else:
                 arms = {
                     mode: make_step(build(name_stem, args.size), args.size, args.batch, precision, compiled=c)
                     for mode, c in (("eager", False), ("torch.compile", True))
                 }
-            groups[
-                f"{what} ({name_stem[0]})" + (f" at {args.size} px" if args.compare == "compile" else "")
-            ] = arms
+            groups[f"{what} ({name_stem[0]})" + (f" at {args.size} px" if args.compare != "size" else "")] = (
+                arms
+            )
     for title, arms in groups.items():
         print(title, flush=True)
         ms = time_interleaved(arms, args.steps)

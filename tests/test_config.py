@@ -45,6 +45,22 @@ def test_overrides_and_types(tmp_path):
     )  # YAML 1.1 string
 
 
+def test_yaml_yes_no_words_mean_what_was_typed(tmp_path):
+    """YAML 1.1 reads an unquoted no/yes/off/on as a boolean: `--set train.precision=no` is the word "no",
+    and a true/false key still takes yes/no; in a file the word must be quoted, and the error says so."""
+    cfg = load_config("neu-det", overrides=["train.precision=no", "distill.ablation=yes", "train.ema=off"])
+    assert cfg.train.precision == "no" and cfg.distill.ablation is True and cfg.train.ema is False
+    assert load_config("neu-det", overrides=["train.ema=true"]).train.ema is True
+    user = tmp_path / "my.yaml"
+    user.write_text("train:\n  precision: no\n")
+    with pytest.raises(
+        ConfigError, match=r'train.precision=False must be a string.*quote it \(precision: "no"\)'
+    ):
+        load_config("neu-det", user)
+    user.write_text('train:\n  precision: "no"\n')
+    assert load_config("neu-det", user).train.precision == "no"
+
+
 @pytest.mark.parametrize(
     ("override", "match"),
     [

@@ -51,6 +51,14 @@ def test_every_config_key_is_an_input_of_some_stage_and_the_report_quotes_all():
     assert [s.name for s in pipeline.stages_for_keys(["train.epochs"])] == ["distill", "ablation", "report"]
     assert [s.name for s in pipeline.stages_for_keys(["prune.sweep"])] == ["sweep", "report"]
     assert [s.name for s in pipeline.stages_for_keys(["prune.depths"])] == ["sweep", "report"]
+    # progressive resizing changes the teacher and the students; the fine-tunes train at full size
+    for key in ("train.resize_from", "train.resize_until"):
+        assert [s.name for s in pipeline.stages_for_keys([key])] == [
+            "teacher",
+            "distill",
+            "ablation",
+            "report",
+        ]
 
 
 def test_cli_subcommands_come_from_the_declaration():
@@ -258,3 +266,27 @@ def test_time_estimate_counts_the_epochs_a_small_split_is_raised_to(monkeypatch)
     floored = load_config("smoke", overrides=[*overrides, "train.steps_floor_images=72"])
     est = eta.Estimate(floored, data, ["teacher"], {})
     assert est.seconds["teacher"] == pytest.approx(2 * plain.seconds["teacher"])  # 6 epochs, not 3
+
+
+def test_time_estimate_counts_small_early_epochs_at_their_pixels(monkeypatch):
+    """train.resize_from: the teacher's and the student's early epochs train on fewer pixels; the
+    estimate counts each at its share of a full-size step, validation at full size."""
+    from test_train import synthetic_data
+
+    monkeypatch.setattr(
+        eta, "measure_step", lambda spec, tcfg, batch, train=True, steps=1: 2.0 if train else 0.5
+    )
+    overrides = [
+        "train.teacher_epochs=4",
+        "train.batch_size=8",
+        "train.resize_from=16",
+        "train.resize_until=0.5",
+    ]
+    data = synthetic_data(n_per_class=20)  # 36 training images: 4 steps of 8; 32 px
+    est = eta.Estimate(load_config("smoke", overrides=overrides), data, ["teacher", "prune"], {})
+    val = 256 / 8 * 2.0 / 3
+    small = 1 / 3 + 2 / 3 * 0.25  # a step at 16 of 32 px: a third of a full one plus two thirds of its pixels
+    # epochs at 16, 16, 32 and 32 px
+    assert est.seconds["teacher"] == pytest.approx((small + small + 1 + 1) * 4 * 2.0 + 4 * val)
+    full = eta.Estimate(load_config("smoke", overrides=overrides[:2]), data, ["prune"], {})
+    assert est.seconds["prune"] == pytest.approx(full.seconds["prune"])  # fine-tunes stay at full size

@@ -634,3 +634,79 @@ def test_a_logits_memo_computes_the_teacher_once_across_fits(tmp_path):
         assert summary["teacher_logits"] == "cached"
     assert seen == [8 * n_train, 0, 8 * n_train]
     assert len(memo) == 1  # only the last teacher's logits are kept
+
+
+def test_progressive_resizing_schedule_and_config():
+    from slimvit.errors import ConfigError
+    from slimvit.train import epoch_size, full_size_epochs
+
+    t = dataclasses.replace(FAST, resize_from=64, resize_until=0.5)
+    sizes = [epoch_size(e, 40, 96, t) for e in range(40)]
+    assert sizes == [64] * 10 + [80] * 10 + [96] * 20
+    assert [epoch_size(e, 30, 96, dataclasses.replace(t, resize_until=0.75)) for e in range(30)] == (
+        [64] * 12 + [80] * 11 + [96] * 7
+    )
+
+    def cost(size):  # a step's cost at `size` px against 96 px
+        return 1 / 3 + 2 / 3 * (size / 96) ** 2
+
+    assert full_size_epochs(40, 96, t) == pytest.approx(10 * cost(64) + 10 * cost(80) + 20)
+    assert full_size_epochs(40, 96, t, start=20) == 20
+    assert full_size_epochs(40, 96, t, 0, 10) == pytest.approx(10 * cost(64))
+    assert [epoch_size(e, 4, 96, FAST) for e in range(4)] == [96] * 4  # off by default
+    assert {epoch_size(e, 4, 64, t) for e in range(4)} == {64}  # already at (or below) the start size
+    for bad in ({"resize_from": 70}, {"resize_from": 8}, {"resize_until": 0.0}, {"resize_until": 1.5}):
+        with pytest.raises(ConfigError, match="train.resize_"):
+            TrainConfig(**bad)
+
+
+def test_any_input_size_lets_a_vit_take_smaller_images_and_restores_it():
+    from slimvit.vit import any_input_size
+
+    for stem in ("conv", "patch"):
+        spec = models.make_spec("vit_tiny_patch16_224", 3, CLASSES, 64, stem, TINY_VIT)
+        model = models.build(spec).eval()
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            before = model(x)
+            with any_input_size(model):
+                assert torch.allclose(model(x), before, atol=1e-5)  # same size: the same model
+                assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+            assert torch.equal(model(x), before)
+            assert not model.dynamic_img_size
+            with pytest.raises((RuntimeError, AssertionError)):  # fixed size again
+                model(torch.randn(2, 3, 32, 32))
+    cnn = _teacher()
+    with any_input_size(cnn) as m:
+        assert m is cnn
+
+
+def test_fit_trains_early_epochs_small_and_keeps_a_fixed_size_model(tmp_path):
+    """Progressive resizing: the logged sizes follow the schedule, validation and the saved model stay at
+    the full size, and a live teacher of fixed size (a ViT) sees the full-size batch."""
+    data = synthetic_data(n_per_class=12)
+    t = dataclasses.replace(FAST, resize_from=16, resize_until=0.5)
+    teacher, _ = tiny_student()
+    student, spec = tiny_student()
+    model, summary = fit(
+        student,
+        spec,
+        data,
+        t,
+        tmp_path / "s",
+        epochs=4,
+        lr=2e-3,
+        teacher=teacher.eval(),
+        distill_cfg=DistillConfig(loss="soft", teacher_logits="live"),
+        resize=True,
+    )
+    rows = read_jsonl(tmp_path / "s" / "metrics.jsonl")
+    assert [r["img_size"] for r in rows] == [16, 16, 32, 32]
+    assert not model.dynamic_img_size and model.patch_embed.output_fmt is None
+    loaded, _ = models.load(tmp_path / "s")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    # without resize=True (the fine-tunes) every epoch is full size
+    fit(tiny_student()[0], spec, data, t, tmp_path / "ft", epochs=2, lr=1e-3)
+    assert [r["img_size"] for r in read_jsonl(tmp_path / "ft" / "metrics.jsonl")] == [32, 32]

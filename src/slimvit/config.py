@@ -148,6 +148,13 @@ class TrainConfig:
     training split), so its recipe keeps its number of steps on a smaller dataset: on a 546-image subset
     a 30-epoch ResNet-18 teacher reached 85.9% test accuracy, the same teacher with NEU-DET's steps
     (71 epochs) 95.5%."""
+    resize_from: int = 0
+    """Progressive resizing of the teacher's and the student's training (not the pruning fine-tunes): the
+    first epoch trains on batches downscaled to this many pixels, the size grows linearly, in steps of
+    16 px, to data.img_size at `train.resize_until` of the epochs, and the rest train at full size.
+    Validation always runs at full size. 0 trains every epoch at data.img_size."""
+    resize_until: float = 0.75
+    """Fraction of a training's epochs after which every epoch runs at data.img_size (`train.resize_from`)."""
     patience: int = 0
     """Stop a training when its best validation epoch is this many epochs old; 0 never stops early.
     Under the cosine schedule validation keeps improving until the learning rate is low, so the default
@@ -176,6 +183,11 @@ class TrainConfig:
         _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
         _check_choice("train.balance", self.balance, ("auto", "none", "sampler"))
         _check(self.patience >= 0, f"train.patience={self.patience} must be >= 0")
+        _check(
+            self.resize_from == 0 or (self.resize_from >= 16 and self.resize_from % 16 == 0),
+            f"train.resize_from={self.resize_from} must be 0 (off) or a multiple of 16 px (the ViT's patch)",
+        )
+        _check(0 < self.resize_until <= 1, f"train.resize_until={self.resize_until} must be in (0, 1]")
         _check(
             self.steps_floor_images >= 0, f"train.steps_floor_images={self.steps_floor_images} must be >= 0"
         )
@@ -422,6 +434,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_YAML11_BOOLS = {w: True for w in ("yes", "y", "on")} | {w: False for w in ("no", "n", "off")}
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Turn a YAML value into the annotated type, or raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
@@ -456,6 +471,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:  # from --set, kept as typed
+            return _YAML11_BOOLS[value.lower()]
         raise ConfigError(f"{name}={value!r} must be true or false")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -480,6 +497,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):
+            raise ConfigError(
+                f"{name}={value!r} must be a string; YAML reads an unquoted no/yes/off/on as a boolean: "
+                f'quote it ({name.rsplit(".", 1)[-1]}: "no")'
+            )
         raise ConfigError(f"{name}={value!r} must be a string")
     raise ConfigError(f"{name}: unsupported type {_type_name(tp)}")
 
@@ -582,6 +604,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # `train.precision=no` means the word; a true/false key still takes it (_coerce)
     return parts, value
 
 

@@ -72,7 +72,7 @@ class Estimate:
     TRAINING = ("teacher", "distill", "ablation", "prune", "sweep")
 
     def __init__(self, cfg, data, to_run: list[str], previous: dict[str, float]) -> None:
-        from slimvit.train import floor_epochs
+        from slimvit.train import floor_epochs, full_size_epochs
 
         self.seconds: dict[str, float | None] = {}
         self.factor = 1.0
@@ -84,18 +84,21 @@ class Estimate:
         rates = self._measure(cfg, data, trains, batch) if trains else {}
         val_batches = math.ceil(n_val / 256) * 256 / batch  # validation runs 256 at a time
 
-        def epochs_of(n_epochs: int, step: float, fwd: float) -> float:
-            # as many epochs as training will run: a small split gets more (train.steps_floor_images)
-            return floor_epochs(n_epochs, t, n_train) * (steps * step + val_batches * fwd)
+        def epochs_of(n_epochs: int, step: float, fwd: float, resize: bool = False) -> float:
+            # as many epochs as training will run: a small split gets more (train.steps_floor_images);
+            # the teacher's and the student's early epochs may train on smaller images (train.resize_from)
+            n = floor_epochs(n_epochs, t, n_train)
+            train_epochs = full_size_epochs(n, cfg.data.img_size, t) if resize else n
+            return train_epochs * steps * step + n * val_batches * fwd
 
         t_fwd = rates.get("teacher_fwd", 0.0) if d.loss != "none" else 0.0
         ft_fwd = rates.get("student_fwd", 0.0) if d.loss != "none" and p.teacher == "student" else t_fwd
         for s in to_run:
             if s == "teacher":
-                est = epochs_of(t.teacher_epochs, rates["teacher"], rates["teacher"] / 3)
+                est = epochs_of(t.teacher_epochs, rates["teacher"], rates["teacher"] / 3, resize=True)
             elif s in ("distill", "ablation"):
                 teacher = t_fwd if s == "distill" else 0.0
-                est = epochs_of(t.epochs, rates["student"] + teacher, rates["student_fwd"])
+                est = epochs_of(t.epochs, rates["student"] + teacher, rates["student_fwd"], resize=True)
             elif s == "prune":
                 est = epochs_of(p.finetune_epochs, rates["student"] + ft_fwd, rates["student_fwd"])
             elif s == "sweep":

@@ -182,7 +182,14 @@ class Stage:
         return any(key.startswith(p) for p in include) and not any(key.startswith(p) for p in exclude)
 
 
-_TRAIN = ("train.", "-train.epochs", "-train.lr", "-train.teacher_epochs", "-train.teacher_lr")
+_TRAIN = (
+    "train.",
+    "-train.epochs",
+    "-train.lr",
+    "-train.teacher_epochs",
+    "-train.teacher_lr",
+    "-train.resize_",  # the fine-tunes train at full size
+)
 _STUDENT_TRAIN = ("data.img_size", "model.student", "train.", "-train.teacher_epochs", "-train.teacher_lr")
 _KD = ("distill.", "-distill.ablation")
 _MODEL = ("model.safetensors", "model.json")

@@ -6,7 +6,9 @@ build on it.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +84,30 @@ class ConvStem(nn.Module):
         elif self.flatten:
             x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         return self.norm(x)
+
+
+@contextlib.contextmanager
+def any_input_size(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, a timm ViT takes images of any size its patch divides: the token stem keeps the grid and
+    timm resamples the position embedding to it (`dynamic_img_size`), as for progressive resizing. Other
+    models (a CNN takes any size already) are left as they are. The model's own settings come back on exit,
+    so what is saved, exported and pruned is the fixed-size model."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        yield model
+        return
+    pe = model.patch_embed
+    saved = (model.dynamic_img_size, pe.output_fmt, pe.flatten, getattr(pe, "strict_img_size", None))
+    model.dynamic_img_size, pe.output_fmt, pe.flatten = True, "NHWC", False
+    if saved[3] is not None:
+        pe.strict_img_size = False
+    try:
+        yield model
+    finally:
+        model.dynamic_img_size, pe.output_fmt, pe.flatten = saved[:3]
+        if saved[3] is not None:
+            pe.strict_img_size = saved[3]
 
 
 def plain_attention(attn: nn.Module) -> bool:
