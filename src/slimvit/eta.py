@@ -1,8 +1,10 @@
 """How long the rest of a pipeline will take, measured on this machine: a time a person can plan with.
 
-Before the first stage, one training step of each model to be trained (and one teacher forward,
-for the distilling stages) is timed here at the run's batch size, image size and precision; each
-training stage's estimate is then epochs x steps per epoch x that time. As stages finish, the
+Before the first stage, training steps of each model to be trained (and teacher forwards, for the
+distilling stages) are timed here at the run's batch size, image size and precision (the median of
+three, after one untimed; a single step was measured at 0.4-0.9x a training epoch's steps); each
+training stage's estimate is then epochs x steps per epoch x that time (an epoch on smaller images,
+`train.resize_from`, at its share of a full one). As stages finish, the
 ratio of measured to estimated time corrects the estimates of the training stages still to come.
 The other stages (export, quantize, bench, report) are estimated from their last run in this
 folder, when there was one.
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def _time_steps(model, x, y, precision: str, train: bool, steps: int) -> float:
-    """Seconds per call, after one untimed call (allocation, kernel selection)."""
+    """Median seconds per call, after one untimed call (allocation, kernel selection)."""
     import torch
 
     from slimvit.train import autocast_context
@@ -42,13 +44,15 @@ def _time_steps(model, x, y, precision: str, train: bool, steps: int) -> float:
         opt.step()
 
     once()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         once()
-    return (time.perf_counter() - t0) / steps
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
-def measure_step(spec: ModelSpec, tcfg, batch: int, train: bool = True, steps: int = 1) -> float:
+def measure_step(spec: ModelSpec, tcfg, batch: int, train: bool = True, steps: int = 3) -> float:
     """Seconds of one training step (or one forward, `train=False`) of the model `spec` describes."""
     import torch
 
