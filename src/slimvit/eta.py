@@ -2,7 +2,7 @@
 
 Before the first stage, training steps of each model to be trained (and teacher forwards, for the
 distilling stages) are timed here at the run's batch size, image size and precision (the median of
-three, after one untimed; a single step was measured at 0.4-0.9x a training epoch's steps); each
+three, after one untimed: single steps of one model varied up to 2x between runs here); each
 training stage's estimate is then epochs x steps per epoch x that time (an epoch on smaller images,
 `train.resize_from`, at its share of a full one). As stages finish, the
 ratio of measured to estimated time corrects the estimates of the training stages still to come.
