@@ -168,10 +168,11 @@ def main() -> int:
 
     sets = [a for s in args.overrides for a in ("--set", s)]
     out = Path(args.out)
-    runs = []
+    runs, subsets = [], []
     for seed in seeds:
         suffix = f"-s{seed}" if seed else ""
         subset = Path(f"runs/data/NEU-DET-imbalanced{suffix}")
+        subsets.append(subset)
         if not (subset / "SUBSET.json").exists():
             subset.parent.mkdir(parents=True, exist_ok=True)
             sh(slimvit(), "subset", args.data, str(subset), "--counts", COUNTS, "--seed", str(seed))
@@ -205,8 +206,7 @@ def main() -> int:
     elif args.balanced:
         print(f"note: no finished run in {args.balanced}; run `make run` first to compare with it")
     if args.twin:
-        subset = Path("runs/data/NEU-DET-imbalanced" + (f"-s{seeds[0]}" if seeds[0] else ""))
-        out = runs[0]
+        subset, out = subsets[0], runs[0]
         nobal = out.with_name(out.name + "-nobalance")
         for stage in ("teacher", "distill"):
             sh(
@@ -222,7 +222,7 @@ def main() -> int:
                 "--set",
                 "train.balance=none",
             )
-        lines += twin(out, nobal)  # seed 0's subset
+        lines += twin(out, nobal)  # the first seed's subset
     (runs[0] / "IMBALANCED.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -17,6 +17,7 @@ stored in the checkpoint determines them: a resumed run trains exactly as an uni
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -566,13 +567,14 @@ def fit(
         )
     show_bar = acc.is_main_process and sys.stderr.isatty()
 
+    schedule = tcfg if resize else dataclasses.replace(tcfg, resize_from=0)  # the sizes of the epochs
     t_session, done = time.perf_counter(), start_epoch
     for epoch in range(start_epoch, epochs if stopped is None else start_epoch):
         t0 = time.perf_counter()
         model.train()
         _seed_epoch(tcfg.seed, epoch, rank)
         batches = _epoch_batches(len(train_ds), tcfg.batch_size, tcfg.seed, epoch, rank, world, draw_weights)
-        size = epoch_size(epoch, epochs, data.img_size, tcfg) if resize else data.img_size
+        size = epoch_size(epoch, epochs, data.img_size, schedule)
         bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", disable=not show_bar, leave=False)
         with (
             vit.any_input_size(acc.unwrap_model(model)) if size != data.img_size else contextlib.nullcontext()
@@ -634,10 +636,8 @@ def fit(
                 state["ema"] = ema.module.state_dict()
             _save_epoch(out_dir, row, state)
             # the epochs left, weighted by their pixels when the early ones ran smaller (train.resize_from)
-            done_cost, left_cost = epoch + 1 - start_epoch, epochs - epoch - 1
-            if resize:
-                done_cost = full_size_epochs(epochs, data.img_size, tcfg, start_epoch, epoch + 1)
-                left_cost = full_size_epochs(epochs, data.img_size, tcfg, epoch + 1)
+            done_cost = full_size_epochs(epochs, data.img_size, schedule, start_epoch, epoch + 1)
+            left_cost = full_size_epochs(epochs, data.img_size, schedule, epoch + 1)
             left = (time.perf_counter() - t_session) / done_cost * left_cost
             _log_epoch(desc, row, epochs, improved, stopped, left, data.img_size)
         acc.wait_for_everyone()
