@@ -1,6 +1,7 @@
 """What one training step of the default recipe's models costs, under the choices that set the pipeline's time.
 
-    python scripts/step_cost.py [--compare logits|size|compile|precision] [--steps 10] [--size 96] [--batch 64]
+    python scripts/step_cost.py [--compare logits|size|compile|precision|attention] [--steps 10] [--size 96]
+                                [--batch 64]
                                 [--precision auto|no|bf16]
 
 Builds the `neu-det` preset's ViT-Ti student (conv stem) and ResNet-18 teacher with random weights and times
@@ -13,6 +14,10 @@ first, with the CPU and the autocast precision used.
     --compare size     each model at --sizes (default 128,96 px)
     --compare compile  each model eager against torch.compile (the compile time is printed too)
     --compare precision  each model in fp32 against bf16 autocast (`train.precision: no` / `bf16`)
+    --compare attention  the student's attention as plain matmuls (what training on a CPU uses,
+                       `vit.explicit_attention`) against the fused `scaled_dot_product_attention`
+
+Every arm but the fused one of --compare attention trains as the pipeline does on a CPU: explicit attention.
 
 An AVX2-only CPU's training path can be approximated on an AVX-512 one: `--precision no` (fp32, what
 `train.precision: auto` chooses there) with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` in the
@@ -29,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from slimvit import models
+from slimvit import models, vit
 from slimvit.config import DistillConfig
 from slimvit.distill import make_loss
 from slimvit.timing import cpu_name
@@ -47,7 +52,13 @@ def build(name_stem: tuple[str, str], size: int) -> torch.nn.Module:
 
 
 def make_step(
-    model: torch.nn.Module, size: int, batch: int, precision: str, teacher=None, compiled: bool = False
+    model: torch.nn.Module,
+    size: int,
+    batch: int,
+    precision: str,
+    teacher=None,
+    compiled: bool = False,
+    fused_attention: bool = False,
 ) -> Callable[[], float]:
     """A closure that runs one training step of `model` on a fixed random batch and returns its milliseconds."""
     model.train()
@@ -60,7 +71,8 @@ def make_step(
 
     def step() -> float:
         t0 = time.perf_counter()
-        with autocast_context(precision, DEVICE):
+        # as `train.fit` trains on a CPU, unless the fused arm of --compare attention
+        with vit.explicit_attention(model, on=not fused_attention), autocast_context(precision, DEVICE):
             out = forward(x)
             if teacher is not None:
                 with torch.no_grad():
@@ -92,7 +104,9 @@ def time_interleaved(arms: dict[str, Callable[[], float]], steps: int) -> dict[s
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--compare", choices=("logits", "size", "compile", "precision"), default="logits")
+    ap.add_argument(
+        "--compare", choices=("logits", "size", "compile", "precision", "attention"), default="logits"
+    )
     ap.add_argument("--steps", type=int, default=10, help="timed steps per arm (after 3 untimed)")
     ap.add_argument(
         "--size", type=int, default=96, help="image size of --compare logits, compile and precision"
@@ -111,7 +125,17 @@ def main() -> int:
         f"{cpu_name()} (kernels: {isa}), {args.threads} threads, autocast {precision}, batch {args.batch}",
         flush=True,
     )
-    if args.compare == "logits":
+    if args.compare == "attention":
+        groups = {
+            f"student at {args.size} px": {
+                f"explicit ({p})" if not fused else f"fused ({p})": make_step(
+                    build(STUDENT, args.size), args.size, args.batch, p, fused_attention=fused
+                )
+                for p in ("no", "bf16")
+                for fused in (True, False)
+            }
+        }
+    elif args.compare == "logits":
         teacher = build(TEACHER, args.size).eval()
         groups = {
             f"student at {args.size} px": {

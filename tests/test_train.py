@@ -710,3 +710,44 @@ def test_fit_trains_early_epochs_small_and_keeps_a_fixed_size_model(tmp_path):
     # without resize=True (the fine-tunes) every epoch is full size
     fit(tiny_student()[0], spec, data, t, tmp_path / "ft", epochs=2, lr=1e-3)
     assert [r["img_size"] for r in read_jsonl(tmp_path / "ft" / "metrics.jsonl")] == [32, 32]
+
+
+def test_explicit_attention_is_the_same_function_and_restores_the_model():
+    from slimvit.vit import explicit_attention
+
+    model, _ = tiny_student()
+    model.eval()
+    layers = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert layers and all(m.fused_attn for m in layers)  # timm's default here: the fused kernel
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(x)
+        with explicit_attention(model) as m:
+            assert m is model and not any(m.fused_attn for m in layers)
+            assert torch.allclose(model(x), fused, atol=1e-5)
+        assert all(m.fused_attn for m in layers)
+        with explicit_attention(model, on=False):
+            assert all(m.fused_attn for m in layers)
+    layers[0].fused_attn = False  # a layer's own setting is what comes back, not a blanket True
+    with explicit_attention(model):
+        pass
+    assert not layers[0].fused_attn and all(m.fused_attn for m in layers[1:])
+
+
+def test_fit_on_a_cpu_trains_without_the_fused_attention_kernel(tmp_path, monkeypatch):
+    """Training steps on a CPU take the explicit attention (the fused kernel's backward is slow there);
+    validation and the returned model keep the fused one."""
+    import torch.nn.functional as F
+
+    calls = {"train": 0, "eval": 0}
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*a, **kw):
+        calls["train" if torch.is_grad_enabled() else "eval"] += 1
+        return sdpa(*a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    model, spec = tiny_student()
+    model, _ = fit(model, spec, synthetic_data(n_per_class=8), FAST, tmp_path / "s", epochs=1, lr=1e-3)
+    assert calls["train"] == 0 and calls["eval"] > 0
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))

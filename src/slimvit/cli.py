@@ -210,8 +210,10 @@ def _budget_overrides(args: argparse.Namespace) -> list[str]:
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("PIL", "matplotlib", "urllib3", "httpx", "huggingface_hub", "torch_pruning", "onnxscript"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    noisy = ("PIL", "matplotlib", "urllib3", "httpx", "huggingface_hub", "torch_pruning", "onnxscript")
+    # onnx_ir: a line per deduplicated initializer of every export; the quantizer: a line per shape inference
+    for name in (*noisy, "onnx_ir", "onnxruntime.quantization"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def load_cli_config(args: argparse.Namespace):

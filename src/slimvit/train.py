@@ -576,8 +576,10 @@ def fit(
         batches = _epoch_batches(len(train_ds), tcfg.batch_size, tcfg.seed, epoch, rank, world, draw_weights)
         size = epoch_size(epoch, epochs, data.img_size, schedule)
         bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", disable=not show_bar, leave=False)
+        small = size != data.img_size
         with (
-            vit.any_input_size(acc.unwrap_model(model)) if size != data.img_size else contextlib.nullcontext()
+            vit.any_input_size(acc.unwrap_model(model)) if small else contextlib.nullcontext(),
+            vit.explicit_attention(acc.unwrap_model(model), on=device.type == "cpu"),
         ):
             stats = _train_epoch(
                 acc,
@@ -659,6 +661,7 @@ def fit(
         "distill": loss_name,
         "processes": world,
         "precision": precision,
+        "attention": "explicit" if device.type == "cpu" else "fused",  # the training steps' (vit.py)
     }
     model = acc.unwrap_model(model).to(memory_format=torch.contiguous_format)
     if loss_name == "token":

@@ -110,6 +110,25 @@ def any_input_size(model: nn.Module) -> Iterator[nn.Module]:
             pe.strict_img_size = saved[3]
 
 
+@contextlib.contextmanager
+def explicit_attention(model: nn.Module, on: bool = True) -> Iterator[nn.Module]:
+    """Inside (when `on`), timm's attention layers compute softmax(q k^T * scale) v as plain matmuls, not
+    with the fused `scaled_dot_product_attention`; the same function, another kernel. For training on a
+    CPU: there PyTorch's flash-attention backward is slow for short sequences (36 tokens at 96 px) in bf16,
+    44% of a ViT-Ti training step; the explicit form made the step 0.45x as long at 96 px in bf16 and
+    0.93-1.03x in fp32 (`scripts/step_cost.py --compare attention`; README, "Presets"). Inference keeps
+    the fused kernel; each layer's own setting comes back on exit."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)] if on else []
+    saved = [m.fused_attn for m in layers]
+    for m in layers:
+        m.fused_attn = False
+    try:
+        yield model
+    finally:
+        for m, fused in zip(layers, saved, strict=True):
+            m.fused_attn = fused
+
+
 def plain_attention(attn: nn.Module) -> bool:
     """Whether a timm Attention is the plain kind (no q/k norm, no scale norm, no gating): what pruning
     and the fused attention export both support."""
