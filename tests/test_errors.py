@@ -11,6 +11,21 @@ def test_first_line():
     assert first_line(ValueError("  \n ")) == "ValueError"
 
 
+def test_openvino_errors_name_the_innermost_reason():
+    from slimvit.openvino_runtime import ov_reason
+
+    said = (  # what compile_model raised under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 machine (2026-11-28)
+        "Exception from src/inference/src/cpp/core.cpp:132:\nException from src/inference/src/dev/plugin.cpp:59:\n"
+        "Check '!getSupportedPrimitiveDescriptors().empty()' failed at src/plugins/intel_cpu/src/node.cpp:345:\n"
+        "Supported primitive descriptors list is empty for node: Softmax_227 type: Softmax\n\n"
+    )
+    assert ov_reason(RuntimeError(said)) == (
+        "Supported primitive descriptors list is empty for node: Softmax_227 type: Softmax"
+    )
+    assert ov_reason(RuntimeError("Exception from a.cpp:1:\n")) == "Exception from a.cpp:1:"  # nothing else
+    assert ov_reason(RuntimeError("")) == "RuntimeError"
+
+
 def test_the_import_graph_of_slimvit_has_no_circle():
     """Every `from slimvit... import` edge between modules, module-level or inside a function: no cycle."""
     import ast

@@ -31,6 +31,14 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def ov_reason(e: BaseException, limit: int = 300) -> str:
+    """OpenVINO's own words in one of its errors: the innermost message, after the stack of "Exception from
+    <file>:<line>:" lines it opens with (e.g. "Supported primitive descriptors list is empty for node: ...")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    said = [line for line in lines if not line.startswith("Exception from ")]
+    return said[-1][:limit] if said else first_line(e, limit)
+
+
 def compile_model(path: str | Path, threads: int = 2) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
     """A batch-1-latency CPU compilation of an ONNX file: (float32 NCHW -> logits, facts).
 
@@ -49,7 +57,7 @@ def compile_model(path: str | Path, threads: int = 2) -> tuple[Callable[[np.ndar
             {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1},
         )
     except Exception as e:  # OpenVINO raises RuntimeError with pages of context
-        raise ModelError(f"OpenVINO cannot run '{path.name}' ({first_line(e)})") from None
+        raise ModelError(f"OpenVINO cannot run '{path.name}' ({ov_reason(e)})") from None
     request = compiled.create_infer_request()
     out = compiled.output(0)
 
