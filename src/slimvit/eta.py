@@ -26,7 +26,7 @@ def _time_steps(model, x, y, precision: str, train: bool, steps: int) -> float:
     import torch
 
     from slimvit import vit
-    from slimvit.train import autocast_context
+    from slimvit.train import autocast_context, explicit_attention_on
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
     model.train(train)
@@ -45,7 +45,7 @@ def _time_steps(model, x, y, precision: str, train: bool, steps: int) -> float:
         opt.step()
 
     times = []
-    with vit.explicit_attention(model, on=train and x.device.type == "cpu"):  # as `train.fit` trains
+    with vit.explicit_attention(model, on=train and explicit_attention_on(x.device)):  # as `train.fit` trains
         once()
         for _ in range(steps):
             t0 = time.perf_counter()
