@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from slimvit.config import DistillConfig
-from slimvit.distill import LOSSES, make_loss, soft_kd
+from slimvit.distill import LOSSES, logit_offset, make_loss, soft_kd
 from slimvit.errors import ConfigError
 
 S = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
@@ -37,6 +37,27 @@ def test_soft_loss_mixes_with_alpha():
     assert float(parts["task_loss"]) == pytest.approx(_ce(S, Y), rel=1e-5)
     assert float(parts["kd_loss"]) == pytest.approx(float(soft_kd(S, T, 2.0)), rel=1e-5)
     assert float(parts["loss"]) == pytest.approx(0.3 * _ce(S, Y) + 0.7 * float(soft_kd(S, T, 2.0)), rel=1e-5)
+
+
+def test_logit_adjustment_moves_the_label_term_only():
+    """Logit adjustment (train.balance=logit): the label cross-entropy sees logits + log(prior), so a rare
+    class needs a larger raw margin; the distillation term compares the raw logits with the teacher's."""
+    off = logit_offset([0] * 6 + [1] * 3 + [2], 3)
+    assert torch.allclose(off, torch.log(torch.tensor([0.6, 0.3, 0.1])))
+    assert torch.allclose(logit_offset([0, 1, 1], 3), torch.log(torch.tensor([0.25, 0.5, 0.25])))  # empty: 1
+    for name in ("none", "soft", "hard"):
+        cfg = None if name == "none" else DistillConfig(loss=name, alpha=0.7)
+        plain, adjusted = make_loss(cfg, 0.0)(S, T, Y), make_loss(cfg, 0.0, off)(S, T, Y)
+        assert float(adjusted["task_loss"]) == pytest.approx(_ce(S + off, Y), rel=1e-5)
+        assert float(adjusted["task_loss"]) != pytest.approx(float(plain["task_loss"]), rel=1e-3)
+        assert float(adjusted["kd_loss"]) == pytest.approx(float(plain["kd_loss"]), rel=1e-6)
+    # the minimiser of the adjusted loss on a common-class image leaves a rare class more raw logit
+    z = torch.zeros(1, 3, requires_grad=True)
+    F.cross_entropy(z + off, torch.tensor([2])).backward()
+    g_adj = z.grad.clone()
+    z.grad = None
+    F.cross_entropy(z, torch.tensor([2])).backward()
+    assert g_adj[0, 2] < z.grad[0, 2] < 0  # a rare-class label pushes its own logit up harder
 
 
 def test_hard_loss_uses_teacher_argmax():

@@ -264,12 +264,13 @@ def test_pruning_finetune_teacher_sees_its_own_normalisation(smoke_run, tmp_path
     seen = {}
 
     def capture(model, spec, data, tcfg, out_dir, *, teacher=None, **kw):
-        seen.update(teacher=teacher, spec=spec, x=data.arrays("val")[0][:8])
+        seen.update(teacher=teacher, spec=spec, x=data.arrays("val")[0][:8], initial=kw.get("select_initial"))
         raise _Stop  # only the teacher handed to the fine-tune matters
 
     monkeypatch.setattr(train, "fit", capture)
     with pytest.raises(_Stop):
         prune.run_prune(cfg, out)
+    assert seen["initial"] is False  # the untrained cut model never stands in for a fine-tuned one
     t_model, t_spec = models.load(out / source)
     s_spec = seen["spec"]
     if source == "teacher":

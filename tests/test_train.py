@@ -463,6 +463,7 @@ def test_balance_auto_is_off_for_balanced_classes():
     assert resolve_balance("auto", [0, 0, 0, 1, 1, 2, 2], 3) == "sampler"  # 1.5x
     assert resolve_balance("none", [0] * 10 + [1], 2) == "none"
     assert resolve_balance("sampler", [0, 1], 2) == "sampler"
+    assert resolve_balance("logit", [0, 1], 2) == "logit"
 
 
 def test_fit_applies_and_records_the_balance_mode(tmp_path, monkeypatch):
@@ -470,20 +471,31 @@ def test_fit_applies_and_records_the_balance_mode(tmp_path, monkeypatch):
 
     data = imbalanced_data()  # 40 / 12 / 4 training images
     real, weighted = train._epoch_batches, []
+    real_loss, offsets = train.make_loss, []
 
     def spy(*a):
         weighted.append(a[-1] is not None)
         return real(*a)
 
+    def loss_spy(cfg, smoothing, offset=None):
+        offsets.append(offset)
+        return real_loss(cfg, smoothing, offset)
+
     monkeypatch.setattr(train, "_epoch_batches", spy)
-    for mode, expect in (("none", "none"), ("sampler", "sampler"), ("auto", "sampler")):
+    monkeypatch.setattr(train, "make_loss", loss_spy)
+    for mode, expect in (("none", "none"), ("sampler", "sampler"), ("auto", "sampler"), ("logit", "logit")):
         weighted.clear()
+        offsets.clear()
         model, spec = tiny_student()
         _, summary = fit(
             model, spec, data, dataclasses.replace(FAST, balance=mode), tmp_path / mode, epochs=1, lr=2e-3
         )
         assert summary["balance"] == expect
         assert weighted and weighted[-1] == (expect == "sampler")
+        if expect == "logit":  # every image once per epoch, the label term adjusted by the training prior
+            assert torch.allclose(offsets[-1], torch.log(torch.tensor([40, 12, 4]) / 56))
+        else:
+            assert offsets == [None]
 
 
 def test_selection_reads_balanced_accuracy(tmp_path):
@@ -510,6 +522,39 @@ def test_fit_stops_when_recovered_and_resume_keeps_the_stop(tmp_path):
     model3, spec = tiny_student()
     _, full = fit(model3, spec, data, FAST, tmp_path / "cap", epochs=2, lr=2e-3, stop_at=1.01)
     assert full["epochs_run"] == 2 and full["stopped"] is None
+
+
+def test_recovered_needs_a_trained_epoch(tmp_path, monkeypatch):
+    """A pruned model whose starting weights already tie the student on validation is still fine-tuned:
+    the stop needs a trained epoch as the best, not the untrained cut model (epoch 0)."""
+    from slimvit import train
+    from slimvit.train import _stop_reason
+
+    at_start = {"epoch": 0, "val_bal_acc": 1.0}
+    assert _stop_reason(at_start, 0.9, 0, 1, 5, 1) is None
+    assert _stop_reason({**at_start, "epoch": 1}, 0.9, 0, 1, 5, 1).startswith("recovered")
+    # scripted validation: the cut model ties the student, the first epoch (mid warm-up) is worse, the
+    # second better; the old rule stopped after epoch 1 and kept the untrained epoch 0
+    scores = iter([(1.0, 0.5), (0.8, 0.7), (1.0, 0.3), (1.0, 0.2)])
+
+    def scripted(*_a, **_k):
+        bal, loss = next(scores)
+        return {"acc": bal, "bal_acc": bal, "loss": loss}
+
+    monkeypatch.setattr(train, "_validate", scripted)
+    model, spec = tiny_student()
+    _, s = fit(
+        model,
+        spec,
+        synthetic_data(),
+        FAST,
+        tmp_path / "ft",
+        epochs=4,
+        lr=1e-4,
+        select_initial=True,
+        stop_at=1.0,
+    )
+    assert (s["best_epoch"], s["epochs_run"]) == (2, 2) and s["stopped"].startswith("recovered")
 
 
 def test_patience_stops_a_plateau(tmp_path):

@@ -3,7 +3,10 @@
 The `distill` stage itself is `train.run_distill`: this module knows losses, not training.
 
 Every loss takes the student's output, the teacher's logits (None for `none`) and the targets,
-and returns its parts: ``{"loss", "task_loss", "kd_loss"}``.
+and returns its parts: ``{"loss", "task_loss", "kd_loss"}``. With a ``logit_offset`` (per class) the
+label term is logit-adjusted (Menon et al. 2021, "Long-tail learning via logit adjustment"): the
+cross-entropy sees ``logits + offset``, ``offset = log(training class prior)``, so the raw logits learn
+the class-balanced posterior; the distillation term compares raw logits with the teacher's.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from slimvit.config import DistillConfig
 from slimvit.errors import ConfigError
 
 LossFn = Callable[..., dict[str, torch.Tensor]]
-LOSSES: dict[str, Callable[[DistillConfig, float], LossFn]] = {}
+LOSSES: dict[str, Callable[..., LossFn]] = {}
 
 
 def register(name: str):
@@ -28,8 +31,16 @@ def register(name: str):
     return deco
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy for class indices (N,) or soft targets (N, C) (mixup/cutmix)."""
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    label_smoothing: float = 0.0,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy for class indices (N,) or soft targets (N, C) (mixup/cutmix); `offset` (C,) is
+    added to the logits first (logit adjustment)."""
+    if offset is not None:
+        logits = logits.float() + offset.to(logits.device)
     if target.ndim == 2:
         return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
     return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
@@ -52,19 +63,19 @@ def _single(out) -> torch.Tensor:
 
 
 @register("none")
-def _none(cfg: DistillConfig | None, label_smoothing: float) -> LossFn:
+def _none(cfg: DistillConfig | None, label_smoothing: float, offset: torch.Tensor | None = None) -> LossFn:
     def fn(out, teacher_logits, target):
-        task = cross_entropy(_single(out), target, label_smoothing)
+        task = cross_entropy(_single(out), target, label_smoothing, offset)
         return {"loss": task, "task_loss": task, "kd_loss": torch.zeros_like(task)}
 
     return fn
 
 
 @register("soft")
-def _soft(cfg: DistillConfig, label_smoothing: float) -> LossFn:
+def _soft(cfg: DistillConfig, label_smoothing: float, offset: torch.Tensor | None = None) -> LossFn:
     def fn(out, teacher_logits, target):
         out = _single(out)
-        task = cross_entropy(out, target, label_smoothing)
+        task = cross_entropy(out, target, label_smoothing, offset)
         kd = soft_kd(out, teacher_logits, cfg.temperature)
         return {"loss": (1 - cfg.alpha) * task + cfg.alpha * kd, "task_loss": task, "kd_loss": kd}
 
@@ -72,12 +83,12 @@ def _soft(cfg: DistillConfig, label_smoothing: float) -> LossFn:
 
 
 @register("hard")
-def _hard(cfg: DistillConfig, label_smoothing: float) -> LossFn:
+def _hard(cfg: DistillConfig, label_smoothing: float, offset: torch.Tensor | None = None) -> LossFn:
     """DeiT hard distillation: cross-entropy to the teacher's argmax."""
 
     def fn(out, teacher_logits, target):
         out = _single(out)
-        task = cross_entropy(out, target, label_smoothing)
+        task = cross_entropy(out, target, label_smoothing, offset)
         kd = F.cross_entropy(out.float(), teacher_logits.argmax(-1))
         return {"loss": (1 - cfg.alpha) * task + cfg.alpha * kd, "task_loss": task, "kd_loss": kd}
 
@@ -85,7 +96,7 @@ def _hard(cfg: DistillConfig, label_smoothing: float) -> LossFn:
 
 
 @register("token")
-def _token(cfg: DistillConfig, label_smoothing: float) -> LossFn:
+def _token(cfg: DistillConfig, label_smoothing: float, offset: torch.Tensor | None = None) -> LossFn:
     """DeiT distillation token: the class head learns the labels, the distillation head the teacher."""
 
     def fn(out, teacher_logits, target):
@@ -94,15 +105,24 @@ def _token(cfg: DistillConfig, label_smoothing: float) -> LossFn:
                 "distill.loss=token needs a student with a distillation token (e.g. deit_tiny_distilled_patch16_224)"
             )
         cls_out, dist_out = out
-        task = cross_entropy(cls_out, target, label_smoothing)
+        task = cross_entropy(cls_out, target, label_smoothing, offset)
         kd = F.cross_entropy(dist_out.float(), teacher_logits.argmax(-1))
         return {"loss": (1 - cfg.alpha) * task + cfg.alpha * kd, "task_loss": task, "kd_loss": kd}
 
     return fn
 
 
-def make_loss(cfg: DistillConfig | None, label_smoothing: float) -> LossFn:
+def make_loss(
+    cfg: DistillConfig | None, label_smoothing: float, logit_offset: torch.Tensor | None = None
+) -> LossFn:
+    """The loss of `cfg.loss` (`none` without a cfg); `logit_offset` (C,) logit-adjusts its label term."""
     name = "none" if cfg is None else cfg.loss
     if name not in LOSSES:
         raise ConfigError(f"unknown distillation loss '{name}'; known: {', '.join(LOSSES)}")
-    return LOSSES[name](cfg, label_smoothing)
+    return LOSSES[name](cfg, label_smoothing, logit_offset)
+
+
+def logit_offset(labels, num_classes: int, tau: float = 1.0) -> torch.Tensor:
+    """tau * log(class prior) of a training split's labels (every class at least one image)."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).clamp(min=1)
+    return tau * torch.log(counts.double() / counts.sum()).float()

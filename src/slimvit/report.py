@@ -1267,6 +1267,12 @@ def _balance_text(run: dict) -> str:
             "class-balanced sampling: each epoch draws as many images as the training split has, with "
             "replacement, every class equally often (teacher, student and fine-tunes)"
         )
+    elif modes == ["logit"]:
+        what = (
+            "logit-adjusted cross-entropy (every training image once per epoch; the label term sees the "
+            "logits plus the log of the training class prior, so the model's own logits are class-balanced; "
+            "teacher, student and fine-tunes)"
+        )
     else:
         what = ", ".join(f"{k}: {v}" for k, v in used.items())
     return f"Class balance of the training batches: {what}."

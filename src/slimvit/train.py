@@ -35,7 +35,7 @@ from torch import nn
 from slimvit import models, vit
 from slimvit.config import DistillConfig, TrainConfig
 from slimvit.data import Data, EvalDataset, TrainDataset
-from slimvit.distill import cross_entropy, make_loss
+from slimvit.distill import cross_entropy, logit_offset, make_loss
 from slimvit.errors import ConfigError, ModelError, first_line
 from slimvit.evaluate import balanced_accuracy
 from slimvit.io import (
@@ -478,7 +478,9 @@ def fit(
         teacher: eval-mode teacher for distillation; required unless the loss is `none`.
         resume: True continues from out_dir/last (error if absent), "auto" continues if present.
         select_initial: the weights `model` starts with compete as "epoch 0" for the best checkpoint
-            (fine-tuning: training cannot end worse on validation than where it started).
+            (training cannot end worse on validation than where it started). The pruning fine-tunes do
+            not use it: on a small validation split an untrained cut model often ties the student and
+            would be kept without any fine-tuning.
         stop_at: stop after the first epoch whose validation balanced accuracy reaches this (fine-tuning
             until a pruned model has recovered); `epochs` is then a cap. `train.patience` also stops
             training when the best epoch is that many epochs old.
@@ -560,7 +562,8 @@ def fit(
                 desc,
                 logits_memo,
             )
-    loss_fn = make_loss(distill_cfg if loss_name != "none" else None, tcfg.label_smoothing)
+    offset = logit_offset(train_ds.labels, len(data.classes)) if balance == "logit" else None
+    loss_fn = make_loss(distill_cfg if loss_name != "none" else None, tcfg.label_smoothing, offset)
     mixup = None
     if tcfg.mixup > 0 or tcfg.cutmix > 0:
         from timm.data import Mixup
@@ -691,9 +694,13 @@ def _stop_reason(
     best: dict, stop_at: float | None, patience: int, done: int, epochs: int, world: int
 ) -> str | None:
     """Why training stops after epoch `done` (None: it goes on); with several processes, rank 0's
-    reason (BatchNorm statistics, hence validation, differ between ranks)."""
+    reason (BatchNorm statistics, hence validation, differ between ranks).
+
+    "Recovered" needs a trained epoch as the best: weights that reach `stop_at` before any training
+    (a pruned model that ties the student on a small validation split) do not end the fine-tune after
+    one epoch, which would keep the untrained cut model."""
     stopped = None
-    if stop_at is not None and best["val_bal_acc"] >= stop_at - 1e-9:
+    if stop_at is not None and best["epoch"] >= 1 and best["val_bal_acc"] >= stop_at - 1e-9:
         stopped = f"recovered: validation balanced accuracy {best['val_bal_acc']:.4f} >= {stop_at:.4f}"
     elif patience and done - best["epoch"] >= patience and done < epochs:
         stopped = f"no better validation epoch in {patience} epochs"
