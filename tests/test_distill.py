@@ -45,19 +45,23 @@ def test_logit_adjustment_moves_the_label_term_only():
     off = logit_offset([0] * 6 + [1] * 3 + [2], 3)
     assert torch.allclose(off, torch.log(torch.tensor([0.6, 0.3, 0.1])))
     assert torch.allclose(logit_offset([0, 1, 1], 3), torch.log(torch.tensor([0.25, 0.5, 0.25])))  # empty: 1
-    for name in ("none", "soft", "hard"):
+    for name in ("none", "soft", "hard", "token"):
         cfg = None if name == "none" else DistillConfig(loss=name, alpha=0.7)
-        plain, adjusted = make_loss(cfg, 0.0)(S, T, Y), make_loss(cfg, 0.0, off)(S, T, Y)
-        assert float(adjusted["task_loss"]) == pytest.approx(_ce(S + off, Y), rel=1e-5)
-        assert float(adjusted["task_loss"]) != pytest.approx(float(plain["task_loss"]), rel=1e-3)
-        assert float(adjusted["kd_loss"]) == pytest.approx(float(plain["kd_loss"]), rel=1e-6)
-    # the minimiser of the adjusted loss on a common-class image leaves a rare class more raw logit
-    z = torch.zeros(1, 3, requires_grad=True)
-    F.cross_entropy(z + off, torch.tensor([2])).backward()
-    g_adj = z.grad.clone()
-    z.grad = None
-    F.cross_entropy(z, torch.tensor([2])).backward()
-    assert g_adj[0, 2] < z.grad[0, 2] < 0  # a rare-class label pushes its own logit up harder
+        out = (S, S.flip(-1)) if name == "token" else S
+        plain, adjusted = make_loss(cfg, 0.0)(out, T, Y), make_loss(cfg, 0.0, off)(out, T, Y)
+        assert float(adjusted["task_loss"]) == pytest.approx(_ce(S + off, Y), rel=1e-5), name
+        assert float(adjusted["task_loss"]) != pytest.approx(float(plain["task_loss"]), rel=1e-3), name
+        assert float(adjusted["kd_loss"]) == pytest.approx(float(plain["kd_loss"]), rel=1e-6), name
+    # soft targets (mixup/cutmix) are adjusted the same way
+    soft = make_loss(None, 0.0, off)(S, None, F.one_hot(Y, 3).float())
+    assert float(soft["task_loss"]) == pytest.approx(_ce(S + off, Y), rel=1e-5)
+    # on an image of the rarest class the adjusted loss pushes that class's raw logit up harder
+    grads = []
+    for offset in (off, None):
+        z = torch.zeros(1, 3, requires_grad=True)
+        make_loss(None, 0.0, offset)(z, None, torch.tensor([2]))["loss"].backward()
+        grads.append(z.grad[0, 2])
+    assert grads[0] < grads[1] < 0
 
 
 def test_hard_loss_uses_teacher_argmax():

@@ -557,6 +557,27 @@ def test_recovered_needs_a_trained_epoch(tmp_path, monkeypatch):
     assert (s["best_epoch"], s["epochs_run"]) == (2, 2) and s["stopped"].startswith("recovered")
 
 
+def test_resume_refuses_a_checkpoint_that_kept_the_untrained_weights(tmp_path, monkeypatch):
+    """A fine-tune checkpointed by a version whose starting weights competed as epoch 0 is not resumed
+    into one where they do not (its best would be the untrained model)."""
+    from slimvit import train
+    from slimvit.errors import ConfigError
+
+    scores = iter([(1.0, 0.1), (0.5, 0.9)])  # epoch 0 best, the trained epoch worse
+
+    def scripted(*_a, **_k):
+        bal, loss = next(scores)
+        return {"acc": bal, "bal_acc": bal, "loss": loss}
+
+    monkeypatch.setattr(train, "_validate", scripted)
+    model, spec = tiny_student()
+    _, s = fit(model, spec, synthetic_data(), FAST, tmp_path / "ft", epochs=1, lr=1e-4, select_initial=True)
+    assert s["best_epoch"] == 0
+    model, spec = tiny_student()
+    with pytest.raises(ConfigError, match="untrained starting weights"):
+        fit(model, spec, synthetic_data(), FAST, tmp_path / "ft", epochs=1, lr=1e-4, resume=True)
+
+
 def test_patience_stops_a_plateau(tmp_path):
     data = synthetic_data()
     model, spec = tiny_student()

@@ -141,7 +141,8 @@ class TrainConfig:
     every class comes equally often (teacher, student and fine-tunes); `none` uses every image once per
     epoch; `logit` uses every image once per epoch with a logit-adjusted label loss (Menon et al. 2021:
     the cross-entropy sees the logits plus log(training class prior), so the model's own logits are
-    class-balanced; the distillation term is unchanged); `auto` is `sampler` when the largest training
+    class-balanced; the distillation term is unchanged; the logged training loss is the adjusted one);
+    `auto` is `sampler` when the largest training
     class has 1.5x the images of the smallest or more, else `none` (a balanced dataset trains exactly as
     before). On the imbalanced NEU-DET subsets `logit` gave better students than `sampler` but worse
     pruned models (README, "Imbalanced data"), so `auto` keeps the sampler."""

@@ -3,7 +3,7 @@
 The `distill` stage itself is `train.run_distill`: this module knows losses, not training.
 
 Every loss takes the student's output, the teacher's logits (None for `none`) and the targets,
-and returns its parts: ``{"loss", "task_loss", "kd_loss"}``. With a ``logit_offset`` (per class) the
+and returns its parts: ``{"loss", "task_loss", "kd_loss"}``. With an ``offset`` (per class) the
 label term is logit-adjusted (Menon et al. 2021, "Long-tail learning via logit adjustment"): the
 cross-entropy sees ``logits + offset``, ``offset = log(training class prior)``, so the raw logits learn
 the class-balanced posterior; the distillation term compares raw logits with the teacher's.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,16 +114,16 @@ def _token(cfg: DistillConfig, label_smoothing: float, offset: torch.Tensor | No
 
 
 def make_loss(
-    cfg: DistillConfig | None, label_smoothing: float, logit_offset: torch.Tensor | None = None
+    cfg: DistillConfig | None, label_smoothing: float, offset: torch.Tensor | None = None
 ) -> LossFn:
-    """The loss of `cfg.loss` (`none` without a cfg); `logit_offset` (C,) logit-adjusts its label term."""
+    """The loss of `cfg.loss` (`none` without a cfg); `offset` (C,) logit-adjusts its label term."""
     name = "none" if cfg is None else cfg.loss
     if name not in LOSSES:
         raise ConfigError(f"unknown distillation loss '{name}'; known: {', '.join(LOSSES)}")
-    return LOSSES[name](cfg, label_smoothing, logit_offset)
+    return LOSSES[name](cfg, label_smoothing, offset)
 
 
-def logit_offset(labels, num_classes: int, tau: float = 1.0) -> torch.Tensor:
-    """tau * log(class prior) of a training split's labels (every class at least one image)."""
+def logit_offset(labels: torch.Tensor | np.ndarray | list[int], num_classes: int) -> torch.Tensor:
+    """log(class prior) of a training split's labels (a class without images counts as one)."""
     counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).clamp(min=1)
-    return tau * torch.log(counts.double() / counts.sum()).float()
+    return torch.log(counts.double() / counts.sum()).float()

@@ -481,8 +481,8 @@ def fit(
             (training cannot end worse on validation than where it started). The pruning fine-tunes do
             not use it: on a small validation split an untrained cut model often ties the student and
             would be kept without any fine-tuning.
-        stop_at: stop after the first epoch whose validation balanced accuracy reaches this (fine-tuning
-            until a pruned model has recovered); `epochs` is then a cap. `train.patience` also stops
+        stop_at: stop after the first trained epoch that becomes the best and whose validation balanced
+            accuracy reaches this (fine-tuning until a pruned model has recovered); `epochs` is then a cap. `train.patience` also stops
             training when the best epoch is that many epochs old.
         logits_memo: a dict kept across several fits that distil from one teacher on one training set (the
             sweep's fine-tunes): the cached teacher logits are computed once and reused.
@@ -532,6 +532,11 @@ def fit(
     start_epoch, best, elapsed, stopped, best_weights = _start_or_resume(
         acc, out_dir, resume, epochs, desc, model, optimizer, scheduler, ema
     )
+    if best["epoch"] == 0 and not select_initial:
+        raise ConfigError(
+            f"the checkpoint in '{out_dir}' keeps the untrained starting weights as its best epoch (a fine-tune "
+            "of an older slimvit); run the stage without --resume (or --force) to start over"
+        )
 
     precision = resolve_precision(tcfg.precision, device)
     mem_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
@@ -562,7 +567,7 @@ def fit(
                 desc,
                 logits_memo,
             )
-    offset = logit_offset(train_ds.labels, len(data.classes)) if balance == "logit" else None
+    offset = logit_offset(train_ds.labels, len(data.classes)).to(device) if balance == "logit" else None
     loss_fn = make_loss(distill_cfg if loss_name != "none" else None, tcfg.label_smoothing, offset)
     mixup = None
     if tcfg.mixup > 0 or tcfg.cutmix > 0:
