@@ -40,11 +40,10 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy for class indices (N,) or soft targets (N, C) (mixup/cutmix); `offset` (C,) is
     added to the logits first (logit adjustment)."""
-    if offset is not None:
-        logits = logits.float() + offset.to(logits.device)
+    logits = logits.float() if offset is None else logits.float() + offset.to(logits.device)
     if target.ndim == 2:
-        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
 
 
 def soft_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -482,8 +482,8 @@ def fit(
             not use it: on a small validation split an untrained cut model often ties the student and
             would be kept without any fine-tuning.
         stop_at: stop after the first trained epoch that becomes the best and whose validation balanced
-            accuracy reaches this (fine-tuning until a pruned model has recovered); `epochs` is then a cap. `train.patience` also stops
-            training when the best epoch is that many epochs old.
+            accuracy reaches this (fine-tuning until a pruned model has recovered); `epochs` is then a cap.
+            `train.patience` also stops training when the best epoch is that many epochs old.
         logits_memo: a dict kept across several fits that distil from one teacher on one training set (the
             sweep's fine-tunes): the cached teacher logits are computed once and reused.
         resize: train the early epochs on smaller images as `train.resize_from` says (the teacher and the
