@@ -1,7 +1,8 @@
 """The imbalanced-data benchmark: NEU-DET cut to 300/200/120/80/50/30 images per class, the default pipeline
 on it, and (with --twin) the same teacher + student trained without class balancing, for a paired test.
 
-    python scripts/imbalanced.py [--balanced runs/neu-det] [--twin] [--seeds 0,1,2] [--set SECTION.KEY=VALUE ...]
+    python scripts/imbalanced.py [--balanced runs/neu-det] [--twin] [--seeds 0,1,2] [--counts N1,...]
+                                 [--set SECTION.KEY=VALUE ...]
 
 Writes runs/neu-det-imbalanced/IMBALANCED.md: balanced accuracy and the smallest class recall of every
 step against its input (exact McNemar on the same test images), beside the balanced run when --balanced
@@ -12,6 +13,11 @@ With several --seeds, each seed draws another subset (other images in every clas
 gets a run folder of its own (`--out` for seed 0, `--out`-s<seed> for the others); IMBALANCED.md then also
 pools them: one test image of a class with 6 is 17 points of its recall, and three subsets triple the
 images each figure rests on. Pooled McNemar pairs each model with its input on the same (subset, image).
+
+--counts draws other class sizes. The control for the imbalance itself is a balanced subset of the same
+780 images, `--counts 130,130,130,130,130,130 --out runs/bal130`: against it, the imbalanced subsets
+show what the imbalance costs, apart from what having 43% of NEU-DET's images costs (README, "Imbalanced
+data").
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from slimvit import report
-from slimvit.evaluate import balanced_accuracy, mcnemar, wilson
+from slimvit.evaluate import balanced_accuracy, balanced_accuracy_diff, balanced_accuracy_se, mcnemar, wilson
 
 COUNTS = "300,200,120,80,50,30"
 
@@ -124,6 +130,43 @@ def pooled(runs: list[Path], classes: list[str]) -> list[str]:
     return lines + [""]
 
 
+def seed_runs(first: Path, seeds: list[int]) -> list[Path]:
+    """The run folders of `seeds` whose seed-0 folder is `first` (`first`-s<seed> for the others)."""
+    return [first.with_name(first.name + (f"-s{seed}" if seed else "")) for seed in seeds]
+
+
+def control(runs: list[Path], ctrl: list[Path], classes: list[str]) -> list[str]:
+    """Every step of `runs` against the same step of `ctrl` (a balanced subset of the same size: what
+    having fewer images costs, without the imbalance). Other images, so no paired test: each pooled
+    balanced accuracy with its standard error, and their difference with a 95% interval."""
+    mine, theirs = [steps_by_role(r) for r in runs], [steps_by_role(r) for r in ctrl]
+    lines = [
+        f"### Against a balanced subset of the same size ({', '.join(f'`{r}`' for r in ctrl)})",
+        "",
+        "Pooled test balanced accuracy +- 1.96 standard errors (per class Agresti-Caffo); the difference is "
+        "imbalanced minus balanced, with its 95% interval (other images: no paired test).",
+        "",
+        "| model | imbalanced % | balanced subset % | difference (points, 95% interval) | balanced subset per class |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for i, name in enumerate(STEPS):
+        pooled_ = []
+        for per_run in (mine, theirs):
+            p = np.concatenate([steps[i][0] for steps in per_run])
+            y = np.concatenate([steps[i][1] for steps in per_run])
+            pooled_.append((p, y))
+        cells = [
+            f"{100 * balanced_accuracy(p, y):.2f} +- {196 * balanced_accuracy_se(p, y):.1f}"
+            for p, y in pooled_
+        ]
+        d, lo, hi = balanced_accuracy_diff(*pooled_[0], *pooled_[1])
+        lines.append(
+            f"| {name} | {cells[0]} | {cells[1]} | {100 * d:+.2f} ({100 * lo:+.1f} to {100 * hi:+.1f}) | "
+            f"{per_class(*pooled_[1], classes)} |"
+        )
+    return lines + [""]
+
+
 def twin(run: Path, nobal: Path) -> list[str]:
     classes = load(run / "bench.json")["classes"]
     lines = [
@@ -159,24 +202,36 @@ def main() -> int:
         "--twin", action="store_true", help="also train teacher + student with train.balance=none"
     )
     ap.add_argument("--seeds", default="0", help="subset seeds, comma-separated: one run each, pooled")
+    ap.add_argument(
+        "--counts", default=COUNTS, help=f"images per class, sorted class order (default {COUNTS})"
+    )
+    ap.add_argument(
+        "--control",
+        default=None,
+        help="a finished run of a balanced subset of the same size (its seed-0 folder; the same --seeds), "
+        "e.g. runs/bal130 from --counts 130,130,130,130,130,130: what the imbalance costs, apart from size",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="passed to slimvit run")
     args = ap.parse_args()
     try:
         seeds = [int(x) for x in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
+    counts = args.counts.replace(" ", "")
+    # the default subsets keep their folder names (runs/data/NEU-DET-imbalanced[-s<seed>]); others say their counts
+    stem = "NEU-DET-imbalanced" if counts == COUNTS else "NEU-DET-" + counts.replace(",", "-")
 
     sets = [a for s in args.overrides for a in ("--set", s)]
     out = Path(args.out)
     runs, subsets = [], []
     for seed in seeds:
         suffix = f"-s{seed}" if seed else ""
-        subset = Path(f"runs/data/NEU-DET-imbalanced{suffix}")
+        subset = Path(f"runs/data/{stem}{suffix}")
         subsets.append(subset)
         if not (subset / "SUBSET.json").exists():
             subset.parent.mkdir(parents=True, exist_ok=True)
-            sh(slimvit(), "subset", args.data, str(subset), "--counts", COUNTS, "--seed", str(seed))
-        run = out.with_name(out.name + suffix)
+            sh(slimvit(), "subset", args.data, str(subset), "--counts", counts, "--seed", str(seed))
+        run = seed_runs(out, [seed])[0]
         # exit 2 with a finished report: no candidate met the deploy rule (the summary says so)
         sh(
             slimvit(),
@@ -192,15 +247,24 @@ def main() -> int:
         )
         runs.append(run)
     lines = [
-        "# Imbalanced NEU-DET benchmark",
+        "# Imbalanced NEU-DET benchmark" if counts == COUNTS else f"# NEU-DET subset benchmark ({counts})",
         "",
-        f"Subset: {COUNTS} images per class (slimvit subset, seed {args.seeds}).",
+        f"Subset: {counts} images per class (slimvit subset, seed {args.seeds}).",
         "",
     ]
+    kind = "Imbalanced subset" if counts == COUNTS else "Subset"
     for seed, run in zip(seeds, runs, strict=True):
-        lines += summary(run, f"Imbalanced subset, seed {seed}")
+        lines += summary(run, f"{kind}, seed {seed}")
     if len(runs) > 1:
         lines += pooled(runs, load(runs[0] / "bench.json")["classes"])
+    if args.control:
+        ctrl = seed_runs(Path(args.control), seeds)
+        if all((r / "bench.json").exists() for r in ctrl):
+            lines += control(runs, ctrl, load(runs[0] / "bench.json")["classes"])
+        else:
+            print(
+                f"note: --control {args.control}: not every seed's run is finished ({', '.join(map(str, ctrl))})"
+            )
     if args.balanced and (Path(args.balanced) / "deploy" / "deploy.json").exists():
         lines += summary(Path(args.balanced), "Balanced NEU-DET")
     elif args.balanced:

@@ -75,6 +75,16 @@ def test_split_is_deterministic_stratified_and_keeps_duplicates_together(tmp_pat
     assert side["a/a_0.png"] == side["a/a_dup.png"]
 
 
+def test_a_larger_validation_split_keeps_the_test_images(tmp_path):
+    # README: `data.split=[0.6,0.2,0.2]` takes validation from training, never from test
+    root = make_imagefolder(tmp_path / "d", classes=("a", "b"), per_class=30)
+    index = discover(root)
+    small, large = make_split(index, (0.7, 0.1, 0.2), seed=0), make_split(index, (0.6, 0.2, 0.2), seed=0)
+    assert large["test"] == small["test"]
+    assert set(small["val"]) < set(large["val"]) and len(large["val"]) == 2 * len(small["val"])
+    assert set(large["train"]) < set(small["train"])
+
+
 def test_split_file_written_once_and_reused(tmp_path):
     root = make_imagefolder(tmp_path / "d", per_class=10)
     run = tmp_path / "run"

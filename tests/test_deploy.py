@@ -142,6 +142,26 @@ def test_balanced_accuracy_and_per_class_intervals():
     assert m["per_class_recall_ci"]["absent"] == [0.0, 1.0]
 
 
+def test_balanced_accuracy_difference_on_other_images():
+    from slimvit.evaluate import balanced_accuracy_diff, balanced_accuracy_se
+
+    # per class (k+1)/(n+2): 30/30 -> 31/32, 5/10 -> 6/12; se = sqrt(sum p(1-p)/(n+2)) / classes
+    labels = np.array([0] * 30 + [1] * 10)
+    pred = np.array([0] * 30 + [1] * 5 + [0] * 5)
+    want = math.sqrt((31 / 32) * (1 / 32) / 32 + 0.5 * 0.5 / 12) / 2
+    assert balanced_accuracy_se(pred, labels) == pytest.approx(want)
+    # a class at 100% on 6 images still counts as uncertain; on 600 much less so
+    assert balanced_accuracy_se(np.zeros(6, int), np.zeros(6, int)) > 0.05
+    assert balanced_accuracy_se(np.zeros(600, int), np.zeros(600, int)) < 0.003
+    # the difference is the plain difference (0.75 - 1.0), its interval the two errors combined
+    d, lo, hi = balanced_accuracy_diff(pred, labels, np.zeros(600, int), np.zeros(600, int))
+    assert d == pytest.approx(-0.25) and lo < -0.25 < hi < 0  # this much worse is real, even on 40 images
+    d, lo, hi = balanced_accuracy_diff(pred[:30], labels[:30], pred[:30], labels[:30])
+    assert d == 0 and lo < 0 < hi
+    with pytest.raises(ValueError):
+        balanced_accuracy_se([], [])
+
+
 def test_wilson_interval():
     lo, hi = wilson(356, 360)
     assert 0.971 < lo < 0.973 and 0.995 < hi < 0.997  # 98.89% of 360

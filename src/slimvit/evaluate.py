@@ -1,4 +1,5 @@
-"""Accuracy, balanced accuracy, macro-F1, per-class recall (with intervals) and the confusion matrix.
+"""Accuracy, balanced accuracy (with its standard error), macro-F1, per-class recall (with intervals) and the
+confusion matrix.
 
 `metrics_from_logits` is pure numpy so the ONNX path (bench, predict checks) computes the very
 same numbers as the PyTorch path.
@@ -54,6 +55,34 @@ def balanced_accuracy(pred, labels) -> float:
     if not len(present):
         return 0.0
     return float(np.mean([(pred[labels == c] == c).mean() for c in present]))
+
+
+def balanced_accuracy_se(pred, labels) -> float:
+    """Standard error of balanced accuracy (the mean of independent per-class recalls), each class's
+    variance Agresti-Caffo adjusted (one right and one wrong image added: (k+1)/(n+2)) so that a class at
+    100% on a few images still counts as uncertain."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    present = np.unique(labels)
+    if not len(present):
+        raise ValueError("balanced accuracy of no images")
+    var = 0.0
+    for c in present:
+        mask = labels == c
+        n = int(mask.sum())
+        p = (int((pred[mask] == c).sum()) + 1) / (n + 2)
+        var += p * (1 - p) / (n + 2)
+    return math.sqrt(var) / len(present)
+
+
+def balanced_accuracy_diff(
+    pred_a, labels_a, pred_b, labels_b, z: float = 1.959964
+) -> tuple[float, float, float]:
+    """Balanced accuracy of A minus B, with a 95% interval, for models tested on *other* images (other
+    subsets or splits, where no paired test can be made): (difference, low, high), normal approximation
+    with `balanced_accuracy_se` for each."""
+    d = balanced_accuracy(pred_a, labels_a) - balanced_accuracy(pred_b, labels_b)
+    half = z * math.hypot(balanced_accuracy_se(pred_a, labels_a), balanced_accuracy_se(pred_b, labels_b))
+    return d, d - half, d + half
 
 
 def metrics_from_predictions(pred: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:

@@ -1278,6 +1278,36 @@ def _balance_text(run: dict) -> str:
     return f"Class balance of the training batches: {what}."
 
 
+VAL_GRAIN_WARN = 2.0
+"""Points of validation balanced accuracy one image of the rarest class is worth, above which the report
+says the choices made on validation are coarse."""
+
+
+def _validation_grain(d: dict) -> list[str]:
+    """A warning when one validation image of the rarest class moves balanced accuracy by more than
+    VAL_GRAIN_WARN points: every choice read from validation (best epoch, a fine-tune's stop, the deploy
+    candidate) then rests on a handful of images."""
+    val = (d.get("split_per_class") or {}).get("val") or {}
+    if not val:
+        return []
+    name, k = min(val.items(), key=lambda kv: kv[1])
+    if k == 0:
+        return [
+            f"**Validation has no image of {name}**: validation balanced accuracy averages the other "
+            f"{len(val) - 1} classes, so nothing chosen on it sees {name}. A larger validation fraction "
+            "(`--set data.split=[0.6,0.2,0.2]`) gives it some."
+        ]
+    grain = 100 / (len(val) * k)
+    if grain <= VAL_GRAIN_WARN:
+        return []
+    return [
+        f"**Validation is coarse here**: {sum(val.values())} images, {k} of {name}, so one image of {name} "
+        f"moves validation balanced accuracy by {grain:.1f} points; best epochs, stops and the deploy choice "
+        "that differ by less are chance. A larger validation fraction (e.g. `--set data.split=[0.6,0.2,0.2]`, "
+        "the same test images) makes them finer at the cost of training images."
+    ]
+
+
 def _classes(run: dict) -> list[str]:
     """Per-class recall with intervals, the weakest class, and each step's balanced accuracy."""
     from slimvit.evaluate import balanced_accuracy, mcnemar, wilson
@@ -1300,6 +1330,7 @@ def _classes(run: dict) -> list[str]:
         _balance_text(run),
         "Best epochs, the fine-tunes' stopping point and the deploy choice read validation balanced "
         "accuracy (mean per-class recall); accuracy is still reported.",
+        *_validation_grain(d),
         "",
         "Test recall per class, % with 95% Wilson interval:",
         "",
