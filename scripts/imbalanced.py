@@ -135,35 +135,49 @@ def seed_runs(first: Path, seeds: list[int]) -> list[Path]:
     return [first.with_name(first.name + (f"-s{seed}" if seed else "")) for seed in seeds]
 
 
-def control(runs: list[Path], ctrl: list[Path], classes: list[str]) -> list[str]:
+def _pool(per_run: list[list[tuple[np.ndarray, np.ndarray]]], i: int) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(np.concatenate([steps[i][k] for steps in per_run]) for k in (0, 1))
+
+
+def _ba(p: np.ndarray, y: np.ndarray) -> str:
+    return f"{100 * balanced_accuracy(p, y):.2f} +- {196 * balanced_accuracy_se(p, y):.1f}"
+
+
+def _diff(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> str:
+    d, lo, hi = balanced_accuracy_diff(*a, *b)
+    return f"{100 * d:+.2f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
+
+
+def control(runs: list[Path], ctrl: list[Path], classes: list[str], full: Path | None = None) -> list[str]:
     """Every step of `runs` against the same step of `ctrl` (a balanced subset of the same size: what
-    having fewer images costs, without the imbalance). Other images, so no paired test: each pooled
-    balanced accuracy with its standard error, and their difference with a 95% interval."""
+    having fewer images costs, without the imbalance), and of `ctrl` against `full` (the whole balanced
+    dataset) when given. Other images, so no paired test: each pooled balanced accuracy with its standard
+    error, each difference with a 95% interval. The intervals cover the sampling of test images only, the
+    trained models held fixed."""
+    for r in ctrl:
+        if load(r / "bench.json")["classes"] != classes:
+            raise SystemExit(f"--control: {r} has other classes than {runs[0]}")
     mine, theirs = [steps_by_role(r) for r in runs], [steps_by_role(r) for r in ctrl]
+    whole = steps_by_role(full) if full else None
     lines = [
         f"### Against a balanced subset of the same size ({', '.join(f'`{r}`' for r in ctrl)})",
         "",
-        "Pooled test balanced accuracy +- 1.96 standard errors (per class Agresti-Caffo); the difference is "
-        "imbalanced minus balanced, with its 95% interval (other images: no paired test).",
+        "Pooled test balanced accuracy +- 1.96 standard errors (per class Agresti-Caffo); differences with "
+        "their 95% interval (other images: no paired test; test sampling only, the models held fixed).",
         "",
-        "| model | imbalanced % | balanced subset % | difference (points, 95% interval) | balanced subset per class |",
-        "|---|---:|---:|---:|---|",
     ]
+    head = "| model | imbalanced % | balanced subset % | imbalanced - balanced subset (points) |"
+    rule = "|---|---:|---:|---:|"
+    if whole:
+        head += f" `{full}` % | balanced subset - `{full}` (points) |"
+        rule += "---:|---:|"
+    lines += [head + " balanced subset per class |", rule + "---|"]
     for i, name in enumerate(STEPS):
-        pooled_ = []
-        for per_run in (mine, theirs):
-            p = np.concatenate([steps[i][0] for steps in per_run])
-            y = np.concatenate([steps[i][1] for steps in per_run])
-            pooled_.append((p, y))
-        cells = [
-            f"{100 * balanced_accuracy(p, y):.2f} +- {196 * balanced_accuracy_se(p, y):.1f}"
-            for p, y in pooled_
-        ]
-        d, lo, hi = balanced_accuracy_diff(*pooled_[0], *pooled_[1])
-        lines.append(
-            f"| {name} | {cells[0]} | {cells[1]} | {100 * d:+.2f} ({100 * lo:+.1f} to {100 * hi:+.1f}) | "
-            f"{per_class(*pooled_[1], classes)} |"
-        )
+        a, b = _pool(mine, i), _pool(theirs, i)
+        row = f"| {name} | {_ba(*a)} | {_ba(*b)} | {_diff(a, b)} |"
+        if whole:
+            row += f" {_ba(*whole[i])} | {_diff(b, whole[i])} |"
+        lines.append(row + f" {per_class(*b, classes)} |")
     return lines + [""]
 
 
@@ -257,18 +271,21 @@ def main() -> int:
         lines += summary(run, f"{kind}, seed {seed}")
     if len(runs) > 1:
         lines += pooled(runs, load(runs[0] / "bench.json")["classes"])
+    full = Path(args.balanced) if args.balanced else None
+    if full and not (full / "deploy" / "deploy.json").exists():
+        print(f"note: no finished run in {full}; run `make run` first to compare with it")
+        full = None
     if args.control:
         ctrl = seed_runs(Path(args.control), seeds)
-        if all((r / "bench.json").exists() for r in ctrl):
-            lines += control(runs, ctrl, load(runs[0] / "bench.json")["classes"])
+        if all((r / "deploy" / "deploy.json").exists() for r in [*runs, *ctrl]):
+            lines += control(runs, ctrl, load(runs[0] / "bench.json")["classes"], full)
         else:
             print(
-                f"note: --control {args.control}: not every seed's run is finished ({', '.join(map(str, ctrl))})"
+                f"note: --control {args.control}: not every run deployed a model ({', '.join(map(str, ctrl))}); "
+                "no comparison"
             )
-    if args.balanced and (Path(args.balanced) / "deploy" / "deploy.json").exists():
-        lines += summary(Path(args.balanced), "Balanced NEU-DET")
-    elif args.balanced:
-        print(f"note: no finished run in {args.balanced}; run `make run` first to compare with it")
+    if full:
+        lines += summary(full, "Balanced NEU-DET")
     if args.twin:
         subset, out = subsets[0], runs[0]
         nobal = out.with_name(out.name + "-nobalance")

@@ -154,8 +154,11 @@ def test_balanced_accuracy_difference_on_other_images():
     assert balanced_accuracy_se(np.zeros(6, int), np.zeros(6, int)) > 0.05
     assert balanced_accuracy_se(np.zeros(600, int), np.zeros(600, int)) < 0.003
     # the difference is the plain difference (0.75 - 1.0), its interval the two errors combined
-    d, lo, hi = balanced_accuracy_diff(pred, labels, np.zeros(600, int), np.zeros(600, int))
+    zeros = np.zeros(600, int)
+    d, lo, hi = balanced_accuracy_diff(pred, labels, zeros, zeros)
     assert d == pytest.approx(-0.25) and lo < -0.25 < hi < 0  # this much worse is real, even on 40 images
+    half = 1.959964 * math.hypot(balanced_accuracy_se(pred, labels), balanced_accuracy_se(zeros, zeros))
+    assert hi - d == pytest.approx(half) and d - lo == pytest.approx(half)
     d, lo, hi = balanced_accuracy_diff(pred[:30], labels[:30], pred[:30], labels[:30])
     assert d == 0 and lo < 0 < hi
     with pytest.raises(ValueError):

@@ -27,5 +27,10 @@ def test_report_warns_when_one_validation_image_moves_the_choice():
     (line,) = _validation_grain(data({"a": 30, "b": 20, "c": 12, "d": 8, "e": 5, "f": 3}))
     assert "78 images, 3 of f" in line and "5.6 points" in line and "data.split" in line
     (line,) = _validation_grain(data({"a": 30, "b": 0}))
-    assert "no image of b" in line
+    assert "no image of b" in line and "the other 1 classes" in line
+    (line,) = _validation_grain(data({"a": 30, "b": 0, "c": 4, "d": 0}))
+    assert "no image of b, d" in line and "the other 2 classes" in line
+    # the boundary: 5 classes of 10 -> exactly 2.0 points stays silent, 9 of the rarest speaks
+    assert _validation_grain(data(dict.fromkeys("abcde", 10))) == []
+    assert len(_validation_grain(data({**dict.fromkeys("abcd", 10), "e": 9}))) == 1
     assert _validation_grain({}) == []
