@@ -103,6 +103,15 @@ def steps_by_role(run: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(p, y) for _, p, y in steps]
 
 
+def seed_runs(first: Path, seeds: list[int]) -> list[Path]:
+    """The folders (runs or subsets) of `seeds` whose seed-0 folder is `first` (`first`-s<seed> for the others)."""
+    return [first.with_name(first.name + (f"-s{seed}" if seed else "")) for seed in seeds]
+
+
+def _pool(per_run: list[list[tuple[np.ndarray, np.ndarray]]], i: int) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(np.concatenate([steps[i][k] for steps in per_run]) for k in (0, 1))
+
+
 def pooled(runs: list[Path], classes: list[str]) -> list[str]:
     """Every step over the test images of all `runs` together (one subset seed each)."""
     per_run = [steps_by_role(r) for r in runs]
@@ -114,12 +123,11 @@ def pooled(runs: list[Path], classes: list[str]) -> list[str]:
         "|---|---:|---:|---|---:|---:|---:|",
     ]
     for i, name in enumerate(STEPS):
-        p = np.concatenate([steps[i][0] for steps in per_run])
-        y = np.concatenate([steps[i][1] for steps in per_run])
+        p, y = _pool(per_run, i)
         bal = balanced_accuracy(p, y)
         change, pairs, pv = "", "", ""
         if i >= 2:
-            pp = np.concatenate([steps[i - 1][0] for steps in per_run])
+            pp, _ = _pool(per_run, i - 1)
             t = mcnemar(pp == y, p == y)
             change = f"{100 * (bal - balanced_accuracy(pp, y)):+.2f}"
             pairs, pv = f"{t['a_only']} / {t['b_only']}", f"{t['p']:.2g}"
@@ -128,15 +136,6 @@ def pooled(runs: list[Path], classes: list[str]) -> list[str]:
             f"{change} | {pairs} | {pv} |"
         )
     return lines + [""]
-
-
-def seed_runs(first: Path, seeds: list[int]) -> list[Path]:
-    """The run folders of `seeds` whose seed-0 folder is `first` (`first`-s<seed> for the others)."""
-    return [first.with_name(first.name + (f"-s{seed}" if seed else "")) for seed in seeds]
-
-
-def _pool(per_run: list[list[tuple[np.ndarray, np.ndarray]]], i: int) -> tuple[np.ndarray, np.ndarray]:
-    return tuple(np.concatenate([steps[i][k] for steps in per_run]) for k in (0, 1))
 
 
 def _ba(p: np.ndarray, y: np.ndarray) -> str:
@@ -239,13 +238,12 @@ def main() -> int:
     out = Path(args.out)
     runs, subsets = [], []
     for seed in seeds:
-        suffix = f"-s{seed}" if seed else ""
-        subset = Path(f"runs/data/{stem}{suffix}")
+        (subset,) = seed_runs(Path("runs/data") / stem, [seed])
         subsets.append(subset)
         if not (subset / "SUBSET.json").exists():
             subset.parent.mkdir(parents=True, exist_ok=True)
             sh(slimvit(), "subset", args.data, str(subset), "--counts", counts, "--seed", str(seed))
-        run = seed_runs(out, [seed])[0]
+        (run,) = seed_runs(out, [seed])
         # exit 2 with a finished report: no candidate met the deploy rule (the summary says so)
         sh(
             slimvit(),

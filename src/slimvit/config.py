@@ -143,8 +143,9 @@ class TrainConfig:
     the cross-entropy sees the logits plus log(training class prior), so the model's own logits are
     class-balanced; the distillation term is unchanged; the logged training loss is the adjusted one);
     `auto` is `sampler` when the largest training class has 1.5x the images of the smallest or more, else
-    `none` (a balanced dataset trains exactly as before). On the imbalanced NEU-DET subsets `logit` gave better students than `sampler` but worse
-    pruned models (README, "Imbalanced data"), so `auto` keeps the sampler."""
+    `none` (a balanced dataset trains exactly as before). On the imbalanced NEU-DET subsets `logit` gave
+    better students than `sampler` but worse pruned models (README, "Imbalanced data"), so `auto` keeps
+    the sampler."""
     steps_floor_images: int = 0
     """Give a training split smaller than this many images as many optimizer steps as this many would
     get: the epochs of the teacher, the student and the fine-tune caps are multiplied by this / the

@@ -38,9 +38,9 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy for class indices (N,) or soft targets (N, C) (mixup/cutmix); `offset` (C,) is
-    added to the logits first (logit adjustment)."""
-    logits = logits.float() if offset is None else logits.float() + offset.to(logits.device)
+    """Cross-entropy for class indices (N,) or soft targets (N, C) (mixup/cutmix); `offset` (C,), on the
+    logits' device, is added to the logits first (logit adjustment)."""
+    logits = logits.float() if offset is None else logits.float() + offset
     if target.ndim == 2:
         return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
