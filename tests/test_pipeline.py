@@ -128,14 +128,18 @@ def test_verify_and_deploy_for_budgets(smoke_run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("agrees: accuracy") and "paired test p=" in r.stdout
     assert len(r.stdout.strip().splitlines()) == 1
+    before = folder_digest(run)
+    key = json.loads((run / "deploy" / "deploy.json").read_text())["key"]
     r = _cli("deploy", "--out", str(run), "--budget-ms", "0.0001")
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "batch-1 p50 <= 0.0001 ms" in errors[0] and "closest:" in errors[0]
-    assert not (run / "deploy" / "model.onnx").exists()
-    assert json.loads((run / "deploy" / "deploy.json").read_text())["deployed"] is False
-    r = _cli("verify", str(run / "deploy"))
-    assert r.returncode == 2 and "nothing is deployed" in r.stderr
+    assert f"{key} stays deployed" in errors[0]
+    # refused: the deployed model, its record, the report, the config and the manifest are as they were
+    assert folder_digest(run) == before
+    r = _blocked(["verify", str(run / "deploy")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    report_before = (run / "REPORT.md").read_text()
     bench = json.loads((run / "bench.json").read_text())
     smallest = min(r["size_mb"] for r in bench["rows"] if r["candidate"])
     r = _blocked(["deploy", "--out", str(run), "--budget-mb", f"{smallest * 1.001:.6f}"])
@@ -143,6 +147,14 @@ def test_verify_and_deploy_for_budgets(smoke_run, tmp_path):
     rec = json.loads((run / "deploy" / "deploy.json").read_text())
     assert rec["size_mb"] <= smallest * 1.01 and rec["budgets"]["budget_mb"] > 0
     assert (run / "deploy" / "model.onnx").exists()
+    assert "deploy: redoing it: --force" not in r.stderr  # no --force was given
+    assert "REPORT.md still describes the model deployed before" in r.stderr  # no matplotlib here
+    r = _cli("deploy", "--out", str(run), "--budget-mb", f"{smallest * 1.001:.6f}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    # with the train extra the re-choice re-renders the report: it describes the model now in deploy/
+    report = (run / "REPORT.md").read_text()
+    assert report != report_before and f"{rec['budgets']['budget_mb']:g} MB" in report
+    assert not any(p.name.startswith(".deploy") for p in run.iterdir())
     # the budgets changed nothing upstream: a plain run redoes the deploy (no budgets) and the report only
     r = _cli("run", "--preset", "smoke", "--out", str(run), "--data", bench["test_images"]["root"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -150,6 +162,17 @@ def test_verify_and_deploy_for_budgets(smoke_run, tmp_path):
         line.split("]")[1].split(":")[0].strip() for line in r.stderr.splitlines() if ": running" in line
     }
     assert redone == {"deploy", "report"}, r.stderr[-3000:]
+
+
+def folder_digest(root) -> dict:
+    """Every file under `root` (relative path -> sha256 of its bytes)."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_second_run_skips_every_stage(smoke_run):
@@ -391,3 +414,29 @@ def test_a_key_the_record_lacks_is_a_change_only_off_its_default():
     now = {"config": {"prune.ratio": 0.2, "prune.depths": [6]}}
     assert pipeline.input_changes(recorded, now) == ["config prune.depths: not set before -> [6]"]
     assert pipeline.input_changes(recorded, now, ignore=("prune.depths",)) == []
+
+
+def test_refused_commands_leave_a_finished_run_as_it_was(smoke_run, tmp_path):
+    """A wrong --data, an impossible budget for `run`: exit 2, one line, every file unchanged; a command
+    without --data keeps the run's record of its dataset."""
+    import shutil
+
+    import yaml
+
+    out, _, _ = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    before = folder_digest(run)
+    for args in (
+        ("data", "--preset", "smoke", "--data", str(tmp_path / "nosuch"), "--out", str(run)),
+        ("run", "--preset", "smoke", "--out", str(run), "--budget-ms", "0.0001"),
+    ):
+        r = _cli(*args)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+        assert folder_digest(run) == before, args
+    data_path = yaml.safe_load((run / "config.yaml").read_text())["data"]["path"]
+    assert data_path
+    r = _cli("report", "--preset", "smoke", "--out", str(run), "--force")  # no --data
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["path"] == data_path

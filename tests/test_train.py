@@ -817,3 +817,55 @@ def test_fit_on_a_cpu_trains_without_the_fused_attention_kernel(tmp_path, monkey
     model, _ = fit(model, spec, synthetic_data(n_per_class=8), FAST, tmp_path / "s", epochs=1, lr=1e-3)
     assert calls["train"] == 0 and calls["eval"] > 0
     assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+
+
+def test_saturated_validation_does_not_stop_a_fine_tune_after_one_epoch(tmp_path):
+    """Validation at its ceiling from the first epoch (stop_at=0: every epoch 'recovers' on accuracy): the
+    fine-tune still runs its floor of epochs, and with an agreement floor no tiny fine-tune of a
+    randomly initialised model stops before it names the reference's class on every validation view."""
+    import copy
+
+    from slimvit.train import _stop_reason
+
+    best = {"epoch": 1, "val_bal_acc": 1.0, "val_agree": 0.60}
+    assert _stop_reason(best, 1.0, 0, 1, 10, 1) is not None  # the old rule: stopped after epoch 1
+    assert _stop_reason(best, 1.0, 0, 1, 10, 1, min_epochs=5) is None  # the floor of optimizer steps
+    assert _stop_reason(best, 1.0, 0, 5, 10, 1, min_epochs=5, agreement=0.99) is None  # function not back
+    ok = _stop_reason({**best, "val_agree": 0.995}, 1.0, 0, 5, 10, 1, min_epochs=5, agreement=0.99)
+    assert ok.startswith("recovered") and "agreement" in ok
+
+    model, spec = tiny_student()
+    reference = copy.deepcopy(model)
+    _, s = fit(
+        model,
+        spec,
+        synthetic_data(),
+        FAST,
+        tmp_path / "ft",
+        epochs=4,
+        lr=1e-4,
+        stop_at=0.0,
+        reference=reference,
+        min_epochs=3,
+    )
+    assert s["epochs_run"] >= 3 and s["min_epochs"] == 3
+    rows = read_jsonl(tmp_path / "ft" / "metrics.jsonl")
+    assert all(0 <= r["val_agree"] <= 1 and r["val_kl"] >= 0 for r in rows)
+    assert s["fidelity_views"] == 8 * len(synthetic_data().split["val"])  # flips x rotations
+
+
+def test_fidelity_breaks_ties_of_validation_accuracy(tmp_path, monkeypatch):
+    """Two epochs with the same validation accuracy: the one closer to the reference (lower KL on the
+    validation views) is kept, not the one with the lower label loss."""
+    from slimvit import train
+
+    scores = iter([(1.0, 0.2, 0.30), (1.0, 0.4, 0.05), (1.0, 0.1, 0.50)])  # (bal acc, loss, kl)
+
+    def scripted(*_a, **_k):
+        bal, loss, kl = next(scores)
+        return {"acc": bal, "bal_acc": bal, "loss": loss, "kl": kl, "agree": 1 - kl}
+
+    monkeypatch.setattr(train, "_validate", scripted)
+    model, spec = tiny_student()
+    _, s = fit(model, spec, synthetic_data(), FAST, tmp_path / "ft", epochs=3, lr=1e-4)
+    assert s["best_epoch"] == 2 and s["best_val_kl"] == 0.05

@@ -52,6 +52,10 @@ ROW_KEYS = (
     "val_accuracy_ci",
     "val_balanced_accuracy",
     "val_n",
+    "agreement",
+    "agreement_kl",
+    "agreement_n",
+    "view_accuracy",
     "ran_precision",
     "portable",
     "safe_on",
@@ -307,7 +311,9 @@ def measure(
         torch.set_num_threads(prev)
 
 
-def row(v: Variant, metrics: dict, size_mb: float, batch: int, val: dict | None = None) -> dict:
+def row(
+    v: Variant, metrics: dict, size_mb: float, batch: int, val: dict | None = None, fid: dict | None = None
+) -> dict:
     t = np.asarray(v.times)
     p50 = float(np.median(t))
     port = v.portability or {}
@@ -333,6 +339,7 @@ def row(v: Variant, metrics: dict, size_mb: float, batch: int, val: dict | None 
         "val_accuracy_ci": val["accuracy_ci"] if val else None,
         "val_balanced_accuracy": val["balanced_accuracy"] if val else None,
         "val_n": val["n"] if val else None,
+        **{k: (fid or {}).get(k) for k in ("agreement", "agreement_kl", "agreement_n", "view_accuracy")},
         "ran_precision": v.ran_precision,
         "portable": port.get("portable", True),
         "safe_on": port.get("safe_on"),
@@ -462,6 +469,7 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
             store[v.key] = metrics_from_logits(logits, labels, data.classes)
             if split == "test":
                 preds[v.key] = logits.argmax(1).astype(int).tolist()
+    fid, fid_source = fidelity(run_dir, variants, data, cfg)
     log.info(
         "bench: timing %d variants, %d threads, %d rounds; ONNX Runtime and OpenVINO each in a process "
         "of their own (no torch), PyTorch in this one",
@@ -478,11 +486,12 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
             (run_dir / v.file).stat().st_size / 1e6,
             bcfg.throughput_batch,
             val_metrics[v.key],
+            fid.get(v.key),
         )
         for v in variants
     ]
     try:  # the thread-scaling pass times the model the default rule (no budgets) deploys
-        pick, _ = deploy.choose(rows)
+        pick, _ = deploy.choose(rows, max_drop=cfg.deploy.max_drop, min_agreement=cfg.deploy.min_agreement)
     except deploy.NothingFits:
         pick = min((r for r in rows if r["candidate"]), key=lambda r: r["latency_ms_p50"])
     scaling = thread_scaling(run_dir, rows, spec.input_size, bcfg, workers, pick)
@@ -506,6 +515,7 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
         "(as deployed); PyTorch rows in the bench process",
         "validated_on": validated_on(),
         "openvino": ov_status,
+        "fidelity": fid_source,
         "rows": [{k: r[k] for k in (*ROW_KEYS, "latency_runs")} for r in rows],
         "thread_scaling": scaling,
         "confusion": {v.key: metrics[v.key]["confusion"] for v in variants},
@@ -521,6 +531,104 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
         atomic_write_json(run_dir / "bench.json", out)
     log.info("bench (%d threads, %s):\n%s", bcfg.threads, out["cpu"], bench_table(out["rows"]))
     return {"variants": len(rows), "seconds": out["settings"]["seconds"]}
+
+
+def val_views(images: np.ndarray, flips: bool, rot90: bool) -> np.ndarray:
+    """The flips/rotations of uint8 (N, H, W, 3) images that the training augmentation draws from (8 with
+    both), stacked view by view: (V*N, H, W, 3). The same views as `train.views`, in numpy."""
+    rots = [np.rot90(images, k, axes=(1, 2)) for k in range(4 if rot90 else 1)]
+    if flips and rot90:
+        out = rots + [r[:, :, ::-1] for r in rots]
+    elif flips:
+        out = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+    else:
+        out = rots
+    return np.ascontiguousarray(np.concatenate(out))
+
+
+def read_unlabeled(path: str | Path, size: int, limit: int) -> tuple[np.ndarray, dict]:
+    """The decodable images of an unlabeled folder (searched recursively) at `size`, at most `limit` of
+    them (a seeded sample); DataError for a missing folder or one with no image."""
+    from slimvit.errors import DataError
+    from slimvit.preprocess import ImageDecodeError, load_rgb
+
+    root = Path(path)
+    files = check_unlabeled(root)
+    total = len(files)
+    if total > limit:
+        pick = np.random.default_rng(0).choice(total, limit, replace=False)
+        files = [files[i] for i in sorted(pick)]
+    images, bad = [], 0
+    for f in files:
+        try:
+            images.append(load_rgb(f, size))
+        except ImageDecodeError:
+            bad += 1
+    if not images:
+        raise DataError(f"--unlabeled '{root}': none of its {total} image files could be decoded")
+    return np.stack(images), {"path": str(root), "images": len(images), "files": total, "undecodable": bad}
+
+
+def check_unlabeled(root: Path) -> list[Path]:
+    """The image files of an unlabeled folder; DataError (one line) when it is missing or has none."""
+    from slimvit.errors import DataError
+    from slimvit.preprocess import IMAGE_EXTENSIONS
+
+    if not root.is_dir():
+        raise DataError(f"--unlabeled '{root}' is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(f"--unlabeled '{root}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def fidelity(run_dir: Path, variants: list[Variant], data, cfg) -> tuple[dict, dict]:
+    """Every variant against the student (the reference row), label-free: on the validation images and
+    their flips/rotations, and on `bench.unlabeled` images where given, the share of images where both
+    name the same class (`agreement`), the mean KL(student || variant) of their softmax outputs
+    (`agreement_kl`), and the accuracy on the labelled validation views (`view_accuracy`).
+
+    Where validation accuracy saturates (every candidate at 100% of a few images) these still separate
+    the candidates: a pruned model that lost the student's function disagrees with it on new views.
+    Returns ({variant key: figures}, what they were measured on)."""
+    ref = next((v for v in variants if v.reference), None)
+    if ref is None:
+        return {}, {}
+    images, labels = data.arrays("val")
+    x = val_views(images, cfg.train.flips, cfg.train.rot90)
+    n_views = len(x) // max(1, len(images))
+    y = np.tile(labels, n_views)
+    source = {"val_images": len(images), "val_views": len(x), "unlabeled": None}
+    if cfg.bench.unlabeled:
+        extra, info = read_unlabeled(cfg.bench.unlabeled, data.img_size, cfg.bench.unlabeled_max)
+        source["unlabeled"] = info
+        x = np.concatenate([x, extra])
+    logits = _logits_by_variant(run_dir, variants, x)
+    ref_logp = _log_softmax(logits[variants.index(ref)])
+    ref_pred = ref_logp.argmax(1)
+    out = {}
+    for v, lg in zip(variants, logits, strict=True):
+        logp = _log_softmax(lg)
+        pred = logp.argmax(1)
+        out[v.key] = {
+            "agreement": float((pred == ref_pred).mean()),
+            "agreement_kl": float((np.exp(ref_logp) * (ref_logp - logp)).sum(1).mean()),
+            "agreement_n": len(x),
+            "view_accuracy": float((pred[: len(y)] == y).mean()),
+        }
+    log.info(
+        "bench: agreement with the student measured on %d validation images x %d flips/rotations%s",
+        len(images),
+        n_views,
+        f" and {source['unlabeled']['images']} unlabeled images" if source["unlabeled"] else "",
+    )
+    return out, source
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
 def _logits_by_variant(run_dir: Path, variants: list[Variant], images: np.ndarray) -> list[np.ndarray]:

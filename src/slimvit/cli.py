@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="redo STAGE and every stage built from its outputs (" + ", ".join(s.name for s in STAGES) + ")",
     )
     _budget_flags(sub.choices["run"])
+    for name in ("run", "bench"):
+        sub.choices[name].add_argument(
+            "--unlabeled",
+            default=None,
+            metavar="DIR",
+            help="images without labels (production images): every candidate's agreement with the student "
+            "is also measured on them, so the deploy choice sees more than the validation split",
+        )
     p = sub.add_parser(
         "deploy",
         help="re-choose the deployed model from bench.json for new budgets (seconds, no re-timing)",
@@ -201,10 +209,18 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
         metavar="POINTS",
         help="validation accuracy points the deployed model may lose against the student (default 0.5)",
     )
+    g.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        metavar="PCT",
+        help="share (%%) of validation views and unlabeled images on which the deployed model must name the "
+        "student's class (default 95)",
+    )
 
 
 def _budget_overrides(args: argparse.Namespace) -> list[str]:
-    names = ("budget_ms", "budget_mb", "max_drop")
+    names = ("budget_ms", "budget_mb", "max_drop", "min_agreement")
     return [f"deploy.{k}={getattr(args, k)}" for k in names if getattr(args, k, None) is not None]
 
 
@@ -223,7 +239,41 @@ def load_cli_config(args: argparse.Namespace):
     # the config file's `preset:` or the default preset, and the file merges over it
     cfg = load_config(args.preset, args.config, args.overrides, data_path=args.data or None)
     out = Path(args.out) if args.out else Path("runs") / (args.preset or cfg.preset or "custom")
+    cfg = _dataset_of_run(cfg, out, args.data)
+    if getattr(args, "unlabeled", None):  # checked before anything is written
+        import dataclasses
+
+        from slimvit.bench import check_unlabeled
+
+        root = Path(args.unlabeled)
+        check_unlabeled(root)
+        cfg = dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=str(root.resolve())))
     return cfg, out
+
+
+def _dataset_of_run(cfg, out: Path, given: str | None):
+    """The dataset a command reads: `--data` where given (refused, before anything is written, when it is
+    not a folder), else the one the run folder was built from (its config.yaml's `data.path`), so a
+    command without `--data` never rewrites the run's record of its dataset."""
+    import dataclasses
+
+    from slimvit.config import read_config
+    from slimvit.errors import ConfigError, DataError
+
+    if given:
+        if not Path(given).is_dir():
+            raise DataError(f"--data '{given}': no such dataset folder; nothing was changed")
+        return cfg
+    saved = out / "config.yaml"
+    if cfg.data.path or not saved.is_file():
+        return cfg
+    try:
+        path = read_config(saved).data.path
+    except ConfigError:
+        return cfg  # prepare_run_dir says what is wrong with it
+    if path and not Path(path).is_dir():
+        log.warning("the run folder's dataset '%s' is not there; pass --data to name where it is now", path)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path)) if path else cfg
 
 
 def _print_data(info: dict, run_dir: Path) -> None:
@@ -282,6 +332,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     cfg, out = load_cli_config(args)
     with lock_run_dir(out):  # one writer per run folder, for the whole command
+        if args.command == "run":
+            pipeline.check_budgets(cfg, out)  # on a finished bench: refused before anything changes
         run_dir = prepare_run_dir(cfg, out, force=bool(getattr(args, "force", False)))
         if args.command == "run":
             return pipeline.run_pipeline(cfg, run_dir, force=args.force) or _deploy_outcome(run_dir)
@@ -299,9 +351,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise ModelError(f"no '{out / 'bench.json'}'; run `slimvit bench` (or `slimvit run`) first")
     cfg = _with_budgets(out, cfg, args)
     with lock_run_dir(out):
+        pipeline.check_budgets(cfg, out)  # budgets nothing meets: refused before anything changes
         run_dir = prepare_run_dir(cfg, out, force=False)  # budgets (deploy.*) may change freely
-        args.force = True
-        pipeline.run_single("deploy", cfg, run_dir, args)
+        pipeline.run_single("deploy", cfg, run_dir, args, redo_why="re-choosing for this command's budgets")
+        if (run_dir / "REPORT.md").exists():  # the report describes what deploy/ now holds
+            try:
+                require_extra("report")  # the plots need matplotlib; `deploy` itself runs on the core install
+            except SlimvitError:
+                log.warning(
+                    "REPORT.md still describes the model deployed before; run `slimvit report --out %s` where "
+                    "slimvit[train] is installed",
+                    run_dir,
+                )
+            else:
+                pipeline.run_single("report", cfg, run_dir, args, redo_why="the deployed model was re-chosen")
     return _deploy_outcome(run_dir)
 
 
@@ -319,7 +382,7 @@ def _with_budgets(out: Path, cfg, args: argparse.Namespace):
     if not saved.exists():
         return cfg
     base = read_config(saved)
-    given = {k: getattr(cfg.deploy, k) for k in ("budget_ms", "budget_mb", "max_drop")}
+    given = {k: getattr(cfg.deploy, k) for k in ("budget_ms", "budget_mb", "max_drop", "min_agreement")}
     return dataclasses.replace(base, deploy=DeployConfig(**given))
 
 

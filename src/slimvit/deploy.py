@@ -69,18 +69,43 @@ def describe(r: dict) -> str:
     )
 
 
+def _agree(r: dict) -> float | None:
+    """A candidate's agreement with the student (bench.fidelity); None in a bench.json of an older version."""
+    return r.get("agreement")
+
+
+def fidelity_source(rows: list[dict]) -> str:
+    """What the agreement figures were measured on, in words."""
+    n = max((r.get("agreement_n") or 0) for r in rows)
+    n_val = _n_val(rows)
+    return f"{n} views ({n_val} validation images, their flips/rotations and any unlabeled images)"
+
+
+def saturated(rows: list[dict]) -> bool:
+    """Validation cannot tell the candidates apart: every portable candidate within one validation image
+    of the best (on 18 images, typically all at 100%)."""
+    cands = [r for r in rows if is_candidate(r) and r.get("portable", True) is not False]
+    if len(cands) < 2:
+        return False
+    vals = [_val(r) for r in cands]
+    return max(vals) - min(vals) <= 1 / _n_val(cands) + 1e-9
+
+
 def choose(
     rows: list[dict],
     max_drop: float = 0.5,
     budget_ms: float | None = None,
     budget_mb: float | None = None,
+    min_agreement: float = 95.0,
 ) -> tuple[dict, str]:
     """The candidate to deploy and a sentence saying why; NothingFits when no candidate fits.
 
     Args:
         rows: bench rows; candidates have ``candidate: True``, every row ``val_balanced_accuracy``
-            (or, from an older bench, ``val_accuracy``).
+            (or, from an older bench, ``val_accuracy``), and ``agreement`` with the student.
         max_drop: validation balanced-accuracy points a candidate may lose against the distilled student.
+        min_agreement: the share (%) of validation views (and unlabeled images) on which a candidate must
+            name the student's class; a candidate below it is never deployed.
     """
     cands = [r for r in rows if is_candidate(r)]
     if not cands:
@@ -90,6 +115,7 @@ def choose(
     ref_val = _val(ref) if ref is not None and ref.get("val_accuracy") is not None else max(map(_val, cands))
     floor = ref_val - max(max_drop / 100, one_image) - 1e-9
     portable = [r for r in cands if r.get("portable", True) is not False]
+    agree_floor = min_agreement / 100 - 1e-9
     checks = [
         (
             f"validation balanced accuracy >= {100 * floor:.2f}% (max drop {max_drop:g} points of the student's "
@@ -97,13 +123,20 @@ def choose(
             lambda r: _val(r) >= floor,
         ),
     ]
+    if any(_agree(r) is not None for r in cands):
+        checks.append(
+            (
+                f"agreement with the student >= {min_agreement:g}% of {fidelity_source(cands)}",
+                lambda r: _agree(r) is None or _agree(r) >= agree_floor,
+            )
+        )
     if budget_ms is not None:
         checks.append((f"batch-1 p50 <= {budget_ms:g} ms", lambda r: r["latency_ms_p50"] <= budget_ms))
     if budget_mb is not None:
         checks.append((f"file <= {budget_mb:g} MB", lambda r: r["size_mb"] <= budget_mb))
     ok = [r for r in portable if all(c(r) for _, c in checks)]
     if not ok:
-        closest = min(portable or cands, key=lambda r: _excess(r, floor, budget_ms, budget_mb))
+        closest = min(portable or cands, key=lambda r: _excess(r, floor, budget_ms, budget_mb, agree_floor))
         failed = [name for name, c in checks if not c(closest)]
         raise NothingFits(
             f"no candidate fits {' and '.join(failed) or 'the budgets'}; closest: {describe(closest)}"
@@ -118,10 +151,14 @@ def choose(
     else:
         top = max(map(_val, ok))
         tied = [r for r in ok if _val(r) >= top - one_image - 1e-9]
+        if any(_agree(r) is not None for r in tied):  # fidelity separates what validation cannot
+            best_agree = max(_agree(r) or 0.0 for r in tied)
+            tied = [r for r in tied if (_agree(r) or 0.0) >= best_agree - AGREE_TIE - 1e-9]
         best = min(tied, key=lambda r: (r["latency_ms_p50"], r["size_mb"]))
         rule = (
             f"the most accurate candidate on validation that fits {', '.join(n for n, _ in checks)} "
-            f"(within one validation image of the best counts as a tie, won by the faster)"
+            f"(within one validation image of the best counts as a tie, won by agreement with the student "
+            f"within {100 * AGREE_TIE:g} point, then by the faster)"
         )
     excluded = len(cands) - len(portable)
     why = (
@@ -129,12 +166,32 @@ def choose(
         f"{len(ok)} of {len(cands)} candidates qualified"
         + (f"; {excluded} not portable to x86 CPUs without VNNI, never deployed" if excluded else "")
     )
+    if saturated(rows) and _agree(best) is not None:
+        why += "; " + saturation_note(rows, best)
     return best, why
 
 
-def _excess(r: dict, floor: float, budget_ms, budget_mb) -> float:
+def saturation_note(rows: list[dict], best: dict) -> str:
+    """The sentence saying that validation could not vouch for the choice, what it rested on instead, and
+    what the user can do."""
+    cands = [r for r in rows if is_candidate(r) and r.get("portable", True) is not False]
+    lo, hi = min(map(_val, cands)), max(map(_val, cands))
+    scored = f"{100 * hi:.2f}%" if hi - lo < 1e-9 else f"{100 * lo:.2f}-{100 * hi:.2f}%"
+    return (
+        f"validation has {_n_val(cands)} images and every candidate scored {scored} on it, within one image: "
+        f"it cannot tell them apart; the choice rested on agreement with the student on "
+        f"{fidelity_source(cands)}: {100 * _agree(best):.2f}% for the deployed model; more validation images "
+        "or `--unlabeled DIR` (production images, no labels needed) make the choice surer"
+    )
+
+
+AGREE_TIE = 0.005
+"""Agreements with the student within this fraction of the best count as a tie (a budgeted choice)."""
+
+
+def _excess(r: dict, floor: float, budget_ms, budget_mb, agree_floor: float = 0.0) -> float:
     """How far a candidate is from fitting: the largest relative overshoot of any budget."""
-    over = [max(0.0, (floor - _val(r)) * 10)]
+    over = [max(0.0, (floor - _val(r)) * 10), max(0.0, (agree_floor - (_agree(r) or 1.0)) * 10)]
     if budget_ms is not None:
         over.append(max(0.0, r["latency_ms_p50"] / budget_ms - 1))
     if budget_mb is not None:
@@ -144,15 +201,22 @@ def _excess(r: dict, floor: float, budget_ms, budget_mb) -> float:
 
 def budgets(cfg) -> dict:
     d = cfg.deploy
-    return {"budget_ms": d.budget_ms, "budget_mb": d.budget_mb, "max_drop": d.max_drop}
+    return {
+        "budget_ms": d.budget_ms,
+        "budget_mb": d.budget_mb,
+        "max_drop": d.max_drop,
+        "min_agreement": d.min_agreement,
+    }
 
 
-def write_deploy(run_dir: Path, bench: dict, chosen: dict, why: str, budget: dict) -> Path:
-    """`deploy/model.onnx` (the chosen file, its metadata completed) and `deploy/deploy.json`."""
+def write_deploy(run_dir: Path, bench: dict, chosen: dict, why: str, budget: dict, folder: Path | None = None) -> Path:
+    """`model.onnx` (the chosen file, its metadata completed) and `deploy.json` in `folder` (default
+    `deploy/`)."""
     from slimvit import runtime
 
     run_dir = Path(run_dir)
-    dst = run_dir / "deploy" / "model.onnx"
+    folder = Path(folder) if folder is not None else run_dir / "deploy"
+    dst = folder / "model.onnx"
     validated = bench.get("validated_on") or {}
     try:
         runtime.update_metadata(
@@ -188,6 +252,9 @@ def write_deploy(run_dir: Path, bench: dict, chosen: dict, why: str, budget: dic
         "val_accuracy": chosen["val_accuracy"],
         "val_accuracy_ci": chosen.get("val_accuracy_ci"),
         "val_balanced_accuracy": chosen.get("val_balanced_accuracy"),
+        "agreement": chosen.get("agreement"),
+        "agreement_n": chosen.get("agreement_n"),
+        "validation_saturated": saturated(bench["rows"]),
         "balanced_accuracy": chosen.get("balanced_accuracy"),
         "accuracy": chosen["accuracy"],
         "accuracy_ci": chosen.get("accuracy_ci"),
@@ -196,7 +263,7 @@ def write_deploy(run_dir: Path, bench: dict, chosen: dict, why: str, budget: dic
         "validated_on": validated,
         "test_images": _test_images(bench, chosen),
     }
-    atomic_write_json(run_dir / "deploy" / "deploy.json", record)
+    atomic_write_json(folder / "deploy.json", record)
     return dst
 
 
@@ -219,6 +286,18 @@ def clear_deploy(run_dir: Path) -> None:
     shutil.rmtree(Path(run_dir) / "deploy", ignore_errors=True)
 
 
+def swap_in(run_dir: Path, new: Path) -> None:
+    """Replace `deploy/` by the finished folder `new`: the old one is renamed aside and the new one renamed
+    into place, so `deploy/` is never a half-written folder (a reader sees the old model or the new)."""
+    dst = Path(run_dir) / "deploy"
+    old = dst.with_name(".deploy.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
+    new.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def run_deploy(cfg, run_dir: str | Path, strict: bool = True) -> dict:
     """Choose from an existing bench.json (no re-timing), write `deploy/`, and check it where it will run.
 
@@ -234,21 +313,24 @@ def run_deploy(cfg, run_dir: str | Path, strict: bool = True) -> dict:
         raise ModelError(f"no '{path}'; run `slimvit bench` (or `slimvit run`) first")
     bench = read_json(path)
     budget = budgets(cfg)
-    clear_deploy(run_dir)
     try:
         chosen, why = choose(bench["rows"], **budget)
     except NothingFits as e:
-        atomic_write_json(
-            run_dir / "deploy" / "deploy.json", {"deployed": False, "error": str(e), "budgets": budget}
-        )
-        if strict:
-            raise
+        if strict:  # `slimvit deploy`: what is deployed stays
+            from slimvit.pipeline import deployed_now
+
+            raise NothingFits(f"{e}; {deployed_now(run_dir)}") from None
+        new = _fresh(run_dir)
+        atomic_write_json(new / "deploy.json", {"deployed": False, "error": str(e), "budgets": budget})
+        swap_in(run_dir, new)
         return {"deployed": None, "error": str(e)}  # the CLI says it in one line at the end
-    dst = write_deploy(run_dir, bench, chosen, why, budget)
-    check = standalone_check(dst.parent, chosen)
-    record = read_json(dst.parent / "deploy.json")
+    new = _fresh(run_dir)
+    write_deploy(run_dir, bench, chosen, why, budget, folder=new)
+    check = standalone_check(new, chosen)
+    record = read_json(new / "deploy.json")
     record["predict_check"] = check
-    atomic_write_json(dst.parent / "deploy.json", record)
+    atomic_write_json(new / "deploy.json", record)
+    swap_in(run_dir, new)
     log.info("deployed: %s", why)
     if check and not check["agrees"]:
         log.warning(
@@ -262,6 +344,15 @@ def run_deploy(cfg, run_dir: str | Path, strict: bool = True) -> dict:
         "size_mb": chosen["size_mb"],
         "val_accuracy": chosen["val_accuracy"],
     }
+
+
+def _fresh(run_dir: Path) -> Path:
+    """An empty folder beside `deploy/` to build the new deployment in (a leftover of a killed run is
+    removed)."""
+    new = Path(run_dir) / ".deploy.new"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    return new
 
 
 def standalone_check(deploy_dir: Path, chosen: dict) -> dict | None:

@@ -165,6 +165,10 @@ class Stage:
     """Subcommand options that select this stage instead of `command`'s own (`--sweep` for the sweep)."""
     needs_data: bool = True
     """Decodes the dataset (the deploy stage reads only bench.json and the ONNX files)."""
+    replaced: bool = False
+    """Its outputs are what a user serves or reads (deploy/, REPORT.md): a reset leaves them in place, and
+    the stage replaces them whole when it runs again (deploy/ in one swap), so `slimvit predict` keeps
+    working while a rerun trains."""
 
     @property
     def cli(self) -> str:
@@ -344,6 +348,7 @@ STAGES: tuple[Stage, ...] = (
         params=("deploy.",),
         flags=None,  # `slimvit deploy` has budget flags of its own (cli.py)
         needs_data=False,
+        replaced=True,
     ),
     Stage(
         "report",
@@ -365,6 +370,7 @@ STAGES: tuple[Stage, ...] = (
         ),
         params=("",),  # the report quotes the whole config
         needs_data=False,  # it reads the other stages' records, not the images
+        replaced=True,
     ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -573,8 +579,9 @@ class Manifest:
         return all((self.run_dir / o).exists() for o in stage.outputs)
 
     def reset(self, stage: Stage) -> None:
-        """Forget the stage and remove what it wrote, so it starts over."""
-        if is_main_process():
+        """Forget the stage and remove what it wrote, so it starts over (a `replaced` stage's outputs stay
+        until it writes new ones)."""
+        if is_main_process() and not stage.replaced:
             for pattern in stage.writes:
                 for rel in glob.glob(pattern, root_dir=self.run_dir):
                     (self.run_dir / rel).unlink(missing_ok=True)
@@ -631,6 +638,8 @@ def adopt(stages: list[Stage], manifest: Manifest, fp: Fingerprints) -> None:
     for stage in stages:
         entry = manifest.data["stages"].get(stage.name)
         finished = entry is None or entry.get("status", "done") == "done"
+        if stage.replaced and entry is None:  # reset: its outputs stay serving until it runs again
+            continue
         if not finished or (entry is not None and "inputs" in entry) or not manifest.outputs_exist(stage):
             continue
         stale = [p.name for p in producers(stage) if p.name in reset]
@@ -795,7 +804,9 @@ def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
             f"--force {force}: unknown or disabled stage; stages of this run: {', '.join(names)}"
         )
     manifest, fp = _prepare(run_dir, cfg, stages)
-    previous = {n: e["seconds"] for n, e in manifest.data["stages"].items() if e.get("status") == "done"}
+    previous = {
+        n: e["seconds"] for n, e in manifest.data["stages"].items() if e.get("status") == "done" and "seconds" in e
+    }
     if force is not None:
         for s in redo_from(force):
             manifest.reset(s)
@@ -877,11 +888,12 @@ def _require_upstream(stage: Stage, cfg, manifest: Manifest, fp: Fingerprints) -
         raise ModelError(f"{stage.name} reads the outputs of {listed}; run {cmds} (or `slimvit run`) first")
 
 
-def run_single(name: str, cfg, run_dir: Path, args) -> int:
+def run_single(name: str, cfg, run_dir: Path, args, redo_why: str | None = None) -> int:
     """`slimvit <stage>`: bring the data stage up to date, then run one stage (recorded like `slimvit run`).
 
-    A stage that is done and up to date is skipped unless `--force`; a stale one is redone (one line
-    says why). Stages that read what it writes are not touched: they are redone when next run.
+    A stage that is done and up to date is skipped unless `--force` (or `redo_why`, the reason a caller
+    redoes it, logged as such); a stale one is redone (one line says why). Stages that read what it
+    writes are not touched: they are redone when next run.
     """
     options: dict = {}
     stage = get_stage(name)
@@ -894,7 +906,7 @@ def run_single(name: str, cfg, run_dir: Path, args) -> int:
     run_dir = Path(run_dir)
     manifest, fp = _prepare(run_dir, cfg, enabled_stages(cfg))
     data = _Data(cfg, run_dir, manifest)
-    force = getattr(args, "force", False) is True
+    force = getattr(args, "force", False) is True or redo_why is not None
     data_stage = get_stage("data")
     if stage is not data_stage:  # every stage reads its split: bring it up to date first
         verdict, why = assess(data_stage, manifest, fp)
@@ -905,7 +917,7 @@ def run_single(name: str, cfg, run_dir: Path, args) -> int:
         _require_upstream(st, cfg, manifest, fp)
         verdict, why = assess(st, manifest, fp, _options_as_config(options))
         if force:
-            verdict, why = REDO, "--force"
+            verdict, why = REDO, redo_why or "--force"
         elif verdict == DONE and st.name != "sweep":  # the sweep adds ratios it has not done
             log.info("%s: already done (outputs in %s); use --force to redo", st.name, run_dir)
             continue
@@ -916,6 +928,40 @@ def run_single(name: str, cfg, run_dir: Path, args) -> int:
             st, cfg, run_dir, data.get(st.name) if st.needs_data else None, manifest, resume, fp, **options
         )
     return 0
+
+
+def check_budgets(cfg, run_dir: Path) -> None:
+    """Refuse, before anything is written, budgets that no candidate of an up-to-date bench meets: the
+    deployed model and the report stay as they are (NothingFits names the budget, the closest
+    candidate and the model that stays deployed)."""
+    from slimvit.deploy import NothingFits, budgets, choose
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "bench.json").exists() or not (run_dir / "manifest.json").exists():
+        return
+    try:
+        manifest, fp = Manifest(run_dir), Fingerprints(run_dir, cfg)
+        if assess(get_stage("bench"), manifest, fp)[0] != DONE:
+            return  # the bench will be redone: its new candidates decide
+        rows = read_json(run_dir / "bench.json")["rows"]
+    except (SlimvitError, ValueError, KeyError, OSError):
+        return  # the stages themselves say what is wrong
+    try:
+        choose(rows, **budgets(cfg))
+    except NothingFits as e:
+        raise NothingFits(f"{e}; {deployed_now(run_dir)}") from None
+
+
+def deployed_now(run_dir: Path) -> str:
+    """What stays deployed in a run folder, in words."""
+    rec = Path(run_dir) / "deploy" / "deploy.json"
+    try:
+        d = read_json(rec)
+    except (OSError, ValueError):
+        return "nothing was deployed before, nothing is now"
+    if not d.get("deployed", True):
+        return "nothing was deployed before, nothing is now"
+    return f"{d.get('key')} stays deployed in {rec.parent} (it and REPORT.md are unchanged)"
 
 
 def _parse_ratios(text: str) -> tuple[float, ...]:

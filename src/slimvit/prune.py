@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -259,6 +260,10 @@ def run_prune(
             select_initial=False,
             stop_at=target,
             logits_memo=logits_memo,
+            # judged by what does not saturate: the student's function on the validation views
+            reference=reference,
+            min_epochs=math.ceil(cfg.prune.finetune_floor * epochs) if target is not None else 0,
+            stop_agreement=cfg.prune.recover_agreement / 100 if target is not None else None,
         )
         val_acc, val_bal = summary["best_val_acc"], summary["best_val_bal_acc"]
     else:

@@ -401,11 +401,14 @@ def calibration_images(data, spec: ModelSpec, n: int, seed: int) -> np.ndarray:
     from slimvit.preprocess import normalize
 
     images, _ = data.arrays("train")
-    if len(images) < n:
-        raise ConfigError(
-            f"quantize.calibration_images={n} but the training split has only {len(images)} images; "
-            f"set --set quantize.calibration_images={len(images)} or fewer"
+    if len(images) < n:  # a small dataset: calibrate on what there is, rather than refuse after training
+        log.info(
+            "quantize: calibrating on all %d training images (quantize.calibration_images=%d is more than the "
+            "training split has)",
+            len(images),
+            n,
         )
+        n = len(images)
     idx = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
     return normalize(images[idx], spec.mean, spec.std)
 
