@@ -222,8 +222,28 @@ def test_top_k_in_json_csv_and_stdout(tmp_path, deploy, images, capsys):
     assert rows[0]["class_2"] == preds[0]["top"][1]["class"]
     line = capsys.readouterr().out.splitlines()[0].split("\t")
     assert len(line) == 7 and line[3] == preds[0]["top"][1]["class"]
-    assert cli.main(["predict", str(deploy), str(images), "--top-k", "4"]) == 2
-    assert "more than the model's 3 classes" in capsys.readouterr().err
+    assert cli.main(["predict", str(deploy), str(images), "--top-k", "4"]) == 0  # capped, and said so
+    out, err = capsys.readouterr()
+    assert "--top-k 4 is more than the model's 3 classes; showing all 3" in err
+    assert len(out.splitlines()[0].split("\t")) == 7
+
+
+def test_missing_and_non_image_paths_follow_one_rule(tmp_path, deploy, images, monkeypatch, capsys):
+    """A missing path is listed and the rest classified (exit 1), as an undecodable file is; a file that is
+    not an image by name is skipped and counted whether it comes from a folder, an argument or stdin."""
+    notes = images / "notes.txt"
+    notes.write_text("not an image")
+    first = sorted(p for p in images.iterdir() if p.suffix == ".png")[0]
+    rc = cli.main(["predict", str(deploy), str(first), str(tmp_path / "nosuch.jpg"), str(notes)])
+    out, err = capsys.readouterr()
+    assert rc == 1 and len(out.splitlines()) == 1 and "nosuch.jpg': it does not exist" in err
+    assert "skipped 1 file(s) not named as images" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{first}\n{notes}\n"))
+    assert cli.main(["predict", str(deploy), "-"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and "skipped 1 file(s)" in err and "error:" not in err
+    assert cli.main(["predict", str(deploy), str(images)]) == 0  # in a folder: skipped by the same rule
+    notes.unlink()
 
 
 def test_model_may_be_a_deploy_folder(tmp_path, deploy):

@@ -159,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         "within the noise of that many images, 1 when it differs, 2 on bad input.",
     )
     p.add_argument("deploy_dir", help="a deploy folder written by slimvit (e.g. runs/neu-det/deploy)")
-    p.add_argument("images", nargs="?", default=None, help="a labelled image folder: <class>/<image>")
+    p.add_argument(
+        "images",
+        nargs="?",
+        default=None,
+        metavar="LABELLED_IMAGES",
+        help="a labelled image folder: <class>/<image>",
+    )
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: as benchmarked)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -207,7 +213,8 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="POINTS",
-        help="validation accuracy points the deployed model may lose against the student (default 0.5)",
+        help="validation accuracy points the deployed model may lose against the student (default 0.5; "
+        "never less than one validation image: with 18 validation images that is 5.56 points)",
     )
     g.add_argument(
         "--min-agreement",

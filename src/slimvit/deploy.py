@@ -209,7 +209,9 @@ def budgets(cfg) -> dict:
     }
 
 
-def write_deploy(run_dir: Path, bench: dict, chosen: dict, why: str, budget: dict, folder: Path | None = None) -> Path:
+def write_deploy(
+    run_dir: Path, bench: dict, chosen: dict, why: str, budget: dict, folder: Path | None = None
+) -> Path:
     """`model.onnx` (the chosen file, its metadata completed) and `deploy.json` in `folder` (default
     `deploy/`)."""
     from slimvit import runtime

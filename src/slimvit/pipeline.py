@@ -805,7 +805,9 @@ def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
         )
     manifest, fp = _prepare(run_dir, cfg, stages)
     previous = {
-        n: e["seconds"] for n, e in manifest.data["stages"].items() if e.get("status") == "done" and "seconds" in e
+        n: e["seconds"]
+        for n, e in manifest.data["stages"].items()
+        if e.get("status") == "done" and "seconds" in e
     }
     if force is not None:
         for s in redo_from(force):

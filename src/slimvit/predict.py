@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from slimvit import runtime
-from slimvit.errors import DataError, ModelError, SlimvitError
+from slimvit.errors import DataError, ModelError
 from slimvit.io import atomic_write_json, atomic_write_text
 from slimvit.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb, normalize
 
@@ -56,6 +56,8 @@ class Prediction:
     """Decoding, preprocessing and inference of every file (the model load excluded)."""
     load_seconds: float = 0.0
     """Loading the model into ONNX Runtime."""
+    notes: list[str] = field(default_factory=list)
+    """What the call adapted (a --top-k larger than the classes), for the user."""
 
     @property
     def images_per_s(self) -> float:
@@ -100,11 +102,15 @@ def collect(paths: Iterable[str | Path]) -> list[Path]:
             if not found:
                 raise DataError(f"folder '{p}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
             out += found
-        elif p.is_file():
+        else:  # a file, or a path that does not exist: listed as not decodable, the rest classified
             out.append(p)
-        else:
-            raise DataError(f"'{p}' does not exist")
     return out
+
+
+def is_image_name(p: Path) -> bool:
+    """One rule for every source of paths (arguments, folders, stdin): a file is an image by its extension;
+    others are skipped and counted, never a decode error."""
+    return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def read_path_lines(lines: Iterable[str]) -> list[Path]:
@@ -134,6 +140,8 @@ def gather(paths: list[str], stdin: Iterable[str] | None = None) -> list[Path]:
 
 
 def _decode(path: Path, size: int) -> np.ndarray | str:
+    if not path.exists():
+        return f"cannot decode image '{path}': it does not exist"
     try:
         return load_rgb(path, size)
     except ImageDecodeError as e:
@@ -147,10 +155,13 @@ def classify(
     t0 = time.perf_counter()
     run, meta = runtime.runner(resolve_model(model), threads)  # ONNX Runtime or OpenVINO, as deployed
     classes = list(meta["classes"])
-    if top_k > len(classes):
-        raise SlimvitError(f"--top-k {top_k} is more than the model's {len(classes)} classes")
     size = int(meta["input_size"][-1])
     out = Prediction(load_seconds=time.perf_counter() - t0)
+    if top_k > len(classes):
+        out.notes.append(
+            f"--top-k {top_k} is more than the model's {len(classes)} classes; showing all {len(classes)}"
+        )
+        top_k = len(classes)
     t0 = time.perf_counter()
     chunks = [files[i : i + batch] for i in range(0, len(files), batch)]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
@@ -289,7 +300,9 @@ def main(
     stdin: Iterable[str] | None = None,
 ) -> int:
     """`slimvit predict`: outputs first (files, then stdout), failures and the summary on stderr."""
-    pred = classify(model, gather(paths, stdin), threads, batch, top_k)
+    files = gather(paths, stdin)
+    skipped = [f for f in files if not is_image_name(f)]
+    pred = classify(model, [f for f in files if is_image_name(f)], threads, batch, top_k)
     if json_path:
         atomic_write_json(
             json_path,
@@ -306,5 +319,13 @@ def main(
     _print_results(pred.results)
     for f in pred.failed:
         print(f"error: {f['error']}", file=sys.stderr)
+    for note in pred.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if skipped:
+        names = ", ".join(str(f) for f in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        print(
+            f"skipped {len(skipped)} file(s) not named as images ({', '.join(IMAGE_EXTENSIONS)}): {names}",
+            file=sys.stderr,
+        )
     print(summary(pred, threads, batch), file=sys.stderr)
     return 1 if pred.failed else 0
