@@ -60,3 +60,25 @@ def test_the_import_graph_of_slimvit_has_no_circle():
     for n in sorted(edges):
         if n not in state:
             visit(n, [n])
+
+
+def test_library_info_lines_are_quiet_and_slimvit_lines_stay():
+    """ONNX Runtime's optimizer and quantizer log INFO lines to the root logger and to loggers named after
+    their modules; the user's log keeps slimvit's own lines and real library warnings only."""
+    import logging
+
+    from slimvit.cli import _library_noise
+
+    def rec(name, level, msg):
+        return logging.LogRecord(name, level, __file__, 1, msg, (), None)
+
+    assert not _library_noise(
+        rec("root", logging.INFO, 'Quantization parameters for tensor:"ln" not specified')
+    )
+    assert not _library_noise(rec("onnx_model_bert", logging.INFO, "Optimized operators: {'Attention': 12}"))
+    assert not _library_noise(
+        rec("root", logging.WARNING, "Please check if the model is already quantized. ...")
+    )
+    assert _library_noise(rec("slimvit.quantize", logging.INFO, "quantize: kept"))
+    assert _library_noise(rec("slimvit", logging.INFO, "deployed: ..."))
+    assert _library_noise(rec("onnxruntime", logging.WARNING, "a real warning"))

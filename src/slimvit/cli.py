@@ -237,6 +237,24 @@ def _setup_logging() -> None:
     # onnx_ir: a line per deduplicated initializer of every export; the quantizer: a line per shape inference
     for name in (*noisy, "onnx_ir", "onnxruntime.quantization"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_library_noise)
+
+
+EXPECTED_WARNINGS = ("Please check if the model is already quantized",)
+"""Library warnings that slimvit's own steps cause on purpose (int8-mixed quantizes dynamically a model
+whose conv stem is already static QDQ), which a user cannot act on."""
+
+
+def _library_noise(record: logging.LogRecord) -> bool:
+    """Keep slimvit's own lines and other libraries' warnings; drop other libraries' INFO lines (ONNX
+    Runtime's transformer optimizer and quantizer log to loggers of their own module names or the root
+    logger: "Optimized operators: {...}", "Quantization parameters for tensor ... not specified")."""
+    if record.name == "slimvit" or record.name.startswith("slimvit.") or record.name == "__main__":
+        return True
+    if record.levelno < logging.WARNING:
+        return False
+    return not any(str(record.msg).startswith(w) for w in EXPECTED_WARNINGS)
 
 
 def load_cli_config(args: argparse.Namespace):

@@ -319,8 +319,6 @@ def run_deploy(cfg, run_dir: str | Path, strict: bool = True) -> dict:
         chosen, why = choose(bench["rows"], **budget)
     except NothingFits as e:
         if strict:  # `slimvit deploy`: what is deployed stays
-            from slimvit.pipeline import deployed_now
-
             raise NothingFits(f"{e}; {deployed_now(run_dir)}") from None
         new = _fresh(run_dir)
         atomic_write_json(new / "deploy.json", {"deployed": False, "error": str(e), "budgets": budget})
@@ -346,6 +344,18 @@ def run_deploy(cfg, run_dir: str | Path, strict: bool = True) -> dict:
         "size_mb": chosen["size_mb"],
         "val_accuracy": chosen["val_accuracy"],
     }
+
+
+def deployed_now(run_dir: Path) -> str:
+    """What stays deployed in a run folder, in words."""
+    rec = Path(run_dir) / "deploy" / "deploy.json"
+    try:
+        d = read_json(rec)
+    except (OSError, ValueError):
+        return "nothing was deployed before, nothing is now"
+    if not d.get("deployed", True):
+        return "nothing was deployed before, nothing is now"
+    return f"{d.get('key')} stays deployed in {rec.parent} (it and REPORT.md are unchanged)"
 
 
 def _fresh(run_dir: Path) -> Path:

@@ -936,7 +936,7 @@ def check_budgets(cfg, run_dir: Path) -> None:
     """Refuse, before anything is written, budgets that no candidate of an up-to-date bench meets: the
     deployed model and the report stay as they are (NothingFits names the budget, the closest
     candidate and the model that stays deployed)."""
-    from slimvit.deploy import NothingFits, budgets, choose
+    from slimvit.deploy import NothingFits, budgets, choose, deployed_now
 
     run_dir = Path(run_dir)
     if not (run_dir / "bench.json").exists() or not (run_dir / "manifest.json").exists():
@@ -952,18 +952,6 @@ def check_budgets(cfg, run_dir: Path) -> None:
         choose(rows, **budgets(cfg))
     except NothingFits as e:
         raise NothingFits(f"{e}; {deployed_now(run_dir)}") from None
-
-
-def deployed_now(run_dir: Path) -> str:
-    """What stays deployed in a run folder, in words."""
-    rec = Path(run_dir) / "deploy" / "deploy.json"
-    try:
-        d = read_json(rec)
-    except (OSError, ValueError):
-        return "nothing was deployed before, nothing is now"
-    if not d.get("deployed", True):
-        return "nothing was deployed before, nothing is now"
-    return f"{d.get('key')} stays deployed in {rec.parent} (it and REPORT.md are unchanged)"
 
 
 def _parse_ratios(text: str) -> tuple[float, ...]:
