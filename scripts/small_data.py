@@ -89,6 +89,34 @@ def make_folders(src: Path, classes: list[str], n: int, seed: int, root: Path) -
     return sub, check
 
 
+def carve_unlabeled(check: Path, k: int, seed: int) -> tuple[Path, Path]:
+    """Split the check set: `k` images a class become an unlabeled folder (files renamed to numbers, one
+    folder: no label is left in a path), the rest a smaller check set the run never sees."""
+    unl, rest = check.with_name(f"{check.name}-unlabeled{k}"), check.with_name(f"{check.name}-minus{k}")
+    if unl.exists() and rest.exists():
+        return unl, rest
+    rng = np.random.default_rng(1000 + seed)
+    tmp_u, tmp_r = unl.with_name(f".{unl.name}.tmp"), rest.with_name(f".{rest.name}.tmp")
+    for t in (tmp_u, tmp_r):
+        shutil.rmtree(t, ignore_errors=True)
+    tmp_u.mkdir(parents=True)
+    i = 0
+    for cdir in sorted(p for p in check.iterdir() if p.is_dir()):
+        files = sorted(cdir.iterdir(), key=lambda p: _number(p.name))
+        take = set(rng.choice(len(files), k, replace=False).tolist())
+        (tmp_r / cdir.name).mkdir(parents=True)
+        for j, f in enumerate(files):
+            if j in take:
+                shutil.copyfile(f, tmp_u / f"{i:05d}{f.suffix}")
+                i += 1
+            else:
+                shutil.copyfile(f, tmp_r / cdir.name / f.name)
+    for t, final in ((tmp_u, unl), (tmp_r, rest)):
+        shutil.rmtree(final, ignore_errors=True)
+        t.rename(final)
+    return unl, rest
+
+
 def score(model: Path, check: Path) -> tuple[np.ndarray, np.ndarray]:
     """(correct per image, labels) of an ONNX model on the check folder, in a fixed file order."""
     files = sorted(
@@ -114,7 +142,7 @@ def models_of(run: Path) -> dict[str, Path]:
 
 def evaluate_run(run: Path, check: Path) -> dict:
     """Every step's external score, the run's stated figures and the deployed model's speed."""
-    cache = run / "external.json"
+    cache = run / f"external-{check.name}.json"
     if cache.exists() and cache.stat().st_mtime >= (run / "deploy" / "deploy.json").stat().st_mtime:
         return json.loads(cache.read_text())
     dep = json.loads((run / "deploy" / "deploy.json").read_text())
@@ -212,19 +240,47 @@ def main() -> int:
     ap.add_argument(
         "--report-only", action="store_true", help="write SMALL.md from finished runs; run nothing"
     )
+    ap.add_argument(
+        "--unlabeled-per-class",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also: K check images a class given to a copy of each run as `--unlabeled` (no labels); both "
+        "runs scored on the other check images (paired)",
+    )
     args = ap.parse_args()
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out or f"runs/small{len(classes)}x{args.per_class}")
     slimvit = str(Path(sys.executable).with_name("slimvit"))
-    results = []
+    results, with_unlabeled, without_unlabeled = [], [], []
+    extra = [a for kv in args.overrides for a in ("--set", kv)]
     for seed in seeds:
         sub, check = make_folders(Path(args.data), classes, args.per_class, seed, Path("runs/data"))
         run = out / f"s{seed}"
         if not args.report_only:
-            extra = [a for kv in args.overrides for a in ("--set", kv)]
             sh(slimvit, "run", "--data", str(sub), "--out", str(run), *extra, ok=(0, 2))
         results.append(evaluate_run(run, check))
+        if args.unlabeled_per_class:
+            unl, rest = carve_unlabeled(check, args.unlabeled_per_class, seed)
+            run_u = out / f"s{seed}-unlabeled{args.unlabeled_per_class}"
+            if not args.report_only:
+                if not run_u.exists():  # the same teacher, student and pruned models: bench onwards redone
+                    shutil.copytree(run, run_u)
+                cmd = [
+                    "run",
+                    "--data",
+                    str(sub),
+                    "--out",
+                    str(run_u),
+                    "--unlabeled",
+                    str(unl),
+                    "--force",
+                    "bench",
+                ]
+                sh(slimvit, *cmd, *extra, ok=(0, 2))
+            without_unlabeled.append(evaluate_run(run, rest))
+            with_unlabeled.append(evaluate_run(run_u, rest))
     lines = [
         f"# Small-data benchmark: {len(classes)} classes ({', '.join(classes)}) x {args.per_class} images",
         "",
@@ -240,6 +296,24 @@ def main() -> int:
     ]
     for r, seed in zip(results, seeds, strict=True):
         lines += [*table([r], f"seed {seed}"), ""]
+    if with_unlabeled:
+        deployed = [
+            np.concatenate([np.array(r["steps"]["deployed"]["correct"], bool) for r in rs])
+            for rs in (with_unlabeled, without_unlabeled)
+        ]
+        lines += [
+            f"## With `--unlabeled` ({args.unlabeled_per_class} check images a class given without labels)",
+            "",
+            "The same runs redone from the bench on, every run scored on the other check images (paired).",
+            "",
+            *per_seed(with_unlabeled),
+            "",
+            *table(with_unlabeled, "pooled, with --unlabeled"),
+            "",
+            f"Deployed with `--unlabeled` vs without, same images: {_vs(*deployed)} (points; only with / only "
+            "without right, McNemar p).",
+            "",
+        ]
     (out / "SMALL.md").write_text("\n".join(lines))
     (out / "small.json").write_text(
         json.dumps([{k: v for k, v in r.items() if k != "labels"} for r in results])

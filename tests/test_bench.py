@@ -111,7 +111,7 @@ def test_a_candidate_that_disagrees_on_unlabeled_images_loses_at_equal_validatio
     assert bad["agreement_kl"] > good["agreement_kl"] and bad["view_accuracy"] == 1.0
     rows = [student, *({**r, **fid[r["key"]]} for r in rows_of.values())]
     chosen, why = choose(rows)
-    assert chosen["stage"] == "pruned" and saturated(rows)
+    assert chosen["stage"] == "pruned" and chosen["validation_saturated"] and saturated(rows[1:])
     assert "cannot tell them apart" in why and "agreement with the student" in why
     # a budgeted choice with no agreement floor: both fit and tie on validation; agreement breaks the tie
     assert choose(rows, budget_ms=5.0, min_agreement=0)[0]["stage"] == "pruned"

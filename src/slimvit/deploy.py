@@ -81,10 +81,9 @@ def fidelity_source(rows: list[dict]) -> str:
     return f"{n} views ({n_val} validation images, their flips/rotations and any unlabeled images)"
 
 
-def saturated(rows: list[dict]) -> bool:
-    """Validation cannot tell the candidates apart: every portable candidate within one validation image
-    of the best (on 18 images, typically all at 100%)."""
-    cands = [r for r in rows if is_candidate(r) and r.get("portable", True) is not False]
+def saturated(cands: list[dict]) -> bool:
+    """Validation cannot tell these candidates (those its floor let through) apart: every one within one
+    validation image of the best (on 18 images, typically all at 100%)."""
     if len(cands) < 2:
         return False
     vals = [_val(r) for r in cands]
@@ -145,8 +144,8 @@ def choose(
         fastest = min(r["latency_ms_p50"] for r in ok)
         best = min((r for r in ok if r["latency_ms_p50"] <= fastest * (1 + TIE)), key=lambda r: r["size_mb"])
         rule = (
-            f"the fastest candidate with {checks[0][0]}; the smallest file among those within {TIE:.0%} "
-            "of the fastest p50"
+            f"the fastest candidate with {' and '.join(n for n, _ in checks)}; the smallest file among those "
+            f"within {TIE:.0%} of the fastest p50"
         )
     else:
         top = max(map(_val, ok))
@@ -166,19 +165,21 @@ def choose(
         f"{len(ok)} of {len(cands)} candidates qualified"
         + (f"; {excluded} not portable to x86 CPUs without VNNI, never deployed" if excluded else "")
     )
-    if saturated(rows) and _agree(best) is not None:
-        why += "; " + saturation_note(rows, best)
-    return best, why
+    passed_val = [r for r in portable if _val(r) >= floor]  # what validation alone lets through
+    flat = saturated(passed_val)
+    if flat and _agree(best) is not None:
+        why += "; " + saturation_note(passed_val, best)
+    return {**best, "validation_saturated": flat}, why
 
 
-def saturation_note(rows: list[dict], best: dict) -> str:
-    """The sentence saying that validation could not vouch for the choice, what it rested on instead, and
-    what the user can do."""
-    cands = [r for r in rows if is_candidate(r) and r.get("portable", True) is not False]
+def saturation_note(cands: list[dict], best: dict) -> str:
+    """The sentence saying that validation could not vouch for the choice among `cands` (those its floor
+    let through), what it rested on instead, and what the user can do."""
     lo, hi = min(map(_val, cands)), max(map(_val, cands))
     scored = f"{100 * hi:.2f}%" if hi - lo < 1e-9 else f"{100 * lo:.2f}-{100 * hi:.2f}%"
     return (
-        f"validation has {_n_val(cands)} images and every candidate scored {scored} on it, within one image: "
+        f"validation has {_n_val(cands)} images and the {len(cands)} candidates it lets through scored {scored} "
+        "on it, within one image: "
         f"it cannot tell them apart; the choice rested on agreement with the student on "
         f"{fidelity_source(cands)}: {100 * _agree(best):.2f}% for the deployed model; more validation images "
         "or `--unlabeled DIR` (production images, no labels needed) make the choice surer"
@@ -256,7 +257,7 @@ def write_deploy(
         "val_balanced_accuracy": chosen.get("val_balanced_accuracy"),
         "agreement": chosen.get("agreement"),
         "agreement_n": chosen.get("agreement_n"),
-        "validation_saturated": saturated(bench["rows"]),
+        "validation_saturated": chosen.get("validation_saturated"),
         "balanced_accuracy": chosen.get("balanced_accuracy"),
         "accuracy": chosen["accuracy"],
         "accuracy_ci": chosen.get("accuracy_ci"),
