@@ -170,3 +170,24 @@ def test_a_key_added_later_reads_as_what_slimvit_did_before_it(tmp_path):
     assert d["prune"].pop("teacher") == "student"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(d))
     assert read_config(tmp_path / "config.yaml").prune.teacher == "teacher"
+
+
+def test_config_command_lists_every_key_of_every_section_with_its_description(capsys):
+    """`slimvit config` is built from the dataclasses: a new key cannot be missing from it, and every key
+    needs its one-line docstring."""
+    import dataclasses
+
+    from slimvit.cli import main
+    from slimvit.config import SECTIONS, Config
+
+    expected = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(type(getattr(Config(), s)))]
+    assert main(["config"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [c[0] for c in lines] == expected
+    assert all(len(c) == 5 and c[4] for c in lines), [c[0] for c in lines if not c[4]]
+    by_key = {c[0]: c for c in lines}
+    assert by_key["prune.sweep"][2:4] == ["[]", "[0.2, 0.3, 0.5]"]  # default, then the neu-det preset's
+    assert main(["config", "--preset", "smoke", "data.img_size"]) == 0
+    assert capsys.readouterr().out.split("\t")[3] == "32"
+    assert main(["config", "train.epoch"]) == 2
+    assert "did you mean train.epochs" in capsys.readouterr().err

@@ -170,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p = sub.add_parser(
+        "config",
+        help="list every config key: type, default, the preset's value and what it does",
+        description="List every config key (`--set SECTION.KEY=VALUE`, or a YAML file for --config) with "
+        "its type, its default, the preset's value and its description. KEY: one key or a section.",
+    )
+    p.add_argument("key", nargs="?", default=None, metavar="KEY", help="e.g. train.epochs or prune")
+    p.add_argument("--preset", default=None, help="the preset whose values are shown (default neu-det)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = sub.add_parser(
         "subset",
         help="copy a seeded subset of a dataset with chosen images per class (e.g. an imbalanced NEU-DET)",
         description="Copy COUNTS[i] images of the i-th class (classes in sorted order) of SRC, drawn with "
@@ -438,6 +447,38 @@ def cmd_subset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """`slimvit config [KEY]`: a table on a terminal; piped, one tab-separated line per key."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from slimvit.config import DEFAULT_PRESET, describe_keys, select_keys
+
+    rows = select_keys(describe_keys(args.preset), args.key)
+    preset = args.preset or DEFAULT_PRESET
+    console = Console()
+    if not console.is_terminal:
+        for r in rows:
+            cells = [r["key"], r["type"], json.dumps(r["default"]), json.dumps(r["preset"]), r["doc"]]
+            sys.stdout.write("\t".join(cells) + "\n")
+        return 0
+    t = Table("key", "type", "default", preset, "description", show_lines=True)
+    for r in rows:
+        differs = r["preset"] != r["default"]
+        t.add_row(
+            Text(r["key"], style="bold"),
+            Text(r["type"]),
+            Text(json.dumps(r["default"])),
+            Text(json.dumps(r["preset"]), style="bold" if differs else ""),
+            Text(r["doc"]),
+        )
+    console.print(t)
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from slimvit.deploy import verify
     from slimvit.io import atomic_write_json
@@ -475,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "deploy": cmd_deploy,
         "verify": cmd_verify,
         "subset": cmd_subset,
+        "config": cmd_config,
     }.get(args.command, cmd_stage)
     try:
         return handler(args)

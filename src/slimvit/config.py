@@ -251,8 +251,8 @@ class PruneConfig:
     """Stop each fine-tune (main and sweep) after the first trained epoch that is the best so far and
     whose validation balanced accuracy is back to the student's, less `recover_tolerance`;
     `finetune_epochs` / `sweep_epochs` are the cap. A pruned model that ties the student before any
-    training (a small validation split cannot tell them apart) is still fine-tuned. False always runs
-    the full count."""
+    training (a small validation split cannot tell them apart) is still fine-tuned, for at least
+    `finetune_floor` of its epochs and until `recover_agreement`. False always runs the full count."""
     recover_tolerance: float = 0.0
     """Validation balanced-accuracy points (in %) a fine-tune may stay below the student and count as
     recovered."""
@@ -699,3 +699,64 @@ def save_config(cfg: Config, path: Path) -> None:
 
 def read_config(path: Path) -> Config:
     return Config.from_dict(_read_yaml(Path(path).read_text(), str(path)))
+
+
+# --------------------------------------------------------------------------- the keys, described
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (PEP 257 attribute docstrings, read from the source:
+    Python keeps none at run time)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, [*body[1:], None], strict=True):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+def describe_keys(preset: str | None = None) -> list[dict]:
+    """Every `section.key`: its type, default (the dataclass's), the preset's value, and its description
+    (the field's docstring), in the order the dataclasses declare them."""
+    chosen = Config.from_dict({**load_preset(preset or DEFAULT_PRESET), "preset": preset or DEFAULT_PRESET})
+    defaults = Config()
+    rows = []
+    for section in SECTIONS:
+        cls = type(getattr(defaults, section))
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            rows.append(
+                {
+                    "key": f"{section}.{f.name}",
+                    "type": str(f.type),
+                    "default": _to_plain(getattr(getattr(defaults, section), f.name)),
+                    "preset": _to_plain(getattr(getattr(chosen, section), f.name)),
+                    "doc": docs.get(f.name, ""),
+                }
+            )
+    return rows
+
+
+def select_keys(rows: list[dict], key: str | None) -> list[dict]:
+    """The rows of one key or one section (`train`, `train.`); ConfigError with a suggestion otherwise."""
+    if not key:
+        return rows
+    if key.rstrip(".") in SECTIONS:
+        return [r for r in rows if r["key"].startswith(key.rstrip(".") + ".")]
+    hit = [r for r in rows if r["key"] == key]
+    if hit:
+        return hit
+    close = difflib.get_close_matches(key, [r["key"] for r in rows], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; sections: {', '.join(SECTIONS)}"
+    raise ConfigError(f"unknown config key '{key}'{hint}")
