@@ -295,8 +295,13 @@ def _dataset_of_run(cfg, out: Path, given: str | None):
     from slimvit.errors import ConfigError, DataError
 
     if given:
+        if not Path(given).exists():
+            raise DataError(
+                f"dataset folder '{given}' does not exist; pass --data PATH or set SLIMVIT_DATA "
+                "(see README, 'Getting NEU-DET')"
+            )
         if not Path(given).is_dir():
-            raise DataError(f"--data '{given}': no such dataset folder; nothing was changed")
+            raise DataError(f"--data '{given}' is a file; it must be a dataset folder")
         return cfg
     saved = out / "config.yaml"
     if cfg.data.path or not saved.is_file():
