@@ -462,11 +462,12 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
     variants, ov_status = collect_variants(run_dir, bcfg.threads, workers)
     data = data or load_data(cfg.data, run_dir)
     spec = read_spec(run_dir / "student")
-    metrics, val_metrics, preds = {}, {}, {}
+    metrics, val_metrics, preds, all_logits = {}, {}, {}, {}
     for split, store in (("test", metrics), ("val", val_metrics)):
         images, labels = data.arrays(split)
         for v, logits in zip(variants, _logits_by_variant(run_dir, variants, images), strict=True):
             store[v.key] = metrics_from_logits(logits, labels, data.classes)
+            all_logits[f"{split}|{v.key}"] = logits.astype(np.float32)
             if split == "test":
                 preds[v.key] = logits.argmax(1).astype(int).tolist()
     fid, fid_source = fidelity(run_dir, variants, data, cfg)
@@ -528,9 +529,32 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
     }
     if is_main_process():
         atomic_write_text(run_dir / "bench.md", bench_table(out["rows"]))
+        write_logits(run_dir / LOGITS, all_logits)
         atomic_write_json(run_dir / "bench.json", out)
     log.info("bench (%d threads, %s):\n%s", bcfg.threads, out["cpu"], bench_table(out["rows"]))
     return {"variants": len(rows), "seconds": out["settings"]["seconds"]}
+
+
+LOGITS = "bench_logits.npz"
+"""Every variant's logits on the validation and test images (float32 arrays named `<split>|<key>`, no
+pickle): the report lists the deployed model's mistakes with their confidence from them."""
+
+
+def write_logits(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    from slimvit.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def read_logits(path: Path, split: str, key: str) -> np.ndarray | None:
+    """One variant's logits on a split, or None when the file (or that variant) is not there."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            name = f"{split}|{key}"
+            return z[name] if name in z.files else None
+    except (OSError, ValueError):
+        return None
 
 
 def val_views(images: np.ndarray, flips: bool, rot90: bool) -> np.ndarray:

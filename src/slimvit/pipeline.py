@@ -322,7 +322,7 @@ STAGES: tuple[Stage, ...] = (
         "size, params, MACs, validation and test accuracy and latency of every artifact",
         _run_bench,
         outputs=("bench.json",),
-        artifacts=("bench.md",),
+        artifacts=("bench.md", "bench_logits.npz"),
         reads=(
             "split.json",
             *_model("teacher"),
@@ -358,6 +358,7 @@ STAGES: tuple[Stage, ...] = (
         artifacts=("plots/*.png",),
         reads=(
             "bench.json",
+            "?bench_logits.npz",
             "?deploy/deploy.json",
             "?data.json",
             "?*/train.json",

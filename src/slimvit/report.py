@@ -55,6 +55,7 @@ def load_run(run_dir: Path, cfg: Config | None = None) -> dict:
         "export": _maybe(run_dir / "onnx" / "export.json"),
         "quantize": _maybe(run_dir / "onnx" / "quantize.json"),
         "config": cfg,
+        "run_dir": run_dir,
         "train": {},
         "eval": {},
         "curves": {},
@@ -332,6 +333,94 @@ def plot_confusion(run: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def mistakes(run: dict) -> list[dict]:
+    """The deployed model's wrong test images: path (relative to the dataset), true and predicted class,
+    and the model's confidence in its prediction (softmax of its logits; None where bench kept no logits)."""
+    from slimvit.bench import LOGITS, read_logits
+
+    dep = _deployed(run)
+    b = run["bench"]
+    t = b.get("test_images")
+    if not dep or not t:
+        return []
+    key = f"{dep['stage']}/{dep['runtime']}/{dep['precision']}"
+    pred = (b.get("predictions") or {}).get(key)
+    if pred is None:
+        return []
+    logits = read_logits(Path(run.get("run_dir", ".")) / LOGITS, "test", key)
+    conf = None
+    if logits is not None and len(logits) == len(pred):
+        z = logits - logits.max(1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        conf = p.max(1)
+    classes = b["classes"]
+    out = []
+    for i, (path, label, k) in enumerate(zip(t["paths"], t["labels"], pred, strict=True)):
+        if classes[k] != label:
+            out.append(
+                {
+                    "path": path,
+                    "true": label,
+                    "predicted": classes[k],
+                    "confidence": None if conf is None else float(conf[i]),
+                }
+            )
+    return sorted(out, key=lambda m: -(m["confidence"] or 0))
+
+
+MAX_THUMBNAILS = 24
+
+
+def plot_mistakes(run: dict, path: Path) -> bool:
+    """Thumbnails of the deployed model's wrong test images (at most MAX_THUMBNAILS, most confident
+    first), captioned true -> predicted (confidence). False (nothing drawn) when none or the images are
+    not here."""
+    from PIL import Image
+
+    wrong = mistakes(run)[:MAX_THUMBNAILS]
+    root = Path((run["bench"].get("test_images") or {}).get("root", ""))
+    if not wrong or not all((root / m["path"]).is_file() for m in wrong):
+        return False
+    plt = _plt()
+    cols = min(6, len(wrong))
+    rows = -(-len(wrong) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, m in zip(axes.ravel(), wrong, strict=False):
+        with Image.open(root / m["path"]) as im:
+            ax.imshow(im.convert("RGB"))
+        conf = f" ({m['confidence']:.2f})" if m["confidence"] is not None else ""
+        ax.set_title(f"{Path(m['path']).name}\n{m['true']} -> {m['predicted']}{conf}", fontsize=7)
+    fig.suptitle("Deployed model: wrong test images (true -> predicted, confidence)")
+    _save(fig, path)
+    return True
+
+
+def _mistakes(run: dict) -> list[str]:
+    """Each wrong test image of the deployed model: what a person checks first."""
+    wrong = mistakes(run)
+    dep = _deployed(run)
+    if not dep:
+        return []
+    out = ["## Wrong test images", ""]
+    if not wrong:
+        return out + [f"The deployed model classifies every test image correctly ({dep['n']} images).", ""]
+    out += [
+        f"The deployed model gets {len(wrong)} of {dep['n']} test images wrong (most confident first; "
+        "confidence is the model's softmax probability of the class it named):",
+        "",
+        "| image | true class | predicted | confidence |",
+        "|---|---|---|---:|",
+    ]
+    for m in wrong:
+        conf = f"{m['confidence']:.3f}" if m["confidence"] is not None else "-"
+        out.append(f"| `{m['path']}` | {m['true']} | {m['predicted']} | {conf} |")
+    if (Path(run.get("run_dir", ".")) / "plots" / "mistakes.png").exists():
+        out += ["", "![wrong test images](plots/mistakes.png)"]
+    return out + [""]
+
+
 def plot_training(run: dict, path: Path) -> None:
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -431,8 +520,8 @@ def _dataset(run: dict) -> list[str]:
         m, t, dist, p = c.model, c.train, c.distill, c.prune
         out += [
             f"- Preset `{c.preset}`: {c.data.img_size} px; teacher `{m.teacher}` "
-            f"({t.teacher_epochs} epochs), student `{m.student}` with `{m.student_stem}` stem "
-            f"({t.epochs} epochs, distillation `{dist.loss}`, alpha {dist.alpha}, T {dist.temperature}); "
+            f"({_epochs_ran(run, 'teacher', t.teacher_epochs)}), student `{m.student}` with `{m.student_stem}` stem "
+            f"({_epochs_ran(run, 'student', t.epochs)}, distillation `{dist.loss}`, alpha {dist.alpha}, T {dist.temperature}); "
             f"precision `{t.precision}`{_resolved_precision(run)}; prune ratio {p.ratio} ({p.importance}), "
             f"at most {p.finetune_epochs} fine-tune epochs{_finetune_teacher(run)}.",
             "",
@@ -445,6 +534,21 @@ def _dataset(run: dict) -> list[str]:
             "</details>",
         ]
     return out + [""]
+
+
+def _epochs_ran(run: dict, role: str, configured: int) -> str:
+    """The epochs a training ran, and why it differs from the configured count (train.steps_floor_images
+    raises them on a small split; patience stops early)."""
+    t = run["train"].get(role) or {}
+    ran, planned = t.get("epochs_run"), t.get("epochs")
+    if ran is None:
+        return f"{configured} epochs"
+    text = f"{ran} epochs"
+    if planned is not None and planned != configured:
+        text += f": {configured} configured, raised to {planned} by train.steps_floor_images"
+    if planned is not None and ran < planned:
+        text += f", stopped early of {planned}"
+    return text
 
 
 def _resolved_precision(run: dict) -> str:
@@ -1229,6 +1333,7 @@ def render(run: dict, command: str | None = None) -> str:
         _candidates(run),
         _deployment(run),
         _classes(run),
+        _mistakes(run),
         _portability(run),
         _environment(run),
         _dataset(run),
@@ -1261,6 +1366,9 @@ def run_report(cfg, run_dir: str | Path, data=None, command: str | None = None) 
                 continue
             fn(run, run_dir / "plots" / name)
             written.append(name)
+        (run_dir / "plots" / "mistakes.png").unlink(missing_ok=True)  # another deployment's
+        if plot_mistakes(run, run_dir / "plots" / "mistakes.png"):
+            written.append("mistakes.png")
         atomic_write_text(run_dir / "REPORT.md", render(run, command))
     log.info("report: %s (%d plots)", run_dir / "REPORT.md", len(written))
     return {"plots": written}
