@@ -290,3 +290,45 @@ def test_time_estimate_counts_small_early_epochs_at_their_pixels(monkeypatch):
     assert est.seconds["teacher"] == pytest.approx((small + small + 1 + 1) * 4 * 2.0 + 4 * val)
     full = eta.Estimate(load_config("smoke", overrides=overrides[:2]), data, ["prune"], {})
     assert est.seconds["prune"] == pytest.approx(full.seconds["prune"])  # fine-tunes stay at full size
+
+
+def test_time_estimate_of_a_resumed_stage_counts_the_epochs_already_done(monkeypatch, tmp_path):
+    """A teacher checkpointed after 2 of its 4 epochs resumes there: the estimate is the 2 epochs left; a
+    fine-tune's estimate includes its comparison with the student on the validation views; finished sweep
+    points are not counted again."""
+    import json
+
+    from test_train import synthetic_data
+
+    from slimvit.train import CHECKPOINT
+
+    monkeypatch.setattr(
+        eta, "measure_step", lambda spec, tcfg, batch, train=True, steps=1: 2.0 if train else 0.5
+    )
+    cfg = load_config("smoke", overrides=["train.teacher_epochs=4", "train.batch_size=8"])
+    data = synthetic_data(n_per_class=20)  # 36 training images: 4 steps of 8; 12 validation images
+    fresh = eta.Estimate(cfg, data, ["teacher"], {}, tmp_path)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / CHECKPOINT).write_bytes(b"x")
+    (tmp_path / "teacher" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2))
+    )
+    resumed = eta.Estimate(cfg, data, ["teacher"], {}, tmp_path)
+    assert resumed.seconds["teacher"] == pytest.approx(fresh.seconds["teacher"] / 2)
+    assert "teacher" in resumed.line() and "from epoch 3" in resumed.line()
+    # a fine-tune: training, validation, and the validation views against the student (8 x 12 = 96 images)
+    ft = eta.Estimate(cfg, data, ["prune"], {}, None)
+    val, fid = 256 / 8, 256 / 8 + 1
+    assert ft.seconds["prune"] == pytest.approx(4 * (2.0 + 2.0 / 3) + (val + fid) * 2.0 / 3)  # 1 epoch
+    sweep_cfg = load_config(
+        "smoke", overrides=["prune.sweep=[0.2,0.3]", "prune.depths=[1]", "train.batch_size=8"]
+    )
+    all_points = eta.Estimate(sweep_cfg, data, ["sweep"], {}, tmp_path).seconds["sweep"]
+    for name in ("sweep/r0.3", "sweep/r0.3-d1"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "prune.json").write_text("{}")
+        (tmp_path / name / "eval.json").write_text("{}")
+    # 3 points (r0.2 is the main pruned model; r0.2-d1, r0.3, r0.3-d1), 2 of them done
+    assert eta.Estimate(sweep_cfg, data, ["sweep"], {}, tmp_path).seconds["sweep"] == pytest.approx(
+        all_points / 3
+    )

@@ -77,8 +77,11 @@ class Estimate:
 
     TRAINING = ("teacher", "distill", "ablation", "prune", "sweep")
 
-    def __init__(self, cfg, data, to_run: list[str], previous: dict[str, float]) -> None:
-        from slimvit.train import floor_epochs, full_size_epochs
+    FOLDERS = {"teacher": "teacher", "distill": "student", "ablation": "student_nokd", "prune": "pruned"}
+    """The folder each training stage checkpoints into: a resumed stage counts the epochs already done."""
+
+    def __init__(self, cfg, data, to_run: list[str], previous: dict[str, float], run_dir=None) -> None:
+        from slimvit.train import floor_epochs, full_size_epochs, n_views
 
         self.seconds: dict[str, float | None] = {}
         self.factor = 1.0
@@ -89,31 +92,88 @@ class Estimate:
         trains = [s for s in to_run if s in self.TRAINING]
         rates = self._measure(cfg, data, trains, batch) if trains else {}
         val_batches = math.ceil(n_val / 256) * 256 / batch  # validation runs 256 at a time
+        # a fine-tune also compares itself with the student on every flip/rotation of the validation images
+        fid_batches = math.ceil(n_val * n_views(t.flips, t.rot90) / 256) * 256 / batch if p.recover else 0.0
+        self.resumed: dict[str, int] = {}
 
-        def epochs_of(n_epochs: int, step: float, fwd: float, resize: bool = False) -> float:
+        def epochs_of(
+            n_epochs: int, step: float, fwd: float, resize: bool = False, done: int = 0, fid: bool = False
+        ) -> float:
             # as many epochs as training will run: a small split gets more (train.steps_floor_images);
-            # the teacher's and the student's early epochs may train on smaller images (train.resize_from)
+            # the teacher's and the student's early epochs may train on smaller images (train.resize_from);
+            # a resumed training has `done` of them behind it. A fine-tune is estimated at its cap.
             n = floor_epochs(n_epochs, t, n_train)
-            train_epochs = full_size_epochs(n, cfg.data.img_size, t) if resize else n
-            return train_epochs * steps * step + n * val_batches * fwd
+            done = min(done, n)
+            train_epochs = full_size_epochs(n, cfg.data.img_size, t, start=done) if resize else n - done
+            per_val = val_batches + (fid_batches + 1 if fid else 0)  # +1: the student's own views, once
+            return train_epochs * steps * step + (n - done) * per_val * fwd
 
         t_fwd = rates.get("teacher_fwd", 0.0) if d.loss != "none" else 0.0
         ft_fwd = rates.get("student_fwd", 0.0) if d.loss != "none" and p.teacher == "student" else t_fwd
         for s in to_run:
+            done = self._epochs_done(run_dir, s)
+            if done:
+                self.resumed[s] = done
             if s == "teacher":
-                est = epochs_of(t.teacher_epochs, rates["teacher"], rates["teacher"] / 3, resize=True)
+                est = epochs_of(
+                    t.teacher_epochs, rates["teacher"], rates["teacher"] / 3, resize=True, done=done
+                )
             elif s in ("distill", "ablation"):
                 teacher = t_fwd if s == "distill" else 0.0
-                est = epochs_of(t.epochs, rates["student"] + teacher, rates["student_fwd"], resize=True)
+                est = epochs_of(
+                    t.epochs, rates["student"] + teacher, rates["student_fwd"], resize=True, done=done
+                )
             elif s == "prune":
-                est = epochs_of(p.finetune_epochs, rates["student"] + ft_fwd, rates["student_fwd"])
+                est = epochs_of(
+                    p.finetune_epochs, rates["student"] + ft_fwd, rates["student_fwd"], done=done, fid=True
+                )
             elif s == "sweep":
-                # each ratio, and each ratio cut to each depth
-                points = len(set(p.sweep)) * (1 + len(set(p.depths)))
-                est = points * epochs_of(p.sweep_epochs, rates["student"] + ft_fwd, rates["student_fwd"])
+                points = self._sweep_points(run_dir, cfg)
+                est = points * epochs_of(
+                    p.sweep_epochs, rates["student"] + ft_fwd, rates["student_fwd"], fid=True
+                )
             else:
                 est = previous.get(s)
             self.seconds[s] = est
+
+    @classmethod
+    def _epochs_done(cls, run_dir, stage: str) -> int:
+        """Epochs a stage's checkpoint already holds (it resumes from there), 0 without one."""
+        from pathlib import Path
+
+        from slimvit.train import CHECKPOINT
+
+        folder = cls.FOLDERS.get(stage)
+        if run_dir is None or folder is None or not (Path(run_dir) / folder / CHECKPOINT).exists():
+            return 0
+        try:
+            lines = (Path(run_dir) / folder / "metrics.jsonl").read_text().splitlines()
+        except OSError:
+            return 0
+        return sum(1 for line in lines if line.strip())
+
+    @staticmethod
+    def _sweep_points(run_dir, cfg) -> int:
+        """Sweep points still to fine-tune: each ratio and each ratio cut to each depth, less the main pruned
+        model (it stands for its own ratio) and the points a previous run finished (kept, not redone)."""
+        from pathlib import Path
+
+        from slimvit.prune import sweep_dir_name
+
+        p = cfg.prune
+        chain = p.sweep_from == "previous"
+        names = [
+            sweep_dir_name(r, d)
+            for r in set(p.sweep)
+            for d in (None, *set(p.depths))
+            if not (d is None and chain and abs(r - p.ratio) < 1e-9)
+        ]
+        if run_dir is None:
+            return len(names)
+        done = [
+            n for n in names if all((Path(run_dir) / n / f).exists() for f in ("prune.json", "eval.json"))
+        ]
+        return len(names) - len(done)
 
     @staticmethod
     def _measure(cfg, data, trains: list[str], batch: int) -> dict[str, float]:
@@ -142,6 +202,10 @@ class Estimate:
         if stage in self.TRAINING and est:
             self.factor = seconds / est
 
+    def _resumed_at(self, stage: str) -> str:
+        done = self.resumed.get(stage)
+        return f" from epoch {done + 1}" if done else ""
+
     def line(self, parts: bool = True) -> str:
         """'about 31m to go (teacher 4m50s, distill 10m12s, ...; export, bench not measured here yet)'."""
         known = {s: v * (self.factor if s in self.TRAINING else 1.0) for s, v in self.seconds.items() if v}
@@ -151,7 +215,7 @@ class Estimate:
         text = f"about {_fmt(sum(known.values()))} to go"
         if not parts:
             return text + (f" + {', '.join(unknown)}" if unknown else "")
-        text += " (" + ", ".join(f"{s} {_fmt(v)}" for s, v in known.items())
+        text += " (" + ", ".join(f"{s} {_fmt(v)}{self._resumed_at(s)}" for s, v in known.items())
         if unknown:
             text += f"; plus {', '.join(unknown)}, not measured on this machine yet"
         return text + ")"

@@ -827,7 +827,7 @@ def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
         resume = _start(stage, verdict, why, manifest, tag)
         loaded = data.get(stage.name) if stage.needs_data else None
         if eta is None and is_main_process() and loaded is not None:
-            eta = _estimate(cfg, loaded, [s.name for s in stages if s.name in to_run], previous)
+            eta = _estimate(cfg, loaded, [s.name for s in stages if s.name in to_run], previous, run_dir)
         elapsed = _format_seconds(time.perf_counter() - t_start)
         log.info("%s%s: running (elapsed %s; %s)", tag, stage.name, elapsed, eta.line(False) if eta else "")
         t0 = time.perf_counter()
@@ -843,10 +843,10 @@ def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
     return 0
 
 
-def _estimate(cfg, data, to_run: list[str], previous: dict) -> Estimate | None:
+def _estimate(cfg, data, to_run: list[str], previous: dict, run_dir: Path | None = None) -> Estimate | None:
     """The time estimate, logged; a failure to make one never stops the pipeline."""
     try:
-        eta = Estimate(cfg, data, to_run, previous)
+        eta = Estimate(cfg, data, to_run, previous, run_dir)
     except Exception as e:
         log.warning("no time estimate: %s", first_line(e))
         return None

@@ -241,6 +241,11 @@ def sample_weights(labels, num_classes: int) -> torch.Tensor:
     return (1.0 / counts)[labels]
 
 
+def n_views(flips: bool, rot90: bool) -> int:
+    """How many views `views` makes."""
+    return 8 if flips and rot90 else 4 if flips or rot90 else 1
+
+
 def views(x: torch.Tensor, flips: bool, rot90: bool) -> list[torch.Tensor]:
     """The flips/rotations of a (N, C, H, W) batch that the training augmentation draws from."""
     rots = [torch.rot90(x, k, (2, 3)) if k else x for k in range(4 if rot90 else 1)]
