@@ -471,6 +471,13 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
             if split == "test":
                 preds[v.key] = logits.argmax(1).astype(int).tolist()
     fid, fid_source = fidelity(run_dir, variants, data, cfg)
+    from slimvit.calibrate import calibration
+
+    y_val, y_test = data.arrays("val")[1], data.arrays("test")[1]
+    calib = {
+        v.key: calibration(all_logits[f"val|{v.key}"], y_val, all_logits[f"test|{v.key}"], y_test)
+        for v in variants
+    }
     log.info(
         "bench: timing %d variants, %d threads, %d rounds; ONNX Runtime and OpenVINO each in a process "
         "of their own (no torch), PyTorch in this one",
@@ -525,6 +532,8 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
         "per_class_support": metrics[variants[0].key]["per_class_support"] if variants else {},
         "classes": data.classes,
         "predictions": preds,
+        "calibration": calib,
+        "val_labels": [int(y) for y in y_val],
         "test_images": _test_images(data),
     }
     if is_main_process():

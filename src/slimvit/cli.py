@@ -22,12 +22,15 @@ FLAG_HELP = {
 PREDICT_EPILOG = """\
 output:
   stdout      on a terminal a table; piped, one tab-separated line per image:
-              path, class, confidence (then class, confidence of the next ones with --top-k)
+              path, class, confidence (then class, confidence of the next ones with --top-k;
+              then `review` or `ok` when the model was deployed with a review threshold)
   stderr      each image that could not be decoded ("error: ..."), then a summary line:
-              images classified and failed, images/s end to end (decoding included)
-  --csv FILE  path, class, confidence, [class_2, confidence_2, ...], p_<class> for every class
-  --json FILE {"model", "predictions": [{"path", "class", "confidence", "probs"[, "top"]}],
+              images classified (and sent to review) and failed, images/s end to end
+  --csv FILE  path, class, confidence, [review,] [class_2, confidence_2, ...], p_<class> per class
+  --json FILE {"model", "predictions": [{"path", "class", "confidence", "probs"[, "top"][, "review"]}],
               "failed": [{"path", "error"}], "seconds", "images_per_s"}
+confidence is calibrated: the softmax of the logits divided by the temperature the deploy step
+fitted on validation (stored in the model).
 
 exit codes:
   0  every image was classified
@@ -234,9 +237,25 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
         "student's class (default 95)",
     )
 
+    g = p.add_argument_group("review (config section `deploy`; the threshold is chosen on validation data)")
+    g.add_argument(
+        "--review-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="send at most this fraction of images to a person (e.g. 0.05): `slimvit predict` flags them `review`",
+    )
+    g.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=None,
+        metavar="PCT",
+        help="instead: the accuracy wanted on the images not sent to review (e.g. 99.5)",
+    )
+
 
 def _budget_overrides(args: argparse.Namespace) -> list[str]:
-    names = ("budget_ms", "budget_mb", "max_drop", "min_agreement")
+    names = ("budget_ms", "budget_mb", "max_drop", "min_agreement", "review_rate", "target_accuracy")
     return [f"deploy.{k}={getattr(args, k)}" for k in names if getattr(args, k, None) is not None]
 
 
@@ -421,7 +440,8 @@ def _with_budgets(out: Path, cfg, args: argparse.Namespace):
     if not saved.exists():
         return cfg
     base = read_config(saved)
-    given = {k: getattr(cfg.deploy, k) for k in ("budget_ms", "budget_mb", "max_drop", "min_agreement")}
+    keys = ("budget_ms", "budget_mb", "max_drop", "min_agreement", "review_rate", "target_accuracy")
+    given = {k: getattr(cfg.deploy, k) for k in keys}
     return dataclasses.replace(base, deploy=DeployConfig(**given))
 
 

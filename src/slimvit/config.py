@@ -163,7 +163,7 @@ class TrainConfig:
     patience: int = 0
     """Stop a training when its best validation epoch is this many epochs old; 0 never stops early.
     Under the cosine schedule validation keeps improving until the learning rate is low, so the default
-    recipe spends its time through a shorter schedule instead (README, "Where the time goes")."""
+    recipe spends its time through a shorter schedule instead (docs/decisions.md)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
@@ -418,7 +418,28 @@ class DeployConfig:
     saturate: on a small validation split every candidate can score 100% while the most compressed ones
     disagree with the student on a third of new images (README, "Small datasets")."""
 
+    review_rate: float | None = None
+    """Send at most this fraction of images to a person (`--review-rate 0.05`): the deployed model labels
+    an image `review` when its calibrated confidence is below a threshold chosen on validation. None: no
+    review."""
+    target_accuracy: float | None = None
+    """Instead of `review_rate`: the lowest confidence threshold whose accepted validation images reach this
+    accuracy (%, `--target-accuracy 99.5`); the rest go to review."""
+
     def __post_init__(self) -> None:
+        _check(
+            self.review_rate is None or (math.isfinite(self.review_rate) and 0 <= self.review_rate < 1),
+            f"deploy.review_rate={self.review_rate} must be a fraction in [0, 1) (0.05 sends 5% to review)",
+        )
+        _check(
+            self.target_accuracy is None
+            or (math.isfinite(self.target_accuracy) and 0 < self.target_accuracy <= 100),
+            f"deploy.target_accuracy={self.target_accuracy} must be in (0, 100] (%)",
+        )
+        _check(
+            self.review_rate is None or self.target_accuracy is None,
+            "deploy.review_rate and deploy.target_accuracy choose the same threshold: give one of them",
+        )
         for name in ("budget_ms", "budget_mb"):
             v = getattr(self, name)
             _check(v is None or (math.isfinite(v) and v > 0), f"deploy.{name}={v} must be a number > 0")

@@ -210,8 +210,94 @@ def budgets(cfg) -> dict:
     }
 
 
+def review_settings(cfg) -> dict:
+    return {"review_rate": cfg.deploy.review_rate, "target_accuracy": cfg.deploy.target_accuracy}
+
+
+def _calibrated(run_dir: Path, bench: dict, key: str, split: str, temperature: float):
+    """(confidence, correct) of a variant's calibrated predictions on a split; None without its logits."""
+    from slimvit.bench import LOGITS, read_logits
+    from slimvit.calibrate import softmax
+
+    logits = read_logits(Path(run_dir) / LOGITS, split, key)
+    if split == "val":
+        labels = bench.get("val_labels")
+    else:
+        t = bench.get("test_images") or {}
+        labels = [bench["classes"].index(c) for c in t.get("labels", [])]
+    if logits is None or labels is None or len(labels) != len(logits):
+        return None
+    p = softmax(logits, temperature)
+    return p.max(1), p.argmax(1) == np.asarray(labels)
+
+
+def review_plan(
+    run_dir: Path,
+    bench: dict,
+    key: str,
+    review_rate: float | None = None,
+    target_accuracy: float | None = None,
+) -> dict | None:
+    """The confidence threshold under which the deployed model's images go to a person, chosen on the
+    **validation** images (calibrated confidences): the one that sends at most `review_rate` of them, or the
+    lowest whose accepted images reach `target_accuracy` (%). With its bootstrap range on validation and
+    what it does on test (reported, never used to choose). None when neither is asked."""
+    from slimvit import calibrate
+
+    if review_rate is None and target_accuracy is None:
+        return None
+    temperature = (bench.get("calibration") or {}).get(key, {}).get("temperature", 1.0)
+    val = _calibrated(run_dir, bench, key, "val", temperature)
+    if val is None:
+        raise ModelError(
+            "bench.json (or bench_logits.npz) has no validation logits to choose a review threshold; "
+            "run `slimvit bench`"
+        )
+    conf, right = val
+    if review_rate is not None:
+        rule = f"send at most {100 * review_rate:g}% of images to review"
+
+        def pick(c, r):
+            return calibrate.threshold_for_rate(c, review_rate)
+    else:
+        rule = f"{target_accuracy:g}% accuracy on the images not sent to review"
+
+        def pick(c, r):
+            return calibrate.threshold_for_accuracy(c, r, target_accuracy / 100)
+
+    threshold = pick(conf, right)
+    if threshold is None:
+        best = max(calibrate.risk_coverage(conf, right), key=lambda q: q["accuracy"])
+        raise NothingFits(
+            f"--target-accuracy {target_accuracy:g}: no threshold reaches it on the {len(conf)} validation images "
+            f"(the best is {100 * best['accuracy']:.2f}% on the {100 * best['coverage']:.0f}% most confident)"
+        )
+    spread = calibrate.threshold_spread(conf, right, pick)
+    plan = {
+        "rule": rule,
+        "threshold": threshold,
+        "temperature": temperature,
+        "threshold_range": spread,
+        "val": calibrate.operating_point(conf, right, threshold),
+        "val_range": [
+            calibrate.operating_point(conf, right, t) if t is not None else None
+            for t in (spread["lo"], spread["hi"])
+        ],
+    }
+    test = _calibrated(run_dir, bench, key, "test", temperature)
+    if test is not None:
+        plan["test"] = calibrate.operating_point(*test, threshold)  # reported only
+    return plan
+
+
 def write_deploy(
-    run_dir: Path, bench: dict, chosen: dict, why: str, budget: dict, folder: Path | None = None
+    run_dir: Path,
+    bench: dict,
+    chosen: dict,
+    why: str,
+    budget: dict,
+    folder: Path | None = None,
+    review: dict | None = None,
 ) -> Path:
     """`model.onnx` (the chosen file, its metadata completed) and `deploy.json` in `folder` (default
     `deploy/`)."""
@@ -221,6 +307,7 @@ def write_deploy(
     folder = Path(folder) if folder is not None else run_dir / "deploy"
     dst = folder / "model.onnx"
     validated = bench.get("validated_on") or {}
+    temperature = (bench.get("calibration") or {}).get(chosen["key"], {}).get("temperature", 1.0)
     try:
         runtime.update_metadata(
             run_dir / chosen["file"],
@@ -232,6 +319,8 @@ def write_deploy(
             depth=chosen.get("depth"),
             portable=chosen.get("portable", True),
             validated_on=validated,
+            temperature=temperature,
+            review_threshold=review["threshold"] if review else None,
         )
     except ImportError:  # the core (edge) install has no onnx: the file as built; deploy.json says the rest
         with atomic_path(dst) as tmp:
@@ -248,6 +337,10 @@ def write_deploy(
         "depth": chosen.get("depth"),
         "why": why,
         "budgets": budget,
+        "temperature": temperature,
+        "calibration": (bench.get("calibration") or {}).get(chosen["key"]),
+        "review": review,
+        "review_threshold": review["threshold"] if review else None,
         "chosen": time.strftime("%Y-%m-%d %H:%M:%S"),
         "threads": bench["threads"],
         "latency_ms_p50": chosen["latency_ms_p50"],
@@ -325,14 +418,27 @@ def run_deploy(cfg, run_dir: str | Path, strict: bool = True) -> dict:
         atomic_write_json(new / "deploy.json", {"deployed": False, "error": str(e), "budgets": budget})
         swap_in(run_dir, new)
         return {"deployed": None, "error": str(e)}  # the CLI says it in one line at the end
+    review = review_plan(run_dir, bench, chosen["key"], **review_settings(cfg))
     new = _fresh(run_dir)
-    write_deploy(run_dir, bench, chosen, why, budget, folder=new)
+    write_deploy(run_dir, bench, chosen, why, budget, folder=new, review=review)
     check = standalone_check(new, chosen)
     record = read_json(new / "deploy.json")
     record["predict_check"] = check
     atomic_write_json(new / "deploy.json", record)
     swap_in(run_dir, new)
     log.info("deployed: %s", why)
+    if review:
+        v = review["val"]
+        log.info(
+            "review: confidence below %.3f goes to a person (%s): on validation %d of %d images (%.1f%%), %s of "
+            "the rest right",
+            review["threshold"],
+            review["rule"],
+            v["review"],
+            v["n"],
+            100 * v["review_rate"],
+            "-" if v["accuracy_accepted"] is None else f"{100 * v['accuracy_accepted']:.2f}%",
+        )
     if check and not check["agrees"]:
         log.warning(
             "slimvit predict gives %.4f on the test images, bench measured %.4f for the deployed model",

@@ -937,7 +937,7 @@ def check_budgets(cfg, run_dir: Path) -> None:
     """Refuse, before anything is written, budgets that no candidate of an up-to-date bench meets: the
     deployed model and the report stay as they are (NothingFits names the budget, the closest
     candidate and the model that stays deployed)."""
-    from slimvit.deploy import NothingFits, budgets, choose, deployed_now
+    from slimvit.deploy import NothingFits, budgets, choose, deployed_now, review_plan, review_settings
 
     run_dir = Path(run_dir)
     if not (run_dir / "bench.json").exists() or not (run_dir / "manifest.json").exists():
@@ -950,7 +950,8 @@ def check_budgets(cfg, run_dir: Path) -> None:
     except (SlimvitError, ValueError, KeyError, OSError):
         return  # the stages themselves say what is wrong
     try:
-        choose(rows, **budgets(cfg))
+        chosen, _ = choose(rows, **budgets(cfg))
+        review_plan(run_dir, read_json(run_dir / "bench.json"), chosen["key"], **review_settings(cfg))
     except NothingFits as e:
         raise NothingFits(f"{e}; {deployed_now(run_dir)}") from None
 

@@ -182,7 +182,10 @@ def classify(
                     pixels.append(got)
             if ok:
                 probs = _probabilities(run, meta, np.stack(pixels))
-                out.results += [_record(f, p, classes, top_k) for f, p in zip(ok, probs, strict=True)]
+                threshold = meta.get("review_threshold")
+                out.results += [
+                    _record(f, p, classes, top_k, threshold) for f, p in zip(ok, probs, strict=True)
+                ]
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -190,7 +193,8 @@ def classify(
 def _probabilities(run, meta: dict, pixels: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W, 3) -> class probabilities (N, classes) in one runtime call."""
     x = normalize(pixels, meta["mean"], meta["std"])
-    probs = runtime.softmax(np.asarray(run(x), dtype=np.float32))
+    # the calibrated confidence: the deploy step's temperature, fitted on validation (1.0: as the model says)
+    probs = runtime.softmax(np.asarray(run(x), dtype=np.float32) / float(meta.get("temperature") or 1.0))
     if probs.shape[1] != len(meta["classes"]):  # a symbolic output width escapes `runtime.metadata`
         raise ModelError(
             f"the ONNX model's slimvit metadata field 'classes' names {len(meta['classes'])} classes "
@@ -199,7 +203,11 @@ def _probabilities(run, meta: dict, pixels: np.ndarray) -> np.ndarray:
     return probs
 
 
-def _record(path: Path, p: np.ndarray, classes: list[str], top_k: int) -> dict:
+def _record(
+    path: Path, p: np.ndarray, classes: list[str], top_k: int, threshold: float | None = None
+) -> dict:
+    """One image's prediction; with the deployed review threshold, `review` says whether it goes to a
+    person (its calibrated confidence is below the threshold; the top class is kept all the same)."""
     k = int(p.argmax())
     r = {
         "path": str(path),
@@ -207,6 +215,8 @@ def _record(path: Path, p: np.ndarray, classes: list[str], top_k: int) -> dict:
         "confidence": float(p[k]),
         "probs": {c: float(v) for c, v in zip(classes, p, strict=True)},
     }
+    if threshold is not None:
+        r["review"] = bool(p[k] < threshold)
     if top_k > 1:
         order = np.argsort(-p, kind="stable")[:top_k]
         r["top"] = [{"class": classes[j], "confidence": float(p[j])} for j in order]
@@ -237,7 +247,14 @@ def to_csv(results: list[dict]) -> str:
     extra = len(results[0].get("top", [])) if results else 0
     w = csv.writer(buf)
     ranks = [h for j in range(2, extra + 1) for h in (f"class_{j}", f"confidence_{j}")]
-    w.writerow(["path", "class", "confidence", *ranks, *(f"p_{c}" for c in classes)])
+    review = (
+        [["review"], lambda r: ["yes" if r["review"] else "no"]]
+        if results and "review" in results[0]
+        else None
+    )
+    w.writerow(
+        ["path", "class", "confidence", *(review[0] if review else []), *ranks, *(f"p_{c}" for c in classes)]
+    )
     for r in results:
         tops = [v for c, p in _top(r) for v in (c, f"{p:.6f}")]
         w.writerow(
@@ -245,6 +262,7 @@ def to_csv(results: list[dict]) -> str:
                 r["path"],
                 r["class"],
                 f"{r['confidence']:.6f}",
+                *(review[1](r) if review else []),
                 *tops,
                 *(f"{r['probs'][c]:.6f}" for c in classes),
             ]
@@ -263,7 +281,8 @@ def _print_results(results: list[dict]) -> None:
         try:
             for r in results:
                 tops = "".join(f"\t{c}\t{p:.4f}" for c, p in _top(r))
-                sys.stdout.write(f"{r['path']}\t{r['class']}\t{r['confidence']:.4f}{tops}\n")
+                flag = ("\treview" if r["review"] else "\tok") if "review" in r else ""
+                sys.stdout.write(f"{r['path']}\t{r['class']}\t{r['confidence']:.4f}{tops}{flag}\n")
             sys.stdout.flush()
         except BrokenPipeError:  # the reader stopped early (`| head`): not an error of predict's
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -271,19 +290,29 @@ def _print_results(results: list[dict]) -> None:
     table = Table("image", "class", "confidence")
     if results and "top" in results[0]:
         table.add_column("next")
+    if results and "review" in results[0]:
+        table.add_column("review")
     for r in results:
         # Text cells: file and class names are shown as they are, never read as rich markup
         cells = [Text(r["path"]), Text(r["class"]), f"{r['confidence']:.3f}"]
         if "top" in r:
             cells.append(Text(", ".join(f"{c} {p:.3f}" for c, p in _top(r))))
+        if "review" in r:
+            cells.append(Text("REVIEW", style="bold yellow") if r["review"] else Text("ok"))
         table.add_row(*cells)
     console.print(table)
 
 
 def summary(pred: Prediction, threads: int, batch: int) -> str:
     n = len(pred.results) + len(pred.failed)
+    flagged = sum(1 for r in pred.results if r.get("review"))
+    review = (
+        f" ({flagged} below the review threshold: send to a person)"
+        if any("review" in r for r in pred.results)
+        else ""
+    )
     return (
-        f"{len(pred.results)} images classified, {len(pred.failed)} could not be decoded; "
+        f"{len(pred.results)} images classified{review}, {len(pred.failed)} could not be decoded; "
         f"{pred.images_per_s:.1f} images/s end to end ({n} files decoded, resized and classified in "
         f"{pred.seconds:.2f} s; {threads} threads, batch {batch}; model load {pred.load_seconds:.2f} s)"
     )

@@ -256,7 +256,7 @@ def run_prune(
             resume="auto" if resumed else False,
             desc=f"finetune r={ratio:g}" + (f" depth {depth}" if depth else ""),
             # the untrained cut model does not compete: on a small validation split it often ties the
-            # student and, when kept, was deployed without any fine-tuning (README, "A fine-tune always trains")
+            # student and, when kept, was deployed without any fine-tuning (docs/decisions.md, "A fine-tune always trains")
             select_initial=False,
             stop_at=target,
             logits_memo=logits_memo,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from slimvit import trust
 from slimvit.config import Config, read_config
 from slimvit.deploy import shape_label
 from slimvit.errors import ConfigError, ModelError
@@ -81,6 +82,7 @@ def _apply_deploy(bench: dict, dep: dict | None) -> None:
     bench["deploy_error"] = dep.get("error") if dep else "the deploy stage has not run"
     bench["predict_check"] = dep.get("predict_check")
     bench["budgets"] = dep.get("budgets") or {}
+    bench["review"] = dep.get("review")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1332,6 +1334,7 @@ def render(run: dict, command: str | None = None) -> str:
         _quantization(run),
         _candidates(run),
         _deployment(run),
+        trust.section(run),
         _classes(run),
         _mistakes(run),
         _portability(run),
@@ -1369,6 +1372,15 @@ def run_report(cfg, run_dir: str | Path, data=None, command: str | None = None) 
         (run_dir / "plots" / "mistakes.png").unlink(missing_ok=True)  # another deployment's
         if plot_mistakes(run, run_dir / "plots" / "mistakes.png"):
             written.append("mistakes.png")
+        for name, fn in (
+            ("reliability.png", trust.plot_reliability),
+            ("risk_coverage.png", trust.plot_risk_coverage),
+        ):
+            plt = _plt()
+            (run_dir / "plots" / name).unlink(missing_ok=True)
+            if fn(run, run_dir / "plots" / name, plt):
+                _save(plt.gcf(), run_dir / "plots" / name)
+                written.append(name)
         atomic_write_text(run_dir / "REPORT.md", render(run, command))
     log.info("report: %s (%d plots)", run_dir / "REPORT.md", len(written))
     return {"plots": written}

@@ -140,6 +140,12 @@ def _parse_metadata(
             _bad_field(key, v, "must be 3 finite numbers (one per RGB channel)")
     if any(x <= 0 for x in meta["std"]):
         _bad_field("std", meta["std"], "must be 3 positive numbers")
+    t = meta.get("temperature")
+    if t is not None and not (_is_number(t) and math.isfinite(t) and t > 0):
+        _bad_field("temperature", t, "must be a positive number (the calibration temperature)")
+    r = meta.get("review_threshold")
+    if r is not None and not (_is_number(r) and 0 <= r <= 1):
+        _bad_field("review_threshold", r, "must be a confidence in [0, 1]")
     if output_shape is not None and len(output_shape) == 2:
         width = output_shape[1]
         if _is_int(width) and width > 0 and width != len(classes):
@@ -228,9 +234,13 @@ def runner(path: str | Path, threads: int = 2):
     sess = session(path, threads)
     meta = metadata(sess)
     rec = Path(path).parent / "deploy.json"
-    if "runtime" not in meta and rec.is_file():
+    if rec.is_file() and not {"runtime", "temperature"} <= set(meta):
+        # a model deployed without the onnx package: deploy.json beside it says what its metadata would
         try:
-            meta["runtime"] = json.loads(rec.read_text()).get("runtime", "onnxruntime")
+            d = json.loads(rec.read_text())
+            meta.setdefault("runtime", d.get("runtime", "onnxruntime"))
+            meta.setdefault("temperature", d.get("temperature"))
+            meta.setdefault("review_threshold", d.get("review_threshold"))
         except (json.JSONDecodeError, OSError, AttributeError):
             pass
     if meta.get("runtime") == "openvino":

@@ -116,7 +116,7 @@ def explicit_attention(model: nn.Module, on: bool = True) -> Iterator[nn.Module]
     with the fused `scaled_dot_product_attention`; the same function, another kernel. For training on a
     CPU: there PyTorch's flash-attention backward is slow for short sequences (36 tokens at 96 px) in bf16,
     44% of a ViT-Ti training step; the explicit form made the step 0.45x as long at 96 px in bf16 and
-    0.93-1.03x in fp32 (`scripts/step_cost.py --compare attention`; README, "Presets"). Inference keeps
+    0.93-1.03x in fp32 (`scripts/step_cost.py --compare attention`; docs/decisions.md). Inference keeps
     the fused kernel; each layer's own setting comes back on exit."""
     layers = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)] if on else []
     saved = [m.fused_attn for m in layers]

@@ -1,0 +1,214 @@
+"""The report's "Trusting the deployed model" section: how far each stage's confidence can be believed
+(temperature fitted on validation; ECE, NLL and Brier on test; a reliability diagram), and what sending the
+least confident images to a person buys (risk-coverage curves, the deployed operating point).
+
+Reads bench.json (per-variant calibration) and bench_logits.npz; numpy and matplotlib only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from slimvit import calibrate
+from slimvit.bench import LOGITS, read_logits
+from slimvit.evaluate import wilson
+
+STAGES = (("teacher", "teacher"), ("student", "student"), ("pruned", "pruned r"))
+
+
+def stage_keys(run: dict) -> list[tuple[str, str]]:
+    """(label, bench key) of the teacher, the student, the pruned model (their ONNX FP32 rows, as they
+    would be deployed) and the deployed model."""
+    keys = {r["key"] for r in run["bench"]["rows"]}
+    out = []
+    for stage in ("teacher", "student", "pruned"):
+        key = f"{stage}/onnxruntime/fp32"
+        if key in keys:
+            out.append((stage, key))
+    dep = next((r for r in run["bench"]["rows"] if r.get("deployed")), None)
+    if dep is not None:
+        out.append(("deployed", dep["key"]))
+    return out
+
+
+def _test_labels(bench: dict) -> np.ndarray | None:
+    t = bench.get("test_images") or {}
+    if not t.get("labels"):
+        return None
+    return np.array([bench["classes"].index(c) for c in t["labels"]])
+
+
+def _probs(run: dict, key: str, temperature: float = 1.0) -> np.ndarray | None:
+    logits = read_logits(Path(run.get("run_dir", ".")) / LOGITS, "test", key)
+    return None if logits is None else calibrate.softmax(logits, temperature)
+
+
+def section(run: dict) -> list[str]:
+    b = run["bench"]
+    cal = b.get("calibration") or {}
+    y = _test_labels(b)
+    stages = [(n, k) for n, k in stage_keys(run) if k in cal]
+    if not stages or y is None:
+        return []
+    out = [
+        "## Trusting the deployed model",
+        "",
+        "Confidence is what the model says about its own answer; it is worth something only if, of the "
+        "images it calls 90% sure, about 90% are right. Each model's confidence is rescaled by one "
+        "temperature fitted on the validation images (a temperature never changes the class it names); "
+        "the figures below are on the test images. ECE: the average gap between confidence and accuracy "
+        "(15 bins; 0 is perfect). NLL and Brier: lower is better.",
+        "",
+        "| model | temperature | ECE before | ECE after | NLL before | NLL after | Brier before | Brier after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, key in stages:
+        c = cal[key]
+        out.append(
+            f"| {name} | {c['temperature']:.2f} | {c['ece']:.3f} | {c['ece_t']:.3f} | {c['nll']:.3f} | "
+            f"{c['nll_t']:.3f} | {c['brier']:.3f} | {c['brier_t']:.3f} |"
+        )
+    names = dict(stages)
+    if "student" in names and "deployed" in names:
+        s, d = cal[names["student"]], cal[names["deployed"]]
+        diff = d["ece_t"] - s["ece_t"]
+        out += [
+            "",
+            f"Compression changed calibration by {100 * diff:+.1f} points of ECE after temperature (student "
+            f"{100 * s['ece_t']:.1f}, deployed {100 * d['ece_t']:.1f}); with {len(y)} test images an ECE "
+            f"moves by about {100 / np.sqrt(len(y)):.0f} points from the sample alone, so smaller "
+            "differences are noise.",
+        ]
+    out += ["", "![reliability](plots/reliability.png)", ""]
+    out += _review(run, names, y)
+    return out
+
+
+def _review(run: dict, names: dict, y: np.ndarray) -> list[str]:
+    b = run["bench"]
+    cal = b.get("calibration") or {}
+    key = names.get("deployed")
+    if key is None:
+        return []
+    out = [
+        "### Sending the least confident images to a person",
+        "",
+        "The curve shows, for every share of test images the model keeps (the most confident first), the "
+        "accuracy on those it keeps: a line that sends the rest to a person gets that accuracy on what it "
+        "does not check.",
+        "",
+        "![risk-coverage](plots/risk_coverage.png)",
+        "",
+    ]
+    plan = b.get("review")
+    if not plan:
+        p = _probs(run, key, cal[key]["temperature"])
+        conf, right = p.max(1), p.argmax(1) == y
+        points = {cov: _at_coverage(conf, right, cov) for cov in (1.0, 0.95, 0.9)}
+        out += [
+            "No review threshold was deployed (`slimvit deploy --review-rate 0.05` or `--target-accuracy "
+            "99.5` chooses one on validation). On test, for reference: "
+            + "; ".join(f"keeping {100 * c:.0f}%: {100 * a:.2f}% right" for c, a in points.items())
+            + ".",
+            "",
+        ]
+        return out
+    v, t = plan["val"], plan.get("test")
+    lo, hi = plan["threshold_range"]["lo"], plan["threshold_range"]["hi"]
+    out.append(
+        f"Deployed with a review threshold: confidence below **{plan['threshold']:.3f}** goes to a person "
+        f"({plan['rule']}; chosen on the {v['n']} validation images, where it sent {v['review']} "
+        f"({100 * v['review_rate']:.1f}%) and "
+        + ("-" if v["accuracy_accepted"] is None else f"{100 * v['accuracy_accepted']:.2f}%")
+        + " of the rest were right)."
+    )
+    if lo is not None:
+        out.append(
+            f"Validation is small, so the threshold itself is uncertain: resampling the validation images puts "
+            f"it between {lo:.3f} and {hi:.3f} (95%)."
+        )
+    if t:
+        k, n = t["correct_accepted"], t["accepted"]
+        lo_t, hi_t = wilson(k, n) if n else (0.0, 0.0)
+        out.append(
+            f"On test: sending {100 * t['review_rate']:.1f}% to review ({t['review']} of {t['n']}), "
+            f"{100 * (k / n if n else 0):.2f}% of the rest are right (95% interval {100 * lo_t:.1f}-{100 * hi_t:.1f}%)."
+        )
+        if v["accuracy_accepted"] is not None:
+            kept = lo_t - 1e-9 <= v["accuracy_accepted"] <= hi_t + 1e-9
+            out.append(
+                "What validation promised "
+                + (
+                    "lies inside that interval: test agrees with it."
+                    if kept
+                    else f"({100 * v['accuracy_accepted']:.2f}%) lies **outside** that interval."
+                )
+            )
+    return out + [""]
+
+
+def _at_coverage(conf: np.ndarray, right: np.ndarray, coverage: float) -> float:
+    curve = calibrate.risk_coverage(conf, right)
+    k = max(1, int(round(coverage * len(curve)))) - 1
+    return curve[k]["accuracy"]
+
+
+def plot_reliability(run: dict, path: Path, plt) -> bool:
+    """Confidence against accuracy per bin, for the student and the deployed model, before and after
+    temperature."""
+    b = run["bench"]
+    cal, y = b.get("calibration") or {}, _test_labels(b)
+    names = dict(stage_keys(run))
+    shown = [(n, names[n]) for n in ("student", "deployed") if n in names and names[n] in cal]
+    if not shown or y is None:
+        return False
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.6 * len(shown), 4), squeeze=False)
+    for ax, (name, key) in zip(axes[0], shown, strict=True):
+        for t, label, style in ((1.0, "before", "o--"), (cal[key]["temperature"], "after temperature", "s-")):
+            p = _probs(run, key, t)
+            if p is None:
+                continue
+            bins = [q for q in calibrate.reliability(p, y) if q["n"]]
+            ax.plot([q["confidence"] for q in bins], [q["accuracy"] for q in bins], style, label=label, ms=4)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, label="perfect")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}: ECE {cal[key]['ece']:.3f} -> {cal[key]['ece_t']:.3f}")
+        ax.legend(loc="upper left")
+    return True
+
+
+def plot_risk_coverage(run: dict, path: Path, plt) -> bool:
+    """Accuracy on the accepted test images against the share accepted, student and deployed model."""
+    b = run["bench"]
+    cal, y = b.get("calibration") or {}, _test_labels(b)
+    names = dict(stage_keys(run))
+    shown = [(n, names[n]) for n in ("student", "deployed") if n in names and names[n] in cal]
+    if not shown or y is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, key in shown:
+        p = _probs(run, key, cal[key]["temperature"])
+        if p is None:
+            continue
+        curve = calibrate.risk_coverage(p.max(1), p.argmax(1) == y)
+        ax.plot([100 * q["coverage"] for q in curve], [100 * q["accuracy"] for q in curve], label=name)
+    plan = b.get("review")
+    if plan and plan.get("test") and plan["test"]["accuracy_accepted"] is not None:
+        t = plan["test"]
+        ax.scatter(
+            [100 * (1 - t["review_rate"])],
+            [100 * t["accuracy_accepted"]],
+            color="tab:red",
+            zorder=3,
+            label=f"deployed threshold {plan['threshold']:.3f}",
+        )
+    ax.set_xlabel("test images kept, most confident first (%)")
+    ax.set_ylabel("accuracy on the kept images (%)")
+    ax.set_title("Risk-coverage on the test images")
+    ax.legend()
+    return True
