@@ -123,3 +123,14 @@ def test_review_flag_in_every_output_format(tmp_path, capsys):
     preds = json.loads(out_json.read_text())["predictions"]
     assert all(p["review"] is True and p["class"] for p in preds)
     assert f"({len(LEVELS)} below the review threshold" in err
+
+
+def test_a_validation_split_without_errors_leaves_the_temperature_at_one():
+    """Every validation image right: the likelihood only rises as T -> 0, so a fit would make the model
+    absurdly sure; it is left at 1.0 and the record says why."""
+    logits = np.array([[3.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
+    t, why = calibrate.fitted_temperature(logits, np.array([0, 1, 0]))
+    assert t == 1.0 and "all 3 validation images right" in why
+    c = calibrate.calibration(logits, np.array([0, 1, 0]), logits, np.array([0, 0, 0]))
+    assert c["temperature"] == 1.0 and c["ece"] == c["ece_t"] and c["not_fitted"]
+    assert calibrate.T_RANGE[0] <= calibrate.fit_temperature(logits, np.array([0, 1, 1])) <= calibrate.T_RANGE[1]

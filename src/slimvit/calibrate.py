@@ -17,7 +17,9 @@ import math
 import numpy as np
 
 BINS = 15
-T_RANGE = (0.05, 20.0)
+T_RANGE = (0.25, 10.0)
+"""Temperatures searched. Below 0.25 a model's confidence would be sharpened past anything a small
+validation split can support (with every validation image right, the NLL falls as T -> 0)."""
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -97,12 +99,26 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list
     return out
 
 
+def fitted_temperature(logits_val, labels_val) -> tuple[float, str | None]:
+    """(temperature, why it was not fitted or None). With no validation error the likelihood only falls as
+    the temperature does (sharper is always "better"): nothing to calibrate on, so the model is left as it
+    is (1.0)."""
+    labels_val = np.asarray(labels_val, dtype=np.int64)
+    if len(labels_val) == 0:
+        return 1.0, "no validation images"
+    errors = int((np.asarray(logits_val).argmax(1) != labels_val).sum())
+    if errors == 0:
+        return 1.0, f"all {len(labels_val)} validation images right: no error to calibrate on, left at 1.0"
+    return fit_temperature(logits_val, labels_val), None
+
+
 def calibration(logits_val, labels_val, logits_test, labels_test) -> dict:
     """A model's temperature (fitted on validation) and its test ECE, NLL and Brier score before and after."""
-    t = fit_temperature(logits_val, labels_val)
+    t, not_fitted = fitted_temperature(logits_val, labels_val)
     p1, pt = softmax(logits_test), softmax(logits_test, t)
     return {
         "temperature": t,
+        "not_fitted": not_fitted,
         "ece": ece(p1, labels_test),
         "ece_t": ece(pt, labels_test),
         "nll": nll(logits_test, labels_test),

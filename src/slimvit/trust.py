@@ -70,6 +70,9 @@ def section(run: dict) -> list[str]:
             f"| {name} | {c['temperature']:.2f} | {c['ece']:.3f} | {c['ece_t']:.3f} | {c['nll']:.3f} | "
             f"{c['nll_t']:.3f} | {c['brier']:.3f} | {c['brier_t']:.3f} |"
         )
+    unfitted = [n for n, k in stages if cal[k].get("not_fitted")]
+    if unfitted:
+        out += ["", f"Not fitted for {', '.join(unfitted)}: {cal[dict(stages)[unfitted[0]]]['not_fitted']}."]
     names = dict(stages)
     if "student" in names and "deployed" in names:
         s, d = cal[names["student"]], cal[names["deployed"]]
@@ -124,7 +127,12 @@ def _review(run: dict, names: dict, y: np.ndarray) -> list[str]:
         + ("-" if v["accuracy_accepted"] is None else f"{100 * v['accuracy_accepted']:.2f}%")
         + " of the rest were right)."
     )
-    if lo is not None:
+    if v["review"] == 0 and plan["threshold"] <= 0:
+        out.append(
+            f"With {v['n']} validation images that share is less than one image: nothing is sent to review. "
+            "More validation images, or `--target-accuracy`, give the threshold something to stand on."
+        )
+    elif lo is not None:
         out.append(
             f"Validation is small, so the threshold itself is uncertain: resampling the validation images puts "
             f"it between {lo:.3f} and {hi:.3f} (95%)."
