@@ -53,7 +53,7 @@ def test_review_thresholds_on_known_confidences():
 
 
 def _bench(tmp_path, test_labels):
-    from slimvit.bench import LOGITS, write_logits
+    from slimvit.layout import LOGITS, write_logits
 
     rng = np.random.default_rng(0)
     key = "pruned/onnxruntime/fp32"
@@ -133,4 +133,6 @@ def test_a_validation_split_without_errors_leaves_the_temperature_at_one():
     assert t == 1.0 and "all 3 validation images right" in why
     c = calibrate.calibration(logits, np.array([0, 1, 0]), logits, np.array([0, 0, 0]))
     assert c["temperature"] == 1.0 and c["ece"] == c["ece_t"] and c["not_fitted"]
-    assert calibrate.T_RANGE[0] <= calibrate.fit_temperature(logits, np.array([0, 1, 1])) <= calibrate.T_RANGE[1]
+    assert (
+        calibrate.T_RANGE[0] <= calibrate.fit_temperature(logits, np.array([0, 1, 1])) <= calibrate.T_RANGE[1]
+    )

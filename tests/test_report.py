@@ -42,7 +42,7 @@ def _run_with_mistakes(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from slimvit.bench import LOGITS, write_logits
+    from slimvit.layout import LOGITS, write_logits
 
     key = "pruned/onnxruntime/int8-dynamic"
     (tmp_path / "ds" / "a").mkdir(parents=True)

@@ -25,6 +25,7 @@ import numpy as np
 
 from slimvit.errors import ModelError
 from slimvit.io import atomic_write_json, atomic_write_text, is_main_process, read_json
+from slimvit.layout import LOGITS, write_logits
 from slimvit.spec import read_spec
 from slimvit.timing import ISA_FLAGS, cpu_flags, cpu_name
 
@@ -544,28 +545,6 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
     return {"variants": len(rows), "seconds": out["settings"]["seconds"]}
 
 
-LOGITS = "bench_logits.npz"
-"""Every variant's logits on the validation and test images (float32 arrays named `<split>|<key>`, no
-pickle): the report lists the deployed model's mistakes with their confidence from them."""
-
-
-def write_logits(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from slimvit.io import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-
-
-def read_logits(path: Path, split: str, key: str) -> np.ndarray | None:
-    """One variant's logits on a split, or None when the file (or that variant) is not there."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            name = f"{split}|{key}"
-            return z[name] if name in z.files else None
-    except (OSError, ValueError):
-        return None
-
-
 def val_views(images: np.ndarray, flips: bool, rot90: bool) -> np.ndarray:
     """The flips/rotations of uint8 (N, H, W, 3) images that the training augmentation draws from (8 with
     both), stacked view by view: (V*N, H, W, 3). The same views as `train.views`, in numpy."""
@@ -697,6 +676,8 @@ def _test_images(data) -> dict:
         "root": str(Path(data.index.root).resolve()),
         "paths": [data.index.samples[i].path for i in idx],
         "labels": [data.classes[data.index.samples[i].label] for i in idx],
+        # defect boxes (name, xmin, ymin, xmax, ymax) in the image's own pixels, where the layout has them
+        "boxes": [[list(b) for b in data.index.samples[i].boxes] for i in idx],
     }
 
 

@@ -212,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=_positive, default=32, metavar="N", help="images per inference call")
     p.add_argument("--top-k", type=_positive, default=1, metavar="K", help="also show the next K-1 classes")
+    p.add_argument(
+        "--explain",
+        default=None,
+        metavar="DIR",
+        help="also write, for each image, a PNG with the image and an occlusion heatmap of where the model looked",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -389,6 +395,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from slimvit.runs import lock_run_dir, prepare_run_dir
 
     cfg, out = load_cli_config(args)
+    if args.command != "run":
+        cfg = _deploy_of_run(cfg, out, args)
     with lock_run_dir(out):  # one writer per run folder, for the whole command
         if args.command == "run":
             pipeline.check_budgets(cfg, out)  # on a finished bench: refused before anything changes
@@ -424,6 +432,24 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             else:
                 pipeline.run_single("report", cfg, run_dir, args, redo_why="the deployed model was re-chosen")
     return _deploy_outcome(run_dir)
+
+
+def _deploy_of_run(cfg, out: Path, args: argparse.Namespace):
+    """A stage command other than `run` and `deploy` keeps the run folder's own deploy settings (budgets,
+    review) unless `--set deploy.KEY=...` names one: they say what was deployed, not what this command
+    changes, so `slimvit report` after `slimvit deploy --budget-mb 2` re-renders that deployment."""
+    import dataclasses
+
+    from slimvit.config import read_config
+    from slimvit.errors import ConfigError
+
+    saved = out / "config.yaml"
+    if not saved.is_file() or any(o.startswith("deploy.") for o in args.overrides):
+        return cfg
+    try:
+        return dataclasses.replace(cfg, deploy=read_config(saved).deploy)
+    except ConfigError:
+        return cfg  # prepare_run_dir says what is wrong with it
 
 
 def _with_budgets(out: Path, cfg, args: argparse.Namespace):
@@ -526,6 +552,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         threads=args.threads,
         batch=args.batch,
         top_k=args.top_k,
+        explain=args.explain,
     )
 
 

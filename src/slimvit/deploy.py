@@ -216,8 +216,8 @@ def review_settings(cfg) -> dict:
 
 def _calibrated(run_dir: Path, bench: dict, key: str, split: str, temperature: float):
     """(confidence, correct) of a variant's calibrated predictions on a split; None without its logits."""
-    from slimvit.bench import LOGITS, read_logits
     from slimvit.calibrate import softmax
+    from slimvit.layout import LOGITS, read_logits
 
     logits = read_logits(Path(run_dir) / LOGITS, split, key)
     if split == "val":

@@ -42,6 +42,7 @@ from typing import Any
 from slimvit.errors import ConfigError, DataError, ModelError, SlimvitError, first_line
 from slimvit.eta import Estimate
 from slimvit.io import atomic_write_json, is_main_process, read_json, remove_temp_files
+from slimvit.layout import LOGITS
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ STAGES: tuple[Stage, ...] = (
         "size, params, MACs, validation and test accuracy and latency of every artifact",
         _run_bench,
         outputs=("bench.json",),
-        artifacts=("bench.md", "bench_logits.npz"),
+        artifacts=("bench.md", LOGITS),
         reads=(
             "split.json",
             *_model("teacher"),
@@ -355,10 +356,10 @@ STAGES: tuple[Stage, ...] = (
         "write REPORT.md with tables and plots",
         _run_report,
         outputs=("REPORT.md",),
-        artifacts=("plots/*.png",),
+        artifacts=("plots/*.png", "localisation.json"),
         reads=(
             "bench.json",
-            "?bench_logits.npz",
+            f"?{LOGITS}",
             "?deploy/deploy.json",
             "?data.json",
             "?*/train.json",

@@ -327,6 +327,7 @@ def main(
     batch: int = BATCH,
     top_k: int = 1,
     stdin: Iterable[str] | None = None,
+    explain: str | None = None,
 ) -> int:
     """`slimvit predict`: outputs first (files, then stdout), failures and the summary on stderr."""
     files = gather(paths, stdin)
@@ -357,4 +358,13 @@ def main(
             file=sys.stderr,
         )
     print(summary(pred, threads, batch), file=sys.stderr)
+    if explain:
+        from slimvit.explain import explain_files
+
+        ex = explain_files(resolve_model(model), [Path(r["path"]) for r in pred.results], explain, threads)
+        print(
+            f"heatmaps: {len(ex['written'])} written to {explain} ({ex['ms_per_image']:.1f} ms per image: "
+            f"{ex['grid']}x{ex['grid']} occlusion in one batched call, drawing included; {threads} threads)",
+            file=sys.stderr,
+        )
     return 1 if pred.failed else 0

@@ -338,7 +338,7 @@ def plot_confusion(run: dict, path: Path) -> None:
 def mistakes(run: dict) -> list[dict]:
     """The deployed model's wrong test images: path (relative to the dataset), true and predicted class,
     and the model's confidence in its prediction (softmax of its logits; None where bench kept no logits)."""
-    from slimvit.bench import LOGITS, read_logits
+    from slimvit.layout import LOGITS, read_logits
 
     dep = _deployed(run)
     b = run["bench"]
@@ -1335,6 +1335,7 @@ def render(run: dict, command: str | None = None) -> str:
         _candidates(run),
         _deployment(run),
         trust.section(run),
+        trust.localisation_section(run),
         _classes(run),
         _mistakes(run),
         _portability(run),
@@ -1375,6 +1376,7 @@ def run_report(cfg, run_dir: str | Path, data=None, command: str | None = None) 
         for name, fn in (
             ("reliability.png", trust.plot_reliability),
             ("risk_coverage.png", trust.plot_risk_coverage),
+            ("heatmaps.png", trust.plot_heatmaps),
         ):
             plt = _plt()
             (run_dir / "plots" / name).unlink(missing_ok=True)

@@ -160,8 +160,10 @@ def prepare_run_dir(cfg: Config, out: str | Path, force: bool = False) -> Path:
                 raise ConfigError(f"'{path}' cannot be read ({why}); use another --out or --force") from None
             diff, redo = [f"unreadable {path.name}"], list(STAGES)  # nothing in the folder can be trusted
         if diff and not force and not all(d.startswith(FREE_KEYS) for d in diff):
-            shown = "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
-            first = redo[0].name if redo else "data"
+            binding = [d for d in diff if not d.startswith(FREE_KEYS)]  # what the refusal is about
+            shown = "; ".join(binding[:4]) + (" ..." if len(binding) > 4 else "")
+            stages = affected_stages([d.split(":")[0] for d in binding])
+            first = stages[0].name if stages else "data"
             raise ConfigError(
                 f"run folder '{run_dir}' was made with a different config ({shown}); use another --out, or "
                 f"redo what the change affects with the new config: `slimvit run --force {first}` (a stage "

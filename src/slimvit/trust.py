@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from slimvit import calibrate
-from slimvit.bench import LOGITS, read_logits
 from slimvit.evaluate import wilson
+from slimvit.layout import LOGITS, read_logits
 
 STAGES = (("teacher", "teacher"), ("student", "student"), ("pruned", "pruned r"))
 
@@ -219,4 +219,215 @@ def plot_risk_coverage(run: dict, path: Path, plt) -> bool:
     ax.set_ylabel("accuracy on the kept images (%)")
     ax.set_title("Risk-coverage on the test images")
     ax.legend()
+    return True
+
+
+# --------------------------------------------------------------------------- where the models look
+
+LOCALISATION_CACHE = "localisation.json"  # the report stage's artifact (pipeline.STAGES)
+
+
+def _model_files(run: dict) -> list[tuple[str, Path]]:
+    """(label, ONNX file) of the teacher, the student, the pruned model and the deployed model (the
+    deployed file itself, on the runtime it was deployed for)."""
+    run_dir = Path(run.get("run_dir", "."))
+    rows = {r["key"]: r for r in run["bench"]["rows"]}
+    out = []
+    for name, key in stage_keys(run):
+        if name == "deployed":
+            path = run_dir / "deploy" / "model.onnx"
+        else:
+            path = run_dir / rows[key]["file"]
+        if path.exists():
+            out.append((name, path))
+    return out
+
+
+def localisation_scores(run: dict, threads: int = 2) -> dict[str, list]:
+    """Each model's per-test-image localisation (explain.localise), cached in the run folder by model file
+    (its size and modification time), so re-rendering the report does not recompute them."""
+    import json
+
+    from slimvit.explain import localise
+    from slimvit.io import atomic_write_json
+
+    t = run["bench"].get("test_images") or {}
+    run_dir = Path(run.get("run_dir", "."))
+    cache_path = run_dir / LOCALISATION_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    out, changed = {}, False
+    for name, path in _model_files(run):
+        st = path.stat()
+        tag = f"{path.relative_to(run_dir)}|{st.st_size}|{st.st_mtime_ns}|{len(t['paths'])}"
+        if cache.get(name, {}).get("tag") != tag:
+            scores = localise(path, Path(t["root"]), t["paths"], t["boxes"], threads)
+            cache[name] = {"tag": tag, "scores": scores}
+            changed = True
+        out[name] = cache[name]["scores"]
+    if changed:
+        atomic_write_json(cache_path, cache)
+    return out
+
+
+def _mean_ci(x: np.ndarray) -> str:
+    if len(x) < 2:
+        return "-"
+    se = x.std(ddof=1) / np.sqrt(len(x))
+    return f"{100 * x.mean():.1f} (+-{196 * se:.1f})"
+
+
+def localisation_section(run: dict) -> list[str]:
+    from slimvit.evaluate import mcnemar
+
+    t = run["bench"].get("test_images") or {}
+    if not t.get("paths"):
+        return []
+    if not any(t.get("boxes") or []):
+        return [
+            "## Where the models look",
+            "",
+            "This dataset has no defect boxes, so localisation is not scored; `slimvit predict --explain DIR` "
+            "still draws each image's heatmap.",
+            "",
+        ]
+    root = Path(t["root"])
+    if not all((root / p).exists() for p in t["paths"][:1]):
+        return [
+            "## Where the models look",
+            "",
+            f"The test images are not at `{root}`: localisation not scored.",
+            "",
+        ]
+    scores = localisation_scores(run)
+    names = list(scores)
+    keep = [i for i in range(len(t["paths"])) if all(scores[n][i] is not None for n in names)]
+    if not keep:
+        return []
+    hits = {n: np.array([scores[n][i]["hit"] for i in keep]) for n in names}
+    energy = {n: np.array([scores[n][i]["energy"] for i in keep]) for n in names}
+    chance = np.array([scores[names[0]][i]["chance"] for i in keep])
+    out = [
+        "## Where the models look",
+        "",
+        f"An occlusion heatmap (a {6}x{6} grid, each cell hidden in turn; how much the named class's "
+        "probability falls) scored against the dataset's defect boxes on the "
+        f"{len(keep)} test images that have them. Pointing game: the share of images whose hottest cell lies "
+        "in a box; energy: the share of the heat inside the boxes; chance: the boxes' share of the image, what "
+        "a map that looks nowhere in particular would score on both. 95% intervals.",
+        "",
+        "| model | pointing game % | energy in boxes % | chance % |",
+        "|---|---:|---:|---:|",
+    ]
+    from slimvit.evaluate import wilson
+
+    for n in names:
+        k = int(hits[n].sum())
+        lo, hi = wilson(k, len(keep))
+        out.append(
+            f"| {n} | {100 * k / len(keep):.1f} ({100 * lo:.0f}-{100 * hi:.0f}) | {_mean_ci(energy[n])} | "
+            f"{100 * chance.mean():.1f} |"
+        )
+    out += ["", "Each compression step against its input on the same images:", ""]
+    out += [
+        "| step | pointing game change (points; only after / only before hit, McNemar p) | energy change (points, 95% CI) |"
+    ]
+    out += ["|---|---:|---:|"]
+    pairs = [
+        (a, b)
+        for a, b in (("student", "pruned"), ("pruned", "deployed"), ("student", "deployed"))
+        if a in hits and b in hits
+    ]
+    for a, b in pairs:
+        m = mcnemar(hits[b], hits[a])
+        d = energy[b] - energy[a]
+        out.append(
+            f"| {a} -> {b} | {100 * (hits[b].mean() - hits[a].mean()):+.1f} ({m['a_only']} / {m['b_only']}, "
+            f"p={m['p']:.2g}) | {_mean_ci(d)} |"
+        )
+    if "student" in hits and "deployed" in hits:
+        dh = 100 * (hits["deployed"].mean() - hits["student"].mean())
+        de = 100 * (energy["deployed"].mean() - energy["student"].mean())
+        if abs(dh) <= 5 and abs(de) <= 5:
+            out += [
+                "",
+                f"Compression kept where the model looks: the deployed model is within 5 points of the student on both ({dh:+.1f} and {de:+.1f}).",
+            ]
+        else:
+            labels = np.array([t["labels"][i] for i in keep])
+            per = {
+                c: 100 * (hits["deployed"][labels == c].mean() - hits["student"][labels == c].mean())
+                for c in sorted(set(labels))
+            }
+            worst = min(per, key=per.get)
+            out += [
+                "",
+                f"**Compression moved where the model looks**: pointing game {dh:+.1f} points, energy {de:+.1f} "
+                f"points against the student; most on {worst} ({per[worst]:+.1f} points of pointing game).",
+            ]
+    labels = np.array([t["labels"][i] for i in keep])
+    out += [
+        "",
+        "Pointing game per class, %:",
+        "",
+        "| class | images | " + " | ".join(names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
+    for c in sorted(set(labels)):
+        m = labels == c
+        out.append(
+            f"| {c} | {int(m.sum())} | " + " | ".join(f"{100 * hits[n][m].mean():.0f}" for n in names) + " |"
+        )
+    out += ["", "![heatmaps](plots/heatmaps.png)", ""]
+    return out
+
+
+def plot_heatmaps(run: dict, path: Path, plt, n_right: int = 3, n_wrong: int = 3) -> bool:
+    """Test images (the deployed model's wrong ones first, then right ones) with each model's heatmap
+    beside them, boxes drawn."""
+    from PIL import Image
+
+    from slimvit import runtime
+    from slimvit.explain import occlusion, upsample
+    from slimvit.preprocess import load_rgb
+
+    b = run["bench"]
+    t = b.get("test_images") or {}
+    files = _model_files(run)
+    dep = next((r for r in b["rows"] if r.get("deployed")), None)
+    if not t.get("paths") or not files or dep is None:
+        return False
+    root = Path(t["root"])
+    if not (root / t["paths"][0]).exists():
+        return False
+    pred = (b.get("predictions") or {}).get(dep["key"]) or []
+    wrong = [i for i, (k, y) in enumerate(zip(pred, t["labels"], strict=False)) if b["classes"][k] != y]
+    right = [i for i in range(len(pred)) if i not in set(wrong)]
+    pick = wrong[:n_wrong] + right[:: max(1, len(right) // max(1, n_right))][:n_right]
+    runners = [(name, *runtime.runner(p, 2)) for name, p in files]
+    fig, axes = plt.subplots(
+        len(pick), 1 + len(runners), figsize=(2.2 * (1 + len(runners)), 2.3 * len(pick)), squeeze=False
+    )
+    for row, i in zip(axes, pick, strict=True):
+        with Image.open(root / t["paths"][i]) as im:
+            img = np.asarray(im.convert("RGB"))
+        row[0].imshow(img)
+        row[0].set_title(f"{Path(t['paths'][i]).name}\ntrue {t['labels'][i]}", fontsize=7)
+        boxes = (t.get("boxes") or [[]] * len(pred))[i]
+        for ax, (name, run_fn, meta) in zip(row[1:], runners, strict=True):
+            r = occlusion(run_fn, meta, load_rgb(root / t["paths"][i], int(meta["input_size"][-1])))
+            heat = upsample(r["heat"] / (r["heat"].max() or 1), (img.shape[1], img.shape[0]), smooth=True)
+            ax.imshow(img)
+            ax.imshow(heat, cmap="inferno", alpha=0.5, vmin=0, vmax=1)
+            ax.set_title(f"{name}: {meta['classes'][r['class']]} {r['probs'][r['class']]:.2f}", fontsize=7)
+        for ax in row:
+            ax.axis("off")
+            for _, x0, y0, x1, y1 in boxes:
+                ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="cyan", lw=0.8))
+    fig.suptitle(
+        "Where each model looks (occlusion; defect boxes in cyan); the deployed model's wrong images first",
+        fontsize=9,
+    )
     return True
