@@ -49,7 +49,9 @@ def model(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("value", ["#mine", "null", "2024", "a: b", "[x]", "~"])
-def test_data_option_is_a_path_never_yaml(value):
+def test_data_option_is_a_path_never_yaml(value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / value).mkdir()  # a folder of that name: --data is checked to exist before anything runs
     cfg, _ = load_cli_config(build_parser().parse_args(["data", "--data", value]))
     assert cfg.data.path == value
 

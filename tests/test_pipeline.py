@@ -350,13 +350,13 @@ def test_dataset_error_is_recorded_against_the_stage_that_needed_it(smoke_run, t
     entry = manifest["stages"]["quantize"]
     assert entry["status"] == "failed" and entry["error"].startswith("loading the dataset: ")
     assert "moved-away" in entry["error"] and manifest["stages"]["export"]["status"] == "done"
-    # a single-stage command records it the same way
+    # a single-stage command given a --data that is not there refuses before it changes anything
+    before = (out / "manifest.json").read_bytes()
     r = _cli(
         "export", "--force", "--preset", "smoke", "--data", str(tmp_path / "moved-away"), "--out", str(out)
     )
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    entry = json.loads((out / "manifest.json").read_text())["stages"]["export"]
-    assert entry["status"] == "failed" and entry["error"].startswith("loading the dataset: ")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "moved-away' does not exist" in r.stderr
+    assert (out / "manifest.json").read_bytes() == before
 
 
 def test_stage_command_without_prerequisite(tmp_path):
