@@ -229,6 +229,24 @@ def per_seed(results: list[dict]) -> list[str]:
     return lines
 
 
+def stated_vs_external(results: list[dict]) -> list[str]:
+    """The runs' own stated test accuracy of the deployed model, pooled over the seeds (weighted by their
+    test images), against the pooled external figure's 95% interval."""
+    done = [r for r in results if "deployed" in r["steps"]]
+    if not done:
+        return []
+    n = sum(r["test_images"] for r in done)
+    stated = sum(r["deploy"]["accuracy"] * r["test_images"] for r in done) / n
+    c = np.concatenate([np.array(r["steps"]["deployed"]["correct"], bool) for r in done])
+    lo, hi = wilson(int(c.sum()), len(c))
+    inside = lo - 1e-9 <= stated <= hi + 1e-9
+    return [
+        f"Pooled: the runs stated {100 * stated:.2f}% for their deployed models ({n} test images); on the "
+        f"{len(c)} external images they got {100 * c.mean():.2f}% (95% CI {100 * lo:.2f}-{100 * hi:.2f}): "
+        + ("inside." if inside else "**outside**.")
+    ]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="../shared/datasets/NEU-DET")
@@ -290,6 +308,8 @@ def main() -> int:
         "External check set: every other NEU-DET image of these classes (never seen by the run).",
         "",
         *per_seed(results),
+        "",
+        *stated_vs_external(results),
         "",
         *table(results, "pooled over the seeds"),
         "",

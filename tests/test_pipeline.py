@@ -440,3 +440,24 @@ def test_refused_commands_leave_a_finished_run_as_it_was(smoke_run, tmp_path):
     r = _cli("report", "--preset", "smoke", "--out", str(run), "--force")  # no --data
     assert r.returncode == 0, r.stderr[-2000:]
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["path"] == data_path
+
+
+def test_a_reset_keeps_the_deployed_model_serving_until_it_is_replaced(smoke_run, tmp_path):
+    """Redoing the pipeline (here: from the teacher) resets the deploy and report stages, but their files
+    stay in place, so `slimvit predict` keeps working during the rerun; the folder is not re-adopted as
+    finished, and a new deployment replaces the old one whole."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run[0], out)
+    model = (out / "deploy" / "model.onnx").read_bytes()
+    m = pipeline.Manifest(out)
+    for name in ("deploy", "report"):
+        m.reset(pipeline.get_stage(name))
+    m.save()
+    assert (out / "deploy" / "model.onnx").read_bytes() == model and (out / "REPORT.md").exists()
+    cfg = load_config("smoke")
+    fp = pipeline.Fingerprints(out, cfg)
+    pipeline.adopt(pipeline.enabled_stages(cfg), m, fp)
+    assert "deploy" not in m.data["stages"]  # not taken for finished: it runs again
+    assert pipeline.assess(pipeline.get_stage("deploy"), m, fp)[0] == pipeline.RUN

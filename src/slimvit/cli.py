@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         default=None,
         metavar="STAGE",
-        help="redo STAGE and every stage built from its outputs (" + ", ".join(s.name for s in STAGES) + ")",
+        help="redo STAGE and every stage built from its outputs ("
+        + ", ".join(s.name for s in STAGES if s.name != "ablation")
+        + "; ablation when distill.ablation=true)",
     )
     _budget_flags(sub.choices["run"])
     for name in ("run", "bench"):

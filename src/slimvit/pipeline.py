@@ -231,7 +231,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "distill",
-        "train the student from the teacher (and the no-distillation ablation)",
+        "train the student from the teacher (and, with distill.ablation=true, the same student without)",
         _run_distill,
         outputs=("student/train.json", "student/eval.json"),
         artifacts=_trained("student"),
