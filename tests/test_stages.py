@@ -316,7 +316,7 @@ def test_time_estimate_of_a_resumed_stage_counts_the_epochs_already_done(monkeyp
     resumed = eta.Estimate(cfg, data, ["teacher"], {}, tmp_path)
     assert resumed.seconds["teacher"] == pytest.approx(fresh.seconds["teacher"] / 2)
     assert "teacher" in resumed.line() and "from epoch 3" in resumed.line()
-    # a fine-tune: training, validation, and the validation views against the student (8 x 12 = 96 images)
+    # a fine-tune: training, validation, and the validation views against the student (4 x 12 = 48 images)
     ft = eta.Estimate(cfg, data, ["prune"], {}, None)
     val, fid = 256 / 8, 256 / 8 + 1
     assert ft.seconds["prune"] == pytest.approx(4 * (2.0 + 2.0 / 3) + (val + fid) * 2.0 / 3)  # 1 epoch

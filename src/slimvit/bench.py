@@ -545,9 +545,10 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
     return {"variants": len(rows), "seconds": out["settings"]["seconds"]}
 
 
-def val_views(images: np.ndarray, flips: bool, rot90: bool) -> np.ndarray:
+def val_views(images: np.ndarray, flips: bool, rot90: bool, limit: int | None = None) -> np.ndarray:
     """The flips/rotations of uint8 (N, H, W, 3) images that the training augmentation draws from (8 with
-    both), stacked view by view: (V*N, H, W, 3). The same views as `train.views`, in numpy."""
+    both), stacked view by view: (V*N, H, W, 3); the same views, in the same order, as `train.views`.
+    `limit`: every other one, as the fine-tunes compare them (`train.FIDELITY_VIEWS`)."""
     rots = [np.rot90(images, k, axes=(1, 2)) for k in range(4 if rot90 else 1)]
     if flips and rot90:
         out = rots + [r[:, :, ::-1] for r in rots]
@@ -555,6 +556,8 @@ def val_views(images: np.ndarray, flips: bool, rot90: bool) -> np.ndarray:
         out = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
     else:
         out = rots
+    if limit is not None:
+        out = out[:: max(1, len(out) // limit)][:limit]
     return np.ascontiguousarray(np.concatenate(out))
 
 
@@ -603,11 +606,13 @@ def fidelity(run_dir: Path, variants: list[Variant], data, cfg) -> tuple[dict, d
     Where validation accuracy saturates (every candidate at 100% of a few images) these still separate
     the candidates: a pruned model that lost the student's function disagrees with it on new views.
     Returns ({variant key: figures}, what they were measured on)."""
+    from slimvit.train import FIDELITY_VIEWS
+
     ref = next((v for v in variants if v.reference), None)
     if ref is None:
         return {}, {}
     images, labels = data.arrays("val")
-    x = val_views(images, cfg.train.flips, cfg.train.rot90)
+    x = val_views(images, cfg.train.flips, cfg.train.rot90, limit=FIDELITY_VIEWS)
     n_views = len(x) // max(1, len(images))
     y = np.tile(labels, n_views)
     source = {"val_images": len(images), "val_views": len(x), "unlabeled": None}

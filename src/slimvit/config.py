@@ -258,9 +258,9 @@ class PruneConfig:
     recovered."""
     recover_agreement: float = 99.0
     """With `recover`: a fine-tune counts as recovered only once its best epoch also names the student's
-    class on this share (%) of the validation images and their flips/rotations. Validation accuracy
-    saturates on a small split (18 images: every pruned model at 100% after one epoch), agreement with
-    the student on 8x the views does not (README, "Small datasets")."""
+    class on this share (%) of the validation images and their flips and 180-degree rotation (4 views
+    each). Validation accuracy saturates on a small split (18 images: every pruned model at 100% after
+    one epoch); agreement with the student on 4x the views saturates later (README, "Small datasets")."""
     finetune_floor: float = 0.5
     """With `recover`: a fine-tune runs at least this fraction of its epochs (after
     `train.steps_floor_images` raised them for a small split) before it may stop as recovered, so a

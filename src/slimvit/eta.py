@@ -81,7 +81,7 @@ class Estimate:
     """The folder each training stage checkpoints into: a resumed stage counts the epochs already done."""
 
     def __init__(self, cfg, data, to_run: list[str], previous: dict[str, float], run_dir=None) -> None:
-        from slimvit.train import floor_epochs, full_size_epochs, n_views
+        from slimvit.train import FIDELITY_VIEWS, floor_epochs, full_size_epochs, n_views
 
         self.seconds: dict[str, float | None] = {}
         self.factor = 1.0
@@ -93,7 +93,8 @@ class Estimate:
         rates = self._measure(cfg, data, trains, batch) if trains else {}
         val_batches = math.ceil(n_val / 256) * 256 / batch  # validation runs 256 at a time
         # a fine-tune also compares itself with the student on every flip/rotation of the validation images
-        fid_batches = math.ceil(n_val * n_views(t.flips, t.rot90) / 256) * 256 / batch if p.recover else 0.0
+        views = min(FIDELITY_VIEWS, n_views(t.flips, t.rot90))
+        fid_batches = math.ceil(n_val * views / 256) * 256 / batch if p.recover else 0.0
         self.resumed: dict[str, int] = {}
 
         def epochs_of(

@@ -13,6 +13,7 @@ import numpy as np
 
 from slimvit import calibrate
 from slimvit.evaluate import wilson
+from slimvit.explain import GRID
 from slimvit.layout import LOGITS, read_logits
 
 STAGES = (("teacher", "teacher"), ("student", "student"), ("pruned", "pruned r"))
@@ -279,6 +280,13 @@ def _mean_ci(x: np.ndarray) -> str:
     return f"{100 * x.mean():.1f} (+-{196 * se:.1f})"
 
 
+def _signed_ci(x: np.ndarray) -> str:
+    if len(x) < 2:
+        return "-"
+    se = x.std(ddof=1) / np.sqrt(len(x))
+    return f"{100 * x.mean():+.1f} (+-{196 * se:.1f})"
+
+
 def localisation_section(run: dict) -> list[str]:
     from slimvit.evaluate import mcnemar
 
@@ -312,8 +320,8 @@ def localisation_section(run: dict) -> list[str]:
     out = [
         "## Where the models look",
         "",
-        f"An occlusion heatmap (a {6}x{6} grid, each cell hidden in turn; how much the named class's "
-        "probability falls) scored against the dataset's defect boxes on the "
+        f"An occlusion heatmap (a {GRID}x{GRID} grid, each cell hidden in turn; how much the named class's "
+        "log-probability falls) scored against the dataset's defect boxes on the "
         f"{len(keep)} test images that have them. Pointing game: the share of images whose hottest cell lies "
         "in a box; energy: the share of the heat inside the boxes; chance: the boxes' share of the image, what "
         "a map that looks nowhere in particular would score on both. 95% intervals.",
@@ -321,8 +329,6 @@ def localisation_section(run: dict) -> list[str]:
         "| model | pointing game % | energy in boxes % | chance % |",
         "|---|---:|---:|---:|",
     ]
-    from slimvit.evaluate import wilson
-
     for n in names:
         k = int(hits[n].sum())
         lo, hi = wilson(k, len(keep))
@@ -345,8 +351,18 @@ def localisation_section(run: dict) -> list[str]:
         d = energy[b] - energy[a]
         out.append(
             f"| {a} -> {b} | {100 * (hits[b].mean() - hits[a].mean()):+.1f} ({m['a_only']} / {m['b_only']}, "
-            f"p={m['p']:.2g}) | {_mean_ci(d)} |"
+            f"p={m['p']:.2g}) | {_signed_ci(d)} |"
         )
+    lo_hit = {n: wilson(int(hits[n].sum()), len(keep))[1] for n in names}
+    flat = [n for n in names if lo_hit[n] <= chance.mean() + 1e-9]
+    if flat:
+        out += [
+            "",
+            f"For {', '.join(flat)} the pointing game is not above chance ({100 * chance.mean():.0f}%: the boxes "
+            "cover that much of the image): on this data the heatmaps do not single out the defect boxes, so "
+            "the steps above say whether compression changed the maps, not whether the models look at the "
+            "defects.",
+        ]
     if "student" in hits and "deployed" in hits:
         dh = 100 * (hits["deployed"].mean() - hits["student"].mean())
         de = 100 * (energy["deployed"].mean() - energy["student"].mean())
