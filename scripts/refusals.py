@@ -69,6 +69,12 @@ def cases(work: Path, run: Path, data: Path) -> list[tuple[str, list[str], Path]
         ("verify: a missing image folder", ["verify", str(deploy), str(work / "nosuch")], run),
         ("predict: a missing model", ["predict", str(work / "nosuch.onnx"), str(data)], run),
         ("subset: an existing output folder", ["subset", str(data), str(run), "--counts", "1,1,1"], run),
+        ("config: an unknown key", ["config", "train.epoch"], run),
+        (
+            "deploy: review and target accuracy together",
+            ["deploy", *common, "--review-rate", "0.05", "--target-accuracy", "99"],
+            run,
+        ),
     ]
 
 
