@@ -139,3 +139,22 @@ def test_cli_unlabeled_missing_or_empty_is_one_line_and_exit_2(tmp_path, capsys,
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and "--unlabeled" in err[0]
         assert not out.exists()  # refused before anything was written
+
+
+def test_the_unlabeled_folder_stays_the_runs_setting(tmp_path):
+    """After `slimvit run --unlabeled DIR`, a later command without the flag keeps it (not a changed config)."""
+    import argparse
+    import dataclasses
+
+    from slimvit.cli import _unlabeled_of_run
+    from slimvit.config import save_config
+
+    cfg = Config()
+    save_config(
+        dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled="/prod")),
+        tmp_path / "config.yaml",
+    )
+    args = argparse.Namespace(unlabeled=None, overrides=[])
+    assert _unlabeled_of_run(cfg, tmp_path, args).bench.unlabeled == "/prod"
+    given = argparse.Namespace(unlabeled=None, overrides=["bench.unlabeled=null"])
+    assert _unlabeled_of_run(cfg, tmp_path, given).bench.unlabeled is None

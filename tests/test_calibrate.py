@@ -136,3 +136,13 @@ def test_a_validation_split_without_errors_leaves_the_temperature_at_one():
     assert (
         calibrate.T_RANGE[0] <= calibrate.fit_temperature(logits, np.array([0, 1, 1])) <= calibrate.T_RANGE[1]
     )
+
+
+def test_a_target_accuracy_threshold_never_splits_tied_confidences():
+    """`conf >= threshold` accepts every image tied at it, so the threshold may only sit where a group of
+    tied confidences ends: three images at 1.0 with one wrong cannot give 99%."""
+    conf = np.array([1.0, 1.0, 1.0, 0.9])
+    right = np.array([True, False, True, True])
+    assert calibrate.threshold_for_accuracy(conf, right, 0.99) is None
+    t = calibrate.threshold_for_accuracy(conf, right, 0.6)
+    assert calibrate.operating_point(conf, right, t)["accuracy_accepted"] >= 0.6

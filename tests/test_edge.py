@@ -230,19 +230,22 @@ def test_top_k_in_json_csv_and_stdout(tmp_path, deploy, images, capsys):
 
 def test_missing_and_non_image_paths_follow_one_rule(tmp_path, deploy, images, monkeypatch, capsys):
     """A missing path is listed and the rest classified (exit 1), as an undecodable file is; a file that is
-    not an image by name is skipped and counted whether it comes from a folder, an argument or stdin."""
+    not an image by name is skipped and counted whether it comes from a folder or stdin."""
     notes = images / "notes.txt"
     notes.write_text("not an image")
     first = sorted(p for p in images.iterdir() if p.suffix == ".png")[0]
-    rc = cli.main(["predict", str(deploy), str(first), str(tmp_path / "nosuch.jpg"), str(notes)])
+    # named as arguments, every path is tried: a missing one and a non-image are listed, the rest classified
+    rc = cli.main(["predict", str(deploy), str(first), str(tmp_path / "nosuch"), str(notes)])
     out, err = capsys.readouterr()
-    assert rc == 1 and len(out.splitlines()) == 1 and "nosuch.jpg': it does not exist" in err
-    assert "skipped 1 file(s) not named as images" in err
+    assert rc == 1 and len(out.splitlines()) == 1 and "nosuch': it does not exist" in err
+    assert "notes.txt" in err and "skipped" not in err
+    # in a listing on stdin and in a folder: one rule, a file that is not an image by name is skipped, counted
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{first}\n{notes}\n"))
     assert cli.main(["predict", str(deploy), "-"]) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 1 and "skipped 1 file(s)" in err and "error:" not in err
-    assert cli.main(["predict", str(deploy), str(images)]) == 0  # in a folder: skipped by the same rule
+    assert cli.main(["predict", str(deploy), str(images)]) == 0
+    assert "skipped 1 file(s)" in capsys.readouterr().err
     notes.unlink()
 
 

@@ -387,7 +387,7 @@ def thread_scaling(run_dir: Path, rows: list[dict], input_size, bcfg, workers=No
         r
         for r in rows
         if (r["stage"] == "pruned" and r["runtime"] == "onnxruntime" and r["precision"] == "fp32")
-        or r is pick
+        or (pick is not None and r["key"] == pick["key"])
     ]
     pairs = [(r, t) for t in thread_counts(bcfg.threads) for r in picks]
     vs = [_variant_at(run_dir, r, t, workers) for r, t in pairs]
@@ -397,7 +397,7 @@ def thread_scaling(run_dir: Path, rows: list[dict], input_size, bcfg, workers=No
             "stage": r["stage"],
             "runtime": r["runtime"],
             "precision": r["precision"],
-            "default_choice": r is pick,
+            "default_choice": pick is not None and r["key"] == pick["key"],
             "threads": t,
             "latency_ms_p50": float(np.median(v.times)),
             "latency_ms_p90": float(np.percentile(v.times, 90)),

@@ -162,8 +162,11 @@ def threshold_for_accuracy(conf: np.ndarray, right: np.ndarray, target: float) -
     """The lowest threshold whose accepted images reach `target` accuracy (the most images accepted);
     None when no non-empty set of the most confident images reaches it."""
     best = None
-    for p in risk_coverage(conf, right):
-        if p["accuracy"] >= target - 1e-12:
+    curve = risk_coverage(conf, right)
+    for k, p in enumerate(curve):
+        # only where a group of tied confidences ends: `conf >= threshold` accepts every tied image
+        end_of_ties = k == len(curve) - 1 or curve[k + 1]["threshold"] < p["threshold"]
+        if end_of_ties and p["accuracy"] >= target - 1e-12:
             best = p["threshold"]
     return best
 

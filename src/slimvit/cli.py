@@ -301,6 +301,7 @@ def load_cli_config(args: argparse.Namespace):
     cfg = load_config(args.preset, args.config, args.overrides, data_path=args.data or None)
     out = Path(args.out) if args.out else Path("runs") / (args.preset or cfg.preset or "custom")
     cfg = _dataset_of_run(cfg, out, args.data)
+    cfg = _unlabeled_of_run(cfg, out, args)
     if getattr(args, "unlabeled", None):  # checked before anything is written
         import dataclasses
 
@@ -310,6 +311,26 @@ def load_cli_config(args: argparse.Namespace):
         check_unlabeled(root)
         cfg = dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=str(root.resolve())))
     return cfg, out
+
+
+def _unlabeled_of_run(cfg, out: Path, args: argparse.Namespace):
+    """Without `--unlabeled` (or `--set bench.unlabeled=...`), the folder a run was benchmarked with stays
+    its setting, so a later command is not refused as a changed config."""
+    import dataclasses
+
+    from slimvit.config import read_config
+    from slimvit.errors import ConfigError
+
+    saved = out / "config.yaml"
+    if getattr(args, "unlabeled", None) or any(o.startswith("bench.unlabeled") for o in args.overrides):
+        return cfg
+    if not saved.is_file():
+        return cfg
+    try:
+        prev = read_config(saved).bench.unlabeled
+    except ConfigError:
+        return cfg
+    return dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=prev)) if prev else cfg
 
 
 def _dataset_of_run(cfg, out: Path, given: str | None):
@@ -400,7 +421,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.command != "run":
         cfg = _deploy_of_run(cfg, out, args)
     with lock_run_dir(out):  # one writer per run folder, for the whole command
-        if args.command == "run":
+        if args.command == "run" and not args.force:  # with --force the bench may be redone
             pipeline.check_budgets(cfg, out)  # on a finished bench: refused before anything changes
         run_dir = prepare_run_dir(cfg, out, force=bool(getattr(args, "force", False)))
         if args.command == "run":

@@ -250,8 +250,8 @@ def review_plan(
     val = _calibrated(run_dir, bench, key, "val", temperature)
     if val is None:
         raise ModelError(
-            "bench.json (or bench_logits.npz) has no validation logits to choose a review threshold; "
-            "run `slimvit bench`"
+            "bench.json (or bench_logits.npz) has no validation logits to choose a review threshold (a bench "
+            "of an older slimvit); run `slimvit bench --force`"
         )
     conf, right = val
     if review_rate is not None:
@@ -387,6 +387,7 @@ def swap_in(run_dir: Path, new: Path) -> None:
     into place, so `deploy/` is never a half-written folder (a reader sees the old model or the new)."""
     dst = Path(run_dir) / "deploy"
     old = dst.with_name(".deploy.old")
+    restore_swap(run_dir)
     shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
         dst.rename(old)
@@ -455,6 +456,7 @@ def run_deploy(cfg, run_dir: str | Path, strict: bool = True) -> dict:
 
 def deployed_now(run_dir: Path) -> str:
     """What stays deployed in a run folder, in words."""
+    restore_swap(run_dir)
     rec = Path(run_dir) / "deploy" / "deploy.json"
     try:
         d = read_json(rec)
@@ -463,6 +465,14 @@ def deployed_now(run_dir: Path) -> str:
     if not d.get("deployed", True):
         return "nothing was deployed before, nothing is now"
     return f"{d.get('key')} stays deployed in {rec.parent} (it and REPORT.md are unchanged)"
+
+
+def restore_swap(run_dir: Path) -> None:
+    """A swap killed between its two renames left no `deploy/` and the old one aside: put it back."""
+    dst = Path(run_dir) / "deploy"
+    old = dst.with_name(".deploy.old")
+    if not dst.exists() and old.is_dir():
+        old.rename(dst)
 
 
 def _fresh(run_dir: Path) -> Path:

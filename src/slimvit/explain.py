@@ -94,9 +94,9 @@ def render(image_path: str | Path, heat: np.ndarray, caption: str, out: str | Pa
     from PIL import Image, ImageDraw
 
     from slimvit.io import atomic_path
+    from slimvit.preprocess import open_rgb
 
-    with Image.open(image_path) as im:
-        base = im.convert("RGB")
+    base = open_rgb(image_path)
     scale = width / base.width
     base = base.resize((width, max(1, round(base.height * scale))), Image.BILINEAR)
     m = heat / heat.max() if heat.max() > 0 else heat

@@ -89,16 +89,16 @@ def resolve_model(path: str | Path) -> Path:
     return model
 
 
-def collect(paths: Iterable[str | Path]) -> list[Path]:
-    """Image files named directly, plus every image file under named folders (sorted)."""
+def collect(paths: Iterable[str | Path], skipped: list | None = None) -> list[Path]:
+    """Image files named directly, plus every image file under named folders (sorted); the other files of
+    those folders (not hidden ones) go to `skipped`."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(
-                q
-                for q in p.rglob("*")
-                if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS and not q.name.startswith(".")
-            )
+            inside = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+            found = [q for q in inside if q.suffix.lower() in IMAGE_EXTENSIONS]
+            if skipped is not None:
+                skipped += [q for q in inside if q.suffix.lower() not in IMAGE_EXTENSIONS]
             if not found:
                 raise DataError(f"folder '{p}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
             out += found
@@ -108,8 +108,8 @@ def collect(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def is_image_name(p: Path) -> bool:
-    """One rule for every source of paths (arguments, folders, stdin): a file is an image by its extension;
-    others are skipped and counted, never a decode error."""
+    """In a folder and on stdin a file is an image by its extension; the others are skipped and counted,
+    never a decode error (a file named as an argument is always tried)."""
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
@@ -125,17 +125,24 @@ def read_path_lines(lines: Iterable[str]) -> list[Path]:
     return out
 
 
-def gather(paths: list[str], stdin: Iterable[str] | None = None) -> list[Path]:
-    """The files to classify: `collect` of PATH arguments, with `-` replaced by the stdin paths."""
+def gather(paths: list[str], stdin: Iterable[str] | None = None, skipped: list | None = None) -> list[Path]:
+    """The files to classify: `collect` of PATH arguments, with `-` replaced by the stdin paths.
+
+    A file named as an argument is always tried (a missing one is listed as not decodable); in a folder and
+    on stdin, a file is an image by its name (`is_image_name`), and the others go to `skipped`: one rule
+    for a listing and a folder alike."""
     files: list[Path] = []
     for p in paths:
         if p == "-":
             from_stdin = read_path_lines(stdin if stdin is not None else sys.stdin)
             if not from_stdin:
                 raise DataError("'-' was given but stdin holds no file paths (one path a line)")
-            files += from_stdin
+            named = [f for f in from_stdin if is_image_name(f)]
+            if skipped is not None:
+                skipped += [f for f in from_stdin if not is_image_name(f)]
+            files += named
         else:
-            files += collect([p])
+            files += collect([p], skipped)
     return files
 
 
@@ -330,9 +337,9 @@ def main(
     explain: str | None = None,
 ) -> int:
     """`slimvit predict`: outputs first (files, then stdout), failures and the summary on stderr."""
-    files = gather(paths, stdin)
-    skipped = [f for f in files if not is_image_name(f)]
-    pred = classify(model, [f for f in files if is_image_name(f)], threads, batch, top_k)
+    skipped: list[Path] = []
+    files = gather(paths, stdin, skipped)
+    pred = classify(model, files, threads, batch, top_k)
     if json_path:
         atomic_write_json(
             json_path,

@@ -70,6 +70,13 @@ def load_rgb(path: str | Path, size: int) -> np.ndarray:
         raise ImageDecodeError(f"cannot decode image '{path}': {first_line(e)}") from None
 
 
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image at its own size as the model sees it (16-bit scaled, transparency composited, RGB):
+    what a heatmap or a thumbnail is drawn over."""
+    with Image.open(path) as im:
+        return _to_rgb8(im, path)
+
+
 def _to_rgb8(im: Image.Image, path: str | Path) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB: 16-bit data scaled, transparency composited on BACKGROUND."""
     if im.mode in _SIXTEEN_BIT_MODES or im.mode == "I":

@@ -377,7 +377,7 @@ def plot_mistakes(run: dict, path: Path) -> bool:
     """Thumbnails of the deployed model's wrong test images (at most MAX_THUMBNAILS, most confident
     first), captioned true -> predicted (confidence). False (nothing drawn) when none or the images are
     not here."""
-    from PIL import Image
+    from slimvit.preprocess import open_rgb
 
     wrong = mistakes(run)[:MAX_THUMBNAILS]
     root = Path((run["bench"].get("test_images") or {}).get("root", ""))
@@ -390,8 +390,7 @@ def plot_mistakes(run: dict, path: Path) -> bool:
     for ax in axes.ravel():
         ax.axis("off")
     for ax, m in zip(axes.ravel(), wrong, strict=False):
-        with Image.open(root / m["path"]) as im:
-            ax.imshow(im.convert("RGB"))
+        ax.imshow(open_rgb(root / m["path"]))
         conf = f" ({m['confidence']:.2f})" if m["confidence"] is not None else ""
         ax.set_title(f"{Path(m['path']).name}\n{m['true']} -> {m['predicted']}{conf}", fontsize=7)
     fig.suptitle("Deployed model: wrong test images (true -> predicted, confidence)")

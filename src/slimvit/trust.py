@@ -109,6 +109,12 @@ def _review(run: dict, names: dict, y: np.ndarray) -> list[str]:
     plan = b.get("review")
     if not plan:
         p = _probs(run, key, cal[key]["temperature"])
+        if p is None:
+            return out[:1] + [
+                "",
+                "bench_logits.npz is missing: run `slimvit bench --force` for the curve.",
+                "",
+            ]
         conf, right = p.max(1), p.argmax(1) == y
         points = {cov: _at_coverage(conf, right, cov) for cov in (1.0, 0.95, 0.9)}
         out += [
@@ -353,7 +359,7 @@ def localisation_section(run: dict) -> list[str]:
             f"| {a} -> {b} | {100 * (hits[b].mean() - hits[a].mean()):+.1f} ({m['a_only']} / {m['b_only']}, "
             f"p={m['p']:.2g}) | {_signed_ci(d)} |"
         )
-    lo_hit = {n: wilson(int(hits[n].sum()), len(keep))[1] for n in names}
+    lo_hit = {n: wilson(int(hits[n].sum()), len(keep))[0] for n in names}
     flat = [n for n in names if lo_hit[n] <= chance.mean() + 1e-9]
     if flat:
         out += [
@@ -403,11 +409,9 @@ def localisation_section(run: dict) -> list[str]:
 def plot_heatmaps(run: dict, path: Path, plt, n_right: int = 3, n_wrong: int = 3) -> bool:
     """Test images (the deployed model's wrong ones first, then right ones) with each model's heatmap
     beside them, boxes drawn."""
-    from PIL import Image
-
     from slimvit import runtime
     from slimvit.explain import occlusion, upsample
-    from slimvit.preprocess import load_rgb
+    from slimvit.preprocess import load_rgb, open_rgb
 
     b = run["bench"]
     t = b.get("test_images") or {}
@@ -427,8 +431,7 @@ def plot_heatmaps(run: dict, path: Path, plt, n_right: int = 3, n_wrong: int = 3
         len(pick), 1 + len(runners), figsize=(2.2 * (1 + len(runners)), 2.3 * len(pick)), squeeze=False
     )
     for row, i in zip(axes, pick, strict=True):
-        with Image.open(root / t["paths"][i]) as im:
-            img = np.asarray(im.convert("RGB"))
+        img = np.asarray(open_rgb(root / t["paths"][i]))
         row[0].imshow(img)
         row[0].set_title(f"{Path(t['paths'][i]).name}\ntrue {t['labels'][i]}", fontsize=7)
         boxes = (t.get("boxes") or [[]] * len(pred))[i]
