@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -299,7 +300,12 @@ def measure(
         # Batch 1 first, in short blocks (`per_round` calls after `block_warmup` untimed ones: the
         # first calls after switching models run slow): a slow spell of a shared machine then falls
         # on every variant instead of on whichever variant's long block it hit.
-        bar = tqdm(range(bcfg.rounds), desc="bench rounds", disable=not progress, leave=False)
+        bar = tqdm(
+            range(bcfg.rounds),
+            desc="bench rounds",
+            disable=not (progress and sys.stderr.isatty()),
+            leave=False,
+        )
         for _ in bar:
             for v in variants:
                 time.sleep(0.02)  # let the previous runtime's spinning threads go idle

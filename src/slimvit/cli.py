@@ -277,9 +277,13 @@ def _setup_logging() -> None:
         handler.addFilter(_library_noise)
 
 
-EXPECTED_WARNINGS = ("Please check if the model is already quantized",)
-"""Library warnings that slimvit's own steps cause on purpose (int8-mixed quantizes dynamically a model
-whose conv stem is already static QDQ), which a user cannot act on."""
+EXPECTED_WARNINGS = (
+    "Please check if the model is already quantized",
+    "Please consider to run pre-processing before quantization",
+)
+"""Library warnings that slimvit's own steps cause on purpose, which a user cannot act on: int8-mixed
+quantizes dynamically a model whose conv stem is already static QDQ; the pre-processing ONNX Runtime
+asks for (`quant_pre_process`) is run before static calibration, and it asks again on the dynamic pass."""
 
 
 def _library_noise(record: logging.LogRecord) -> bool:
