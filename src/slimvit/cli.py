@@ -409,6 +409,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from slimvit.runs import lock_run_dir, prepare_run_dir
 
     cfg, out = load_cli_config(args)
+    cfg = _deploy_of_run(cfg, out, args)
     with lock_run_dir(out):
         run_dir = prepare_run_dir(cfg, out, force=args.force)
         pipeline.run_single("data", cfg, run_dir, args)  # --force redoes the split
