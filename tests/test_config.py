@@ -133,9 +133,10 @@ def test_unreadable_run_config_is_refused_then_redone_with_force(tmp_path):
 @pytest.mark.parametrize(
     "text", ["train:\n  teacher_epochs: 25\n", "train.teacher_epochs: 25\n"], ids=["nested", "dotted"]
 )
-def test_config_file_alone_merges_over_the_default_preset(tmp_path, text):
+def test_config_file_alone_merges_over_the_default_preset(tmp_path, monkeypatch, text):
     from slimvit.cli import build_parser, load_cli_config
 
+    monkeypatch.chdir(tmp_path)  # runs/neu-det of an earlier `make run` would lend its data.path
     user = tmp_path / "only_epochs.yaml"
     user.write_text(text)
     cfg, out = load_cli_config(build_parser().parse_args(["data", "--config", str(user)]))

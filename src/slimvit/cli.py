@@ -317,23 +317,30 @@ def load_cli_config(args: argparse.Namespace):
     return cfg, out
 
 
+def _saved_config(out: Path):
+    """The run folder's config.yaml, or None when there is none or it cannot be read (prepare_run_dir
+    then says what is wrong with it)."""
+    from slimvit.config import read_config
+    from slimvit.errors import ConfigError
+
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        return read_config(saved)
+    except ConfigError:
+        return None
+
+
 def _unlabeled_of_run(cfg, out: Path, args: argparse.Namespace):
     """Without `--unlabeled` (or `--set bench.unlabeled=...`), the folder a run was benchmarked with stays
     its setting, so a later command is not refused as a changed config."""
     import dataclasses
 
-    from slimvit.config import read_config
-    from slimvit.errors import ConfigError
-
-    saved = out / "config.yaml"
     if getattr(args, "unlabeled", None) or any(o.startswith("bench.unlabeled") for o in args.overrides):
         return cfg
-    if not saved.is_file():
-        return cfg
-    try:
-        prev = read_config(saved).bench.unlabeled
-    except ConfigError:
-        return cfg
+    saved = _saved_config(out)
+    prev = saved.bench.unlabeled if saved is not None else None
     return dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=prev)) if prev else cfg
 
 
@@ -343,8 +350,7 @@ def _dataset_of_run(cfg, out: Path, given: str | None):
     command without `--data` never rewrites the run's record of its dataset."""
     import dataclasses
 
-    from slimvit.config import read_config
-    from slimvit.errors import ConfigError, DataError
+    from slimvit.errors import DataError
 
     if given:
         if not Path(given).exists():
@@ -355,13 +361,10 @@ def _dataset_of_run(cfg, out: Path, given: str | None):
         if not Path(given).is_dir():
             raise DataError(f"--data '{given}' is a file; it must be a dataset folder")
         return cfg
-    saved = out / "config.yaml"
-    if cfg.data.path or not saved.is_file():
+    saved = None if cfg.data.path else _saved_config(out)
+    if saved is None:
         return cfg
-    try:
-        path = read_config(saved).data.path
-    except ConfigError:
-        return cfg  # prepare_run_dir says what is wrong with it
+    path = saved.data.path
     if path and not Path(path).is_dir():
         log.warning("the run folder's dataset '%s' is not there; pass --data to name where it is now", path)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path)) if path else cfg
@@ -468,16 +471,8 @@ def _deploy_of_run(cfg, out: Path, args: argparse.Namespace):
     changes, so `slimvit report` after `slimvit deploy --budget-mb 2` re-renders that deployment."""
     import dataclasses
 
-    from slimvit.config import read_config
-    from slimvit.errors import ConfigError
-
-    saved = out / "config.yaml"
-    if not saved.is_file() or any(o.startswith("deploy.") for o in args.overrides):
-        return cfg
-    try:
-        return dataclasses.replace(cfg, deploy=read_config(saved).deploy)
-    except ConfigError:
-        return cfg  # prepare_run_dir says what is wrong with it
+    saved = None if any(o.startswith("deploy.") for o in args.overrides) else _saved_config(out)
+    return cfg if saved is None else dataclasses.replace(cfg, deploy=saved.deploy)
 
 
 def _with_budgets(out: Path, cfg, args: argparse.Namespace):

@@ -170,15 +170,23 @@ def _at_coverage(conf: np.ndarray, right: np.ndarray, coverage: float) -> float:
     return curve[k]["accuracy"]
 
 
-def plot_reliability(run: dict, path: Path, plt) -> bool:
-    """Confidence against accuracy per bin, for the student and the deployed model, before and after
-    temperature."""
+def _plotted(run: dict) -> tuple[dict, np.ndarray, list[tuple[str, str]]] | None:
+    """(calibration by key, test labels, [(label, key)] of the student and the deployed model) for the
+    plots, or None when the bench has no calibration or test labels."""
     b = run["bench"]
     cal, y = b.get("calibration") or {}, _test_labels(b)
     names = dict(stage_keys(run))
     shown = [(n, names[n]) for n in ("student", "deployed") if n in names and names[n] in cal]
-    if not shown or y is None:
+    return (cal, y, shown) if shown and y is not None else None
+
+
+def plot_reliability(run: dict, path: Path, plt) -> bool:
+    """Confidence against accuracy per bin, for the student and the deployed model, before and after
+    temperature."""
+    got = _plotted(run)
+    if got is None:
         return False
+    cal, y, shown = got
     fig, axes = plt.subplots(1, len(shown), figsize=(4.6 * len(shown), 4), squeeze=False)
     for ax, (name, key) in zip(axes[0], shown, strict=True):
         for t, label, style in ((1.0, "before", "o--"), (cal[key]["temperature"], "after temperature", "s-")):
@@ -199,12 +207,11 @@ def plot_reliability(run: dict, path: Path, plt) -> bool:
 
 def plot_risk_coverage(run: dict, path: Path, plt) -> bool:
     """Accuracy on the accepted test images against the share accepted, student and deployed model."""
-    b = run["bench"]
-    cal, y = b.get("calibration") or {}, _test_labels(b)
-    names = dict(stage_keys(run))
-    shown = [(n, names[n]) for n in ("student", "deployed") if n in names and names[n] in cal]
-    if not shown or y is None:
+    got = _plotted(run)
+    if got is None:
         return False
+    cal, y, shown = got
+    b = run["bench"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, key in shown:
         p = _probs(run, key, cal[key]["temperature"])
@@ -279,18 +286,12 @@ def localisation_scores(run: dict, threads: int = 2) -> dict[str, list]:
     return out
 
 
-def _mean_ci(x: np.ndarray) -> str:
+def _mean_ci(x: np.ndarray, signed: bool = False) -> str:
+    """The mean of a [0, 1] figure in points with its 95% half-width; `signed` for a difference."""
     if len(x) < 2:
         return "-"
     se = x.std(ddof=1) / np.sqrt(len(x))
-    return f"{100 * x.mean():.1f} (+-{196 * se:.1f})"
-
-
-def _signed_ci(x: np.ndarray) -> str:
-    if len(x) < 2:
-        return "-"
-    se = x.std(ddof=1) / np.sqrt(len(x))
-    return f"{100 * x.mean():+.1f} (+-{196 * se:.1f})"
+    return f"{100 * x.mean():{'+' if signed else ''}.1f} (+-{196 * se:.1f})"
 
 
 def localisation_section(run: dict) -> list[str]:
@@ -357,7 +358,7 @@ def localisation_section(run: dict) -> list[str]:
         d = energy[b] - energy[a]
         out.append(
             f"| {a} -> {b} | {100 * (hits[b].mean() - hits[a].mean()):+.1f} ({m['a_only']} / {m['b_only']}, "
-            f"p={m['p']:.2g}) | {_signed_ci(d)} |"
+            f"p={m['p']:.2g}) | {_mean_ci(d, signed=True)} |"
         )
     lo_hit = {n: wilson(int(hits[n].sum()), len(keep))[0] for n in names}
     flat = [n for n in names if lo_hit[n] <= chance.mean() + 1e-9]
