@@ -337,7 +337,9 @@ def plot_confusion(run: dict, path: Path) -> None:
 
 def mistakes(run: dict) -> list[dict]:
     """The deployed model's wrong test images: path (relative to the dataset), true and predicted class,
-    and the model's confidence in its prediction (softmax of its logits; None where bench kept no logits)."""
+    and the model's calibrated confidence in its prediction, as `slimvit predict` prints it (None where
+    bench kept no logits)."""
+    from slimvit.calibrate import softmax
     from slimvit.layout import LOGITS, read_logits
 
     dep = _deployed(run)
@@ -352,9 +354,8 @@ def mistakes(run: dict) -> list[dict]:
     logits = read_logits(Path(run.get("run_dir", ".")) / LOGITS, "test", key)
     conf = None
     if logits is not None and len(logits) == len(pred):
-        z = logits - logits.max(1, keepdims=True)
-        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-        conf = p.max(1)
+        temperature = (b.get("calibration") or {}).get(key, {}).get("temperature", 1.0)
+        conf = softmax(logits, temperature).max(1)  # as `slimvit predict` prints it
     classes = b["classes"]
     out = []
     for i, (path, label, k) in enumerate(zip(t["paths"], t["labels"], pred, strict=True)):
@@ -409,7 +410,7 @@ def _mistakes(run: dict) -> list[str]:
         return out + [f"The deployed model classifies every test image correctly ({dep['n']} images).", ""]
     out += [
         f"The deployed model gets {len(wrong)} of {dep['n']} test images wrong (most confident first; "
-        "confidence is the model's softmax probability of the class it named):",
+        "confidence is the calibrated probability of the class it named, as `slimvit predict` prints it):",
         "",
         "| image | true class | predicted | confidence |",
         "|---|---|---|---:|",
