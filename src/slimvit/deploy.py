@@ -38,8 +38,12 @@ class NothingFits(SlimvitError):
     """No candidate fits the budgets; the message names the budget and the closest candidate."""
 
 
-def _val(r: dict) -> float:
-    """What a choice reads: validation balanced accuracy (mean per-class recall: a rare class counts as
+VAL_METRIC = "validation balanced accuracy"
+"""The name of what `val_score` returns, for sentences and table headers."""
+
+
+def val_score(r: dict) -> float:
+    """What every choice reads (deploy, and the report's front, budget sentences and candidate table): validation balanced accuracy (mean per-class recall: a rare class counts as
     much as a common one; on a split with as many images per class it is accuracy). Rows of an older
     bench.json have accuracy only."""
     b = r.get("val_balanced_accuracy")
@@ -65,7 +69,7 @@ def describe(r: dict) -> str:
     shape = shape_label(r)
     return (
         f"{r['stage']} {shape + ' ' if shape else ''}{r['runtime']} {r['precision']}: {r['latency_ms_p50']:.2f} ms, "
-        f"{r['size_mb']:.2f} MB, validation balanced accuracy {100 * _val(r):.2f}%"
+        f"{r['size_mb']:.2f} MB, validation balanced accuracy {100 * val_score(r):.2f}%"
     )
 
 
@@ -86,7 +90,7 @@ def saturated(cands: list[dict]) -> bool:
     validation image of the best (on 18 images, typically all at 100%)."""
     if len(cands) < 2:
         return False
-    vals = [_val(r) for r in cands]
+    vals = [val_score(r) for r in cands]
     return max(vals) - min(vals) <= 1 / _n_val(cands) + 1e-9
 
 
@@ -111,7 +115,8 @@ def choose(
         raise ModelError("bench.json has no deployment candidates (pruned ONNX models); run `slimvit bench`")
     one_image = 1 / _n_val(cands)
     ref = next((r for r in rows if r.get("reference")), None)
-    ref_val = _val(ref) if ref is not None and ref.get("val_accuracy") is not None else max(map(_val, cands))
+    has_ref = ref is not None and ref.get("val_accuracy") is not None
+    ref_val = val_score(ref) if has_ref else max(map(val_score, cands))
     floor = ref_val - max(max_drop / 100, one_image) - 1e-9
     portable = [r for r in cands if r.get("portable", True) is not False]
     agree_floor = min_agreement / 100 - 1e-9
@@ -119,7 +124,7 @@ def choose(
         (
             f"validation balanced accuracy >= {100 * floor:.2f}% (max drop {max_drop:g} points of the student's "
             f"{100 * ref_val:.2f}%, at least one image)",
-            lambda r: _val(r) >= floor,
+            lambda r: val_score(r) >= floor,
         ),
     ]
     if any(_agree(r) is not None for r in cands):
@@ -148,8 +153,8 @@ def choose(
             f"within {TIE:.0%} of the fastest p50"
         )
     else:
-        top = max(map(_val, ok))
-        tied = [r for r in ok if _val(r) >= top - one_image - 1e-9]
+        top = max(map(val_score, ok))
+        tied = [r for r in ok if val_score(r) >= top - one_image - 1e-9]
         if any(_agree(r) is not None for r in tied):  # fidelity separates what validation cannot
             best_agree = max(_agree(r) or 0.0 for r in tied)
             tied = [r for r in tied if (_agree(r) or 0.0) >= best_agree - AGREE_TIE - 1e-9]
@@ -165,7 +170,7 @@ def choose(
         f"{len(ok)} of {len(cands)} candidates qualified"
         + (f"; {excluded} not portable to x86 CPUs without VNNI, never deployed" if excluded else "")
     )
-    passed_val = [r for r in portable if _val(r) >= floor]  # what validation alone lets through
+    passed_val = [r for r in portable if val_score(r) >= floor]  # what validation alone lets through
     flat = saturated(passed_val)
     if flat and _agree(best) is not None:
         why += "; " + saturation_note(passed_val, best)
@@ -175,7 +180,7 @@ def choose(
 def saturation_note(cands: list[dict], best: dict) -> str:
     """The sentence saying that validation could not vouch for the choice among `cands` (those its floor
     let through), what it rested on instead, and what the user can do."""
-    lo, hi = min(map(_val, cands)), max(map(_val, cands))
+    lo, hi = min(map(val_score, cands)), max(map(val_score, cands))
     scored = f"{100 * hi:.2f}%" if hi - lo < 1e-9 else f"{100 * lo:.2f}-{100 * hi:.2f}%"
     return (
         f"validation has {_n_val(cands)} images and the {len(cands)} candidates it lets through scored {scored} "
@@ -192,7 +197,7 @@ AGREE_TIE = 0.005
 
 def _excess(r: dict, floor: float, budget_ms, budget_mb, agree_floor: float = 0.0) -> float:
     """How far a candidate is from fitting: the largest relative overshoot of any budget."""
-    over = [max(0.0, (floor - _val(r)) * 10), max(0.0, (agree_floor - (_agree(r) or 1.0)) * 10)]
+    over = [max(0.0, (floor - val_score(r)) * 10), max(0.0, (agree_floor - (_agree(r) or 1.0)) * 10)]
     if budget_ms is not None:
         over.append(max(0.0, r["latency_ms_p50"] / budget_ms - 1))
     if budget_mb is not None:
