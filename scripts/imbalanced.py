@@ -82,7 +82,7 @@ def summary(run: Path, title: str) -> list[str]:
         lines.append(
             f"| {name} | {100 * bal:.2f} | {100 * (p == y).mean():.2f} | {100 * worst:.1f} | {change} | {pv} |"
         )
-    if report._deployed(r):
+    if report.deployed_row(r):
         what = per_class(steps[-1][1], steps[-1][2], classes)
         lines += ["", f"Deployed, per class (right/test images, 95% lower bound): {what}", ""]
     else:

@@ -167,6 +167,57 @@ def evaluate_run(run: Path, check: Path) -> dict:
     return out
 
 
+def score_candidates(run: Path, check: Path) -> dict:
+    """Every deployment candidate's external score (one scoring per ONNX file: an OpenVINO row is scored
+    through ONNX Runtime on the same file) beside what the run knew of it (validation, agreement, KL,
+    latency), cached in the run folder: what a choice rule would have got, candidate by candidate."""
+    from slimvit.deploy import is_candidate, val_score
+
+    cache = run / f"candidates-{check.name}.json"
+    bench_path = run / "bench.json"
+    if cache.exists() and cache.stat().st_mtime >= bench_path.stat().st_mtime:
+        return json.loads(cache.read_text())
+    rows = json.loads(bench_path.read_text())["rows"]
+    by_file: dict[str, list] = {}
+    out = {}
+    for r in rows:
+        if not (is_candidate(r) or r["key"] == "student/onnxruntime/fp32"):
+            continue
+        if r["file"] not in by_file:
+            by_file[r["file"]] = score(run / r["file"], check)[0].astype(int).tolist()
+        out[r["key"]] = {
+            "correct": by_file[r["file"]],
+            **{k: r.get(k) for k in ("ratio", "depth", "runtime", "precision", "latency_ms_p50", "size_mb")},
+            "params": r.get("params"),
+            "val": val_score(r),
+            "agreement": r.get("agreement"),
+            "kl": r.get("agreement_kl"),
+        }
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def candidates_table(cands: dict, student: np.ndarray, title: str) -> list[str]:
+    lines = [
+        f"### Every candidate, {title}",
+        "",
+        "| candidate | params (M) | p50 ms | val % | agreement % | KL | external % | vs student (points, p) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, c in sorted(cands.items(), key=lambda kv: kv[1]["latency_ms_p50"]):
+        if key == "student/onnxruntime/fp32":
+            continue
+        right = np.array(c["correct"], bool)
+        agree = "-" if c["agreement"] is None else f"{100 * c['agreement']:.1f}"
+        kl = "-" if c["kl"] is None else f"{c['kl']:.4f}"
+        params = "-" if c["params"] is None else f"{c['params'] / 1e6:.2f}"
+        lines.append(
+            f"| {key} | {params} | {c['latency_ms_p50']:.2f} | {100 * c['val']:.1f} | {agree} | {kl} | "
+            f"{100 * right.mean():.2f} | {_vs(right, student)} |"
+        )
+    return lines
+
+
 def _acc(c: np.ndarray) -> str:
     lo, hi = wilson(int(c.sum()), len(c))
     return f"{100 * c.mean():.2f} ({100 * lo:.1f}-{100 * hi:.1f})"
@@ -266,6 +317,11 @@ def main() -> int:
         help="also: K check images a class given to a copy of each run as `--unlabeled` (no labels); both "
         "runs scored on the other check images (paired)",
     )
+    ap.add_argument(
+        "--candidates",
+        action="store_true",
+        help="also score every deployment candidate on the check set (what each choice would have got)",
+    )
     args = ap.parse_args()
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -279,6 +335,8 @@ def main() -> int:
         if not args.report_only:
             sh(slimvit, "run", "--data", str(sub), "--out", str(run), *extra, ok=(0, 2))
         results.append(evaluate_run(run, check))
+        if args.candidates:
+            results[-1]["candidates"] = score_candidates(run, check)
         if args.unlabeled_per_class:
             unl, rest = carve_unlabeled(check, args.unlabeled_per_class, seed)
             run_u = out / f"s{seed}-unlabeled{args.unlabeled_per_class}"
@@ -316,6 +374,9 @@ def main() -> int:
     ]
     for r, seed in zip(results, seeds, strict=True):
         lines += [*table([r], f"seed {seed}"), ""]
+        if "candidates" in r:
+            student = np.array(r["steps"]["student"]["correct"], bool)
+            lines += [*candidates_table(r["candidates"], student, f"seed {seed}"), ""]
     if with_unlabeled:
         deployed = [
             np.concatenate([np.array(r["steps"]["deployed"]["correct"], bool) for r in rs])
@@ -336,7 +397,7 @@ def main() -> int:
         ]
     (out / "SMALL.md").write_text("\n".join(lines))
     (out / "small.json").write_text(
-        json.dumps([{k: v for k, v in r.items() if k != "labels"} for r in results])
+        json.dumps([{k: v for k, v in r.items() if k not in ("labels", "candidates")} for r in results])
     )
     print("\n".join(lines))
     return 0

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from slimvit import cli, pipeline
+from slimvit import cli, stages
 
 # Smaller than `smoke` where it does not matter to what is checked: one quantized mode, no ablation.
 SETTINGS = ["--set", "distill.ablation=false", "--set", "quantize.modes=[int8-dynamic]"]
@@ -62,7 +62,7 @@ class Cases:
     def marks(self) -> dict[str, int | None]:
         """Per stage, the modification time of its first output: it changes when the stage runs."""
         out = {}
-        for s in pipeline.STAGES:
+        for s in stages.STAGES:
             p = self.run_dir / s.outputs[0]
             out[s.name] = p.stat().st_mtime_ns if p.exists() else None
         return out
@@ -74,7 +74,7 @@ class Cases:
         self.slimvit("run")
         after = self.marks()
         redone = {s for s in after if after[s] != before[s]}
-        order = [s.name for s in pipeline.STAGES if s.name in redone]
+        order = [s.name for s in stages.STAGES if s.name in redone]
         ok = expect is None or redone == expect
         print(
             f"{'ok  ' if ok else 'FAIL'} {title}: redone {', '.join(order) or 'nothing'}"
@@ -94,7 +94,7 @@ def main(work: Path) -> int:
     c = Cases(work)
     make_dataset(c.data)
     t0 = time.perf_counter()
-    everything = {s.name for s in pipeline.STAGES} - {"ablation", "sweep"}
+    everything = {s.name for s in stages.STAGES} - {"ablation", "sweep"}
     c.case("first run", lambda: None, everything)
     c.case("1. nothing changed", lambda: None, set())
     c.case("2. split.json removed", lambda: (c.run_dir / "split.json").unlink(), {"data"})

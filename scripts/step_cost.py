@@ -37,8 +37,8 @@ import torch
 from slimvit import models, vit
 from slimvit.config import DistillConfig
 from slimvit.distill import make_loss
+from slimvit.recipe import autocast_context, resolve_precision
 from slimvit.timing import cpu_name
-from slimvit.train import autocast_context, resolve_precision
 
 CLASSES = [str(i) for i in range(6)]
 DEVICE = torch.device("cpu")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from slimvit import report
+from slimvit import labels, report
 
 # The older reference project's published figures (its README and REPORT.md, ViT version), the
 # rows this report is read against. Latency: its own CPU, batch size not stated.
@@ -37,18 +37,18 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) for every target of the issues; met None when the run lacks the numbers."""
     out: list[tuple[str, str, bool | None]] = []
     ev, p, q = run["eval"], run["prune"], run["quantize"]
-    ref = report._ref(run)
-    dep = report._deployed(run)
+    ref = report.ref_row(run)
+    dep = report.deployed_row(run)
     if "student" in ev:
         a = ev["student"]["accuracy"]
-        out.append(("distilled student test accuracy >= 98.5%", report.pct(a), a >= 0.985))
+        out.append(("distilled student test accuracy >= 98.5%", labels.pct(a), a >= 0.985))
         if "student_nokd" in ev:
             b = ev["student_nokd"]["accuracy"]
             t = report.eval_paired(ev, "student", "student_nokd")
             out.append(
                 (
                     "distillation helps (distilled beats the same student without, exact McNemar p < 0.05)",
-                    f"{report.pct(a)} vs {report.pct(b)}"
+                    f"{labels.pct(a)} vs {labels.pct(b)}"
                     + (f" ({t['a_only']} vs {t['b_only']} images, p={t['p']:.2g})" if t else ""),
                     None if t is None else t["p"] < 0.05 and t["a_only"] > t["b_only"],
                 )
@@ -84,9 +84,9 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
                 {0.1, 0.2, 0.3, 0.5} <= {round(r, 6) for r in swept},
             )
         )
-    onnx32 = report._find(run, "pruned", "onnxruntime", "fp32")
-    static = report._find(run, "pruned", "onnxruntime", "int8-static")
-    fp16 = report._find(run, "pruned", "onnxruntime", "fp16")
+    onnx32 = report.find_row(run, "pruned", "onnxruntime", "fp32")
+    static = report.find_row(run, "pruned", "onnxruntime", "int8-static")
+    fp16 = report.find_row(run, "pruned", "onnxruntime", "fp16")
     if q and onnx32 and dep:
         if static:
             r = static["size_mb"] / onnx32["size_mb"]
@@ -100,7 +100,7 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
         r = dep["size_mb"] / onnx32["size_mb"]
         out.append((f"deployed ({dep['precision']}) file <= 0.3x pruned FP32 file", f"{r:.2f}x", r <= 0.3))
         own = (
-            report._find(run, dep["stage"], "onnxruntime", "fp32") or onnx32
+            report.find_row(run, dep["stage"], "onnxruntime", "fp32") or onnx32
         )  # the FP32 model it was built from
         d = dep["accuracy"] - own["accuracy"]
         out.append(
@@ -120,7 +120,7 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
         out.append(
             (
                 "`slimvit predict` agrees with bench accuracy (paired test on the same images)",
-                f"{report.pct(check['accuracy'])} vs {report.pct(dep['accuracy'])}",
+                f"{labels.pct(check['accuracy'])} vs {labels.pct(dep['accuracy'])}",
                 check["agrees"],
             )
         )
@@ -144,10 +144,10 @@ def targets(run: dict) -> list[tuple[str, str, bool | None]]:
 
 def _candidate_targets(run: dict) -> list[tuple[str, str, bool | None]]:
     """Issue 11 and 15's targets: small and fast candidates that stay accurate, both runtimes, int8 as FP32."""
-    rows = [r for r in report._rows(run) if r.get("candidate")]
+    rows = [r for r in report.bench_rows(run) if r.get("candidate")]
     if not rows:
         return []
-    ref = report._ref(run)
+    ref = report.ref_row(run)
     out = []
     for name, group in (
         ("a candidate <= 2.5 MB with test accuracy >= 98.5%", [r for r in rows if r["size_mb"] <= 2.5]),
@@ -162,8 +162,8 @@ def _candidate_targets(run: dict) -> list[tuple[str, str, bool | None]]:
                 name,
                 "none"
                 if best is None
-                else f"{report._label(best)}{report._ratio_text(best)}: {best['size_mb']:.2f} MB, "
-                f"{best['latency_ms_p50']:.2f} ms, {report.pct(best['accuracy'])}",
+                else f"{labels.row_label(best)}{labels.ratio_text(best)}: {best['size_mb']:.2f} MB, "
+                f"{best['latency_ms_p50']:.2f} ms, {labels.pct(best['accuracy'])}",
                 best is not None and best["accuracy"] >= 0.985,
             )
         )
@@ -177,7 +177,7 @@ def _candidate_targets(run: dict) -> list[tuple[str, str, bool | None]]:
     )
     drops = []
     for r in rows:
-        base = report._find(run, r["stage"], "onnxruntime", "fp32")
+        base = report.find_row(run, r["stage"], "onnxruntime", "fp32")
         if r["precision"].startswith("int8") and base:
             drops.append((base["accuracy"] - r["accuracy"], r))
     if drops:
@@ -185,7 +185,7 @@ def _candidate_targets(run: dict) -> list[tuple[str, str, bool | None]]:
         out.append(
             (
                 "every int8 variant within 0.5 point of its FP32 model's test accuracy (on this CPU)",
-                f"worst {100 * -worst:+.2f} points ({report._label(r)}{report._ratio_text(r)})",
+                f"worst {100 * -worst:+.2f} points ({labels.row_label(r)}{labels.ratio_text(r)})",
                 worst <= 0.005 + 1e-9,
             )
         )
@@ -210,11 +210,11 @@ def old_project_table(run: dict) -> list[str]:
     """The older project's published rows (its README and report; its own CPU, batch size not stated) next
     to the matching rows of this run."""
     ours = [
-        report._ref(run),
-        report._find(run, "pruned", "pytorch", "fp32"),
-        report._find(run, "pruned", "onnxruntime", "int8-dynamic"),
-        report._find(run, "pruned", "onnxruntime", "int8-static"),
-        report._find(run, "pruned", "onnxruntime", "fp16"),
+        report.ref_row(run),
+        report.find_row(run, "pruned", "pytorch", "fp32"),
+        report.find_row(run, "pruned", "onnxruntime", "int8-dynamic"),
+        report.find_row(run, "pruned", "onnxruntime", "int8-static"),
+        report.find_row(run, "pruned", "onnxruntime", "fp16"),
     ]
     out = [
         "| stage | old: size MB | old: accuracy | old: latency ms | slimvit: size MB | slimvit: accuracy | slimvit: p50 ms |",
@@ -223,8 +223,8 @@ def old_project_table(run: dict) -> list[str]:
     for old, new in zip(OLD_PROJECT, ours, strict=True):
         if new is not None:
             out.append(
-                f"| {old['stage']} | {old['size_mb']:.2f} | {report.pct(old['accuracy'], 1)} | {old['latency_ms']:.0f} | "
-                f"{new['size_mb']:.2f} | {report.pct(new['accuracy'])} | {new['latency_ms_p50']:.2f} |"
+                f"| {old['stage']} | {old['size_mb']:.2f} | {labels.pct(old['accuracy'], 1)} | {old['latency_ms']:.0f} | "
+                f"{new['size_mb']:.2f} | {labels.pct(new['accuracy'])} | {new['latency_ms_p50']:.2f} |"
             )
     return out
 

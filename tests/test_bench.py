@@ -1,5 +1,5 @@
 """Bench's label-free fidelity (agreement with the student on validation views and unlabeled images) and
-the deploy choice that reads it."""
+the deploy choice that reads it; bench's rows and bench.md."""
 
 import numpy as np
 import pytest
@@ -7,10 +7,11 @@ from PIL import Image
 from test_deploy import STUDENT, _row
 
 from slimvit import bench
-from slimvit.bench import Variant, fidelity, val_views
+from slimvit.bench import Variant
 from slimvit.config import Config
 from slimvit.deploy import choose, saturated
 from slimvit.errors import DataError
+from slimvit.fidelity import check_unlabeled, fidelity, read_unlabeled, val_views
 
 
 class _Spec:
@@ -62,7 +63,9 @@ def _unlabeled(tmp_path, n=10):
 def _fid(monkeypatch, tmp_path, unlabeled):
     import dataclasses
 
-    monkeypatch.setattr(bench, "read_spec", lambda _p: _Spec)
+    monkeypatch.setattr(
+        bench, "read_spec", lambda _p: _Spec
+    )  # no model.json here: every variant normalises alike
     cfg = Config()
     cfg = dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=unlabeled))
     variants = [
@@ -70,13 +73,13 @@ def _fid(monkeypatch, tmp_path, unlabeled):
         _variant("pruned", lambda x: 0.5 * _red(x)),
         _variant("sweep/r0.5", _green_flips),
     ]
-    return fidelity(tmp_path, variants, _Data(), cfg)
+    return fidelity(variants, _Data(), cfg, lambda x: bench.logits_by_variant(tmp_path, variants, x))
 
 
 def test_views_match_the_training_views():
     import torch
 
-    from slimvit.train import views
+    from slimvit.recipe import views
 
     x = np.random.default_rng(0).integers(0, 255, (3, 5, 5, 3), dtype=np.uint8)
     ours = val_views(x, True, True)
@@ -95,7 +98,8 @@ def test_a_candidate_that_disagrees_on_unlabeled_images_loses_at_equal_validatio
     }
     student = {**STUDENT, "val_accuracy": 1.0}
 
-    # validation views only: both candidates name the student's class everywhere, the faster one wins
+    # validation views only: both candidates name the student's class everywhere; validation (both 100%)
+    # cannot see what the deeper cut cost, so the less compressed one is deployed
     fid, source = _fid(monkeypatch, tmp_path, None)
     assert source["val_views"] == 4 * 12 and source["unlabeled"] is None
     assert (
@@ -103,7 +107,9 @@ def test_a_candidate_that_disagrees_on_unlabeled_images_loses_at_equal_validatio
     )
     assert fid["student/onnxruntime/fp32"]["agreement_kl"] == pytest.approx(0.0, abs=1e-12)
     rows = [student, *({**r, **fid[r["key"]]} for r in rows_of.values())]
-    assert choose(rows)[0]["stage"] == "sweep/r0.5"
+    chosen, why = choose(rows)
+    assert chosen["stage"] == "pruned" and chosen["validation_saturated"]
+    assert "least compressed" in why and "cannot tell them apart" in why
 
     # with production images the fast one is seen to disagree with the student, and loses
     fid, source = _fid(monkeypatch, tmp_path, str(_unlabeled(tmp_path)))
@@ -117,15 +123,18 @@ def test_a_candidate_that_disagrees_on_unlabeled_images_loses_at_equal_validatio
     assert "cannot tell them apart" in why and "agreement with the student" in why
     # a budgeted choice with no agreement floor: both fit and tie on validation; agreement breaks the tie
     assert choose(rows, budget_ms=5.0, min_agreement=0)[0]["stage"] == "pruned"
+    # the same disagreement on the less compressed candidate: agreement comes before compression
+    swapped = [student, {**rows[1], **bad}, {**rows[2], **good}]
+    assert choose(swapped, min_agreement=0)[0]["stage"] == "sweep/r0.5"
 
 
 def test_unlabeled_folder_must_hold_images(tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
-        bench.check_unlabeled(tmp_path / "nosuch")
+        check_unlabeled(tmp_path / "nosuch")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="has no images"):
-        bench.check_unlabeled(tmp_path / "empty")
+        check_unlabeled(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("command", ["run", "bench"])
@@ -143,18 +152,134 @@ def test_cli_unlabeled_missing_or_empty_is_one_line_and_exit_2(tmp_path, capsys,
 
 def test_the_unlabeled_folder_stays_the_runs_setting(tmp_path):
     """After `slimvit run --unlabeled DIR`, a later command without the flag keeps it (not a changed config)."""
-    import argparse
     import dataclasses
 
-    from slimvit.cli import _unlabeled_of_run
     from slimvit.config import save_config
+    from slimvit.runs import unlabeled_of_run
 
     cfg = Config()
     save_config(
         dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled="/prod")),
         tmp_path / "config.yaml",
     )
-    args = argparse.Namespace(unlabeled=None, overrides=[])
-    assert _unlabeled_of_run(cfg, tmp_path, args).bench.unlabeled == "/prod"
-    given = argparse.Namespace(unlabeled=None, overrides=["bench.unlabeled=null"])
-    assert _unlabeled_of_run(cfg, tmp_path, given).bench.unlabeled is None
+    assert unlabeled_of_run(cfg, tmp_path, None, []).bench.unlabeled == "/prod"
+    assert unlabeled_of_run(cfg, tmp_path, None, ["bench.unlabeled=null"]).bench.unlabeled is None
+    assert unlabeled_of_run(cfg, tmp_path, "/other", []) is cfg  # --unlabeled given: the caller sets it
+
+
+# --------------------------------------------------------------------------- views, rows and bench.md
+
+
+@pytest.mark.parametrize(("flips", "rot90"), [(True, False), (False, True), (False, False)])
+def test_views_match_the_training_views_for_every_setting(flips, rot90):
+    import torch
+
+    from slimvit.recipe import n_views, views
+
+    x = np.random.default_rng(1).integers(0, 255, (2, 4, 4, 3), dtype=np.uint8)
+    ours = val_views(x, flips, rot90)
+    theirs = torch.cat(views(torch.from_numpy(x).permute(0, 3, 1, 2), flips, rot90)).permute(0, 2, 3, 1)
+    assert ours.shape == (2 * n_views(flips, rot90), 4, 4, 3) and ours.flags.c_contiguous
+    assert np.array_equal(ours, theirs.numpy())
+    assert np.array_equal(ours[:2], x)  # the image itself comes first
+    if flips:
+        assert np.array_equal(ours[2:4], x[:, :, ::-1])  # then its left-right mirror
+
+
+def _timed(stage="pruned", precision="fp32", runtime="onnxruntime", **kw):
+    v = Variant(stage, runtime, precision, f"{stage}.onnx", 2_500_000, 3_000_000, lambda x: x, **kw)
+    v.times = [1.0, 2.0, 3.0, 4.0, 100.0]
+    v.batch_times = [10.0, 30.0, 20.0]
+    return v
+
+
+_METRICS = {
+    "accuracy": 0.9,
+    "accuracy_ci": [0.8, 0.95],
+    "n": 60,
+    "balanced_accuracy": 0.85,
+    "macro_f1": 0.8765,
+}
+
+
+def test_row_figures_by_hand():
+    v = _timed(candidate=True, ratio=0.2, portability={"portable": False, "safe_on": ["vnni"]})
+    r = bench.row(
+        v, _METRICS, 1.25, batch=8, val={**_METRICS, "accuracy": 1.0, "n": 18}, fid={"agreement": 0.97}
+    )
+    assert set(bench.ROW_KEYS) <= set(r)  # bench.json keeps exactly these
+    assert r["key"] == "pruned/onnxruntime/fp32" and r["ratio"] == 0.2 and r["candidate"]
+    assert r["latency_ms_p50"] == 3.0  # the median, not the mean the 100 ms outlier would drag up
+    assert r["latency_ms_p90"] == pytest.approx(4.0 + 0.6 * 96.0) and r["latency_runs"] == 5
+    assert r["throughput_ips"] == pytest.approx(8 / 0.020)  # batch of 8 in a median 20 ms
+    assert r["gmacs_per_s"] == pytest.approx(3e6 / 0.003 / 1e9)
+    assert r["val_accuracy"] == 1.0 and r["val_n"] == 18 and r["accuracy"] == 0.9
+    assert r["agreement"] == 0.97 and r["agreement_kl"] is None
+    assert r["portable"] is False and r["safe_on"] == ["vnni"]
+    plain = bench.row(_timed(), _METRICS, 1.0, batch=8)
+    assert plain["val_accuracy"] is None and plain["val_n"] is None and plain["portable"] is True
+
+
+def test_precision_label():
+    assert bench.precision_label({"precision": "fp32", "ran_precision": None}) == "fp32"
+    assert bench.precision_label({"precision": "fp32", "ran_precision": "fp32"}) == "fp32"
+    assert bench.precision_label({"precision": "fp32", "ran_precision": "bf16"}) == "fp32 (ran bf16)"
+    assert bench.precision_label({"precision": "int8-static", "ran_precision": "bf16"}) == (
+        "int8-static (float parts bf16)"
+    )
+    assert bench.precision_label({"precision": "int8-dynamic"}) == "int8-dynamic"
+
+
+def test_bench_table_by_hand():
+    ref = bench.row(_timed("student", reference=True), _METRICS, 2.0, batch=8, val=_METRICS)
+    ref["latency_ms_p50"] = 6.0
+    fast = bench.row(
+        _timed(
+            "sweep/r0.5", "int8-static", "openvino", ran_precision="bf16", portability={"portable": False}
+        ),
+        {**_METRICS, "accuracy_ci": None},
+        0.5,
+        batch=8,
+    )
+    fast["deployed"] = True
+    table = bench.bench_table([ref, fast])
+    lines = table.splitlines()
+    assert table.endswith("\n") and len(lines) == 4
+    assert len({line.count("|") for line in lines}) == 1  # every row has every column
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:3] == ["student (reference)", "onnxruntime", "fp32"]
+    assert cells[3:6] == ["2.50", "2.00", "3"]  # params (M), MB, MACs (M)
+    assert cells[6] == cells[7] == "90.00 (80.0-95.0)"  # accuracy % with its 95% interval
+    assert cells[8] == "0.8765" and cells[9:12] == ["6.00", "61.60", "1.00"]
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert cells[0] == "sweep/r0.5 **(deployed)** (VNNI only)"
+    assert cells[2] == "int8-static (float parts bf16)"
+    assert cells[6] == "-" and cells[7] == "90.00"  # no validation figure; no interval given
+    assert cells[11] == "0.50"  # 3 ms against the reference's 6
+
+
+def test_bench_table_needs_a_reference_row():
+    with pytest.raises(StopIteration):
+        bench.bench_table([bench.row(_timed(), _METRICS, 1.0, batch=8)])
+
+
+def test_read_unlabeled_searches_samples_and_counts_what_it_cannot_decode(tmp_path):
+    root = tmp_path / "prod"
+    for i in range(5):
+        sub = root / ("day1" if i < 3 else "day2/cam")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((10, 14, 3), 40 * i, np.uint8)).save(sub / f"{i}.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    (root / "notes.txt").write_text("not an image")
+    images, info = read_unlabeled(root, 8, limit=100)
+    assert images.shape == (5, 8, 8, 3) and images.dtype == np.uint8
+    assert info == {"path": str(root), "images": 5, "files": 6, "undecodable": 1}
+    assert sorted(int(images[i, 0, 0, 0]) for i in range(5)) == [0, 40, 80, 120, 160]
+    few, info = read_unlabeled(root, 8, limit=3)
+    assert info["files"] == 6 and info["images"] + info["undecodable"] == 3
+    again, _ = read_unlabeled(root, 8, limit=3)
+    assert np.array_equal(few, again)  # a seeded sample: the same images every bench
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match="none of its 1 image files could be decoded"):
+        read_unlabeled(tmp_path / "bad", 8, limit=10)

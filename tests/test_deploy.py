@@ -237,3 +237,49 @@ def test_predict_runs_a_model_deployed_on_openvino(exported, tmp_path):
     assert not failed and len(got) == 6
     for a, b in zip(got, ref, strict=True):
         assert abs(a["confidence"] - b["confidence"]) < 0.05  # bf16 on CPUs that have it, else fp32
+
+
+def test_saturated_validation_deploys_the_least_compressed_candidate_the_budgets_allow():
+    # 18 validation images, every candidate at 100% and in full agreement with the student (the issue's
+    # small dataset): nothing shows what the deeper cuts cost, so the fastest is not the choice
+    def row(ratio, depth, precision, ms, mb, params):
+        stage = (
+            "pruned"
+            if ratio == 0.2 and depth is None
+            else f"sweep/r{ratio}" + (f"-d{depth}" if depth else "")
+        )
+        return _row(
+            ratio,
+            precision,
+            ms,
+            mb,
+            1.0,
+            0.9,
+            val_n=18,
+            depth=depth,
+            params=params,
+            agreement=1.0,
+            stage=stage,
+            key=f"{stage}/{precision}",
+        )
+
+    rows = [
+        {**STUDENT, "val_accuracy": 1.0},
+        row(0.2, None, "fp32", 2.0, 14.0, 3.5e6),
+        row(0.2, None, "int8-mixed", 1.0, 4.0, 3.5e6),
+        row(0.2, None, "int8-static", 1.02, 3.8, 3.5e6),  # within 5% of the shape's fastest: smaller wins
+        row(0.5, None, "int8-mixed", 0.6, 1.6, 1.4e6),
+        row(0.5, 6, "int8-mixed", 0.3, 0.9, 0.7e6),
+    ]
+    best, why = choose(rows)
+    assert best["key"] == "pruned/int8-static" and best["validation_saturated"]
+    assert "least compressed" in why and "cannot tell them apart" in why and "--budget-ms" in why
+    # a budget buys the deeper cut, but no deeper than it asks
+    assert choose(rows, budget_ms=0.8)[0]["key"] == "sweep/r0.5/int8-mixed"
+    assert choose(rows, budget_ms=0.4)[0]["key"] == "sweep/r0.5-d6/int8-mixed"
+    # one validation image between the candidates is not saturation (NEU-DET's 180 images are another
+    # matter: there the fastest within the drop is deployed)
+    rows[-1] = {**rows[-1], "val_accuracy": 17 / 18}
+    rows[-2] = {**rows[-2], "val_accuracy": 16 / 18}
+    best, _ = choose(rows, max_drop=20.0)
+    assert not best["validation_saturated"] and best["key"] == "sweep/r0.5-d6/int8-mixed"

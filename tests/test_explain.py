@@ -53,3 +53,14 @@ def test_predict_explain_writes_one_png_per_image_without_torch(tmp_path):
     assert "heatmaps: 3 written" in r.stderr and "ms per image" in r.stderr
     with Image.open(out / "0.png") as im:
         assert im.width == 512  # the image and the heatmap over it, side by side
+
+
+def test_localisation_is_scored_on_an_even_sample_of_the_boxed_test_images():
+    from slimvit.trust import localised
+
+    boxes = [[("d", 0, 0, 9, 9)] if i % 3 else [] for i in range(300)]  # 200 boxed, in "class order"
+    idx = localised({"boxes": boxes}, limit=50)
+    assert len(idx) == 50 and len(set(idx)) == 50
+    assert all(boxes[i] for i in idx)
+    assert idx[0] < 10 and idx[-1] > 280  # spread over the whole list, so the last class is sampled too
+    assert localised({"boxes": boxes}, limit=500) == [i for i in range(300) if i % 3]

@@ -11,7 +11,7 @@ from slimvit import models, runtime
 from slimvit.config import PruneConfig
 from slimvit.errors import ModelError
 from slimvit.export import export_onnx, for_export, parity
-from slimvit.pruning import prune_model
+from slimvit.vit_pruning import prune_model
 
 CLASSES = ["a", "b", "c"]
 TINY = {"depth": 2, "embed_dim": 96, "num_heads": 3}

@@ -8,9 +8,10 @@ import time
 import pytest
 from conftest import make_imagefolder
 
-from slimvit import pipeline, runtime
+from slimvit import pipeline, runtime, stages
 from slimvit.config import load_config
 from slimvit.errors import ConfigError
+from slimvit.manifest import RUN, Fingerprints, Manifest, adopt, assess, input_changes
 from slimvit.runs import prepare_run_dir
 
 
@@ -18,8 +19,8 @@ def set_runner(monkeypatch, name, fn):
     """Replace one stage's run function (the declaration is frozen: swap the whole entry)."""
     import dataclasses
 
-    stages = tuple(dataclasses.replace(s, run=fn) if s.name == name else s for s in pipeline.STAGES)
-    monkeypatch.setattr(pipeline, "STAGES", stages)
+    replaced = tuple(dataclasses.replace(s, run=fn) if s.name == name else s for s in stages.STAGES)
+    monkeypatch.setattr(stages, "STAGES", replaced)
 
 
 def _cli(*args):
@@ -189,7 +190,7 @@ def test_second_run_skips_every_stage(smoke_run):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     skipped = [line for line in r.stderr.splitlines() if "done, skipped" in line]
-    assert len(skipped) == len(pipeline.enabled_stages(load_config("smoke")))
+    assert len(skipped) == len(stages.enabled_stages(load_config("smoke")))
     assert "running" not in r.stderr
     assert (out / "bench.json").stat().st_mtime_ns == before
 
@@ -245,7 +246,7 @@ def test_first_affected_stage(keys, first):
 
 
 def test_redo_from_covers_dependents():
-    names = lambda s: [x.name for x in pipeline.redo_from(s)]  # noqa: E731
+    names = lambda s: [x.name for x in stages.redo_from(s)]  # noqa: E731
     # the ablation reads no teacher and no student: it does not depend on the distilled student
     assert names("distill") == [
         "distill",
@@ -258,7 +259,7 @@ def test_redo_from_covers_dependents():
         "report",
     ]
     assert names("teacher") == ["teacher", *names("distill")]
-    assert names("data") == list(pipeline.STAGE_NAMES)
+    assert names("data") == list(stages.STAGE_NAMES)
     assert names("ablation") == ["ablation", "report"]
     # the sweep models are deployment candidates: exported, quantized and benchmarked
     assert names("sweep") == ["sweep", "export", "quantize", "bench", "deploy", "report"]
@@ -286,8 +287,8 @@ def test_pruning_finetune_teacher_sees_its_own_normalisation(smoke_run, tmp_path
     cfg = load_config("smoke", overrides=[f"data.path={root}", f"prune.teacher={source}"])
     seen = {}
 
-    def capture(model, spec, data, tcfg, out_dir, *, teacher=None, **kw):
-        seen.update(teacher=teacher, spec=spec, x=data.arrays("val")[0][:8], initial=kw.get("select_initial"))
+    def capture(model, spec, data, tcfg, out_dir, opts, *, teacher=None, **kw):
+        seen.update(teacher=teacher, spec=spec, x=data.arrays("val")[0][:8], initial=opts.select_initial)
         raise _Stop  # only the teacher handed to the fine-tune matters
 
     monkeypatch.setattr(train, "fit", capture)
@@ -313,7 +314,7 @@ def test_failed_stage_is_recorded_and_resumed(smoke_run, tmp_path, monkeypatch):
     out = tmp_path / "copy"
     shutil.copytree(smoke_run[0], out)
     cfg = load_config("smoke", overrides=[f"data.path={json.loads((out / 'data.json').read_text())['root']}"])
-    original = pipeline.get_stage("quantize").run
+    original = stages.get_stage("quantize").run
 
     def broken(*a, **k):
         raise RuntimeError("disk full")
@@ -375,7 +376,7 @@ def test_thread_counts():
 
 
 def test_report_thread_scaling_table():
-    from slimvit.report import _thread_scaling
+    from slimvit.report.deployment import _thread_scaling
 
     rows = [
         {"precision": "fp32", "default_choice": False, "threads": 1, "latency_ms_p50": 4.0},
@@ -410,10 +411,10 @@ def test_report_thread_scaling_table():
 def test_a_key_the_record_lacks_is_a_change_only_off_its_default():
     """A key added in a newer slimvit: its default reproduces the old behaviour, any other value does not."""
     recorded = {"config": {"prune.ratio": 0.2}}
-    assert pipeline.input_changes(recorded, {"config": {"prune.ratio": 0.2, "prune.depths": []}}) == []
+    assert input_changes(recorded, {"config": {"prune.ratio": 0.2, "prune.depths": []}}) == []
     now = {"config": {"prune.ratio": 0.2, "prune.depths": [6]}}
-    assert pipeline.input_changes(recorded, now) == ["config prune.depths: not set before -> [6]"]
-    assert pipeline.input_changes(recorded, now, ignore=("prune.depths",)) == []
+    assert input_changes(recorded, now) == ["config prune.depths: not set before -> [6]"]
+    assert input_changes(recorded, now, ignore=("prune.depths",)) == []
 
 
 def test_refused_commands_leave_a_finished_run_as_it_was(smoke_run, tmp_path):
@@ -451,13 +452,13 @@ def test_a_reset_keeps_the_deployed_model_serving_until_it_is_replaced(smoke_run
     out = tmp_path / "run"
     shutil.copytree(smoke_run[0], out)
     model = (out / "deploy" / "model.onnx").read_bytes()
-    m = pipeline.Manifest(out)
+    m = Manifest(out)
     for name in ("deploy", "report"):
-        m.reset(pipeline.get_stage(name))
+        m.reset(stages.get_stage(name))
     m.save()
     assert (out / "deploy" / "model.onnx").read_bytes() == model and (out / "REPORT.md").exists()
     cfg = load_config("smoke")
-    fp = pipeline.Fingerprints(out, cfg)
-    pipeline.adopt(pipeline.enabled_stages(cfg), m, fp)
+    fp = Fingerprints(out, cfg)
+    adopt(stages.enabled_stages(cfg), m, fp)
     assert "deploy" not in m.data["stages"]  # not taken for finished: it runs again
-    assert pipeline.assess(pipeline.get_stage("deploy"), m, fp)[0] == pipeline.RUN
+    assert assess(stages.get_stage("deploy"), m, fp)[0] == RUN

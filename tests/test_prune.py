@@ -9,10 +9,10 @@ import torch
 from slimvit import models
 from slimvit.config import PruneConfig
 from slimvit.errors import ConfigError, ModelError
-from slimvit.pruning import block_drop_order, drop_blocks, heads_to_remove, prune_model
 from slimvit.spec import BlockWidths, Widths
 from slimvit.timing import count_macs_params
 from slimvit.vit import apply_widths, check_attention, read_widths
+from slimvit.vit_pruning import block_drop_order, drop_blocks, heads_to_remove, prune_model
 
 CLASSES = ["a", "b", "c", "d"]
 TINY = {"depth": 2, "embed_dim": 96, "num_heads": 3}  # head_dim 32, MLP 384
@@ -116,7 +116,7 @@ def test_global_pruning_removes_what_uniform_removes(ratio):
 
 
 def test_global_keep_threshold():
-    from slimvit.pruning import _global_keep
+    from slimvit.vit_pruning import global_keep
 
     scores = {"a": torch.tensor([5.0, 4.0, 1.0, 0.5]), "b": torch.tensor([3.0, 2.0, 0.1, 0.0])}
     cost = {"a": 10, "b": 1}
@@ -125,12 +125,12 @@ def test_global_keep_threshold():
         return sum(cost[k] * n for k, n in keep.items())
 
     # budget 10*2 + 1*2 = 22: threshold 2.0 keeps a 5, 4 and b 3, 2 (22); 1.0 would add 10
-    assert _global_keep(scores, size, {"a": 2, "b": 2}, {"a": 4, "b": 4}, 1) == {"a": 2, "b": 2}
+    assert global_keep(scores, size, {"a": 2, "b": 2}, {"a": 4, "b": 4}, 1) == {"a": 2, "b": 2}
     # budget 10*1 + 1*4 = 14: b's 2.0 cannot come without a's 4.0 (21), so the threshold stays at 5.0
     # (every layer keeps at least one channel)
-    assert _global_keep(scores, size, {"a": 1, "b": 4}, {"a": 4, "b": 4}, 1) == {"a": 1, "b": 1}
+    assert global_keep(scores, size, {"a": 1, "b": 4}, {"a": 4, "b": 4}, 1) == {"a": 1, "b": 1}
     # nothing fits: the narrowest widths, not an empty layer
-    assert _global_keep(scores, size, {"a": 0, "b": 0}, {"a": 4, "b": 4}, 1) == {"a": 1, "b": 1}
+    assert global_keep(scores, size, {"a": 0, "b": 0}, {"a": 4, "b": 4}, 1) == {"a": 1, "b": 1}
 
 
 def test_patch_stem_and_distilled_model_prune():
@@ -281,7 +281,7 @@ def test_block_drop_order_scores_as_a_full_forward_of_each_skip(caplog):
             expected.append(least)
             expected_kl.append(kl)
         model.blocks = nn.Sequential(*blocks)
-    with caplog.at_level(logging.INFO, logger="slimvit.pruning"):
+    with caplog.at_level(logging.INFO, logger="slimvit.vit_pruning"):
         assert block_drop_order(model, xs, depth=2) == expected
     logged = [
         float(r.getMessage().split("KL ")[1].split()[0]) for r in caplog.records if "KL" in r.getMessage()

@@ -11,7 +11,8 @@ import pytest
 from conftest import make_imagefolder
 
 from slimvit import cli
-from slimvit.runs import LOCK_FILE, RunFolderBusy, lock_run_dir
+from slimvit.layout import LOCK
+from slimvit.runs import RunFolderBusy, lock_run_dir
 
 HOLD = """
 import sys, time
@@ -36,9 +37,9 @@ def test_lock_names_its_holder_and_a_killed_holders_lock_is_taken_over(tmp_path,
         holder.wait()
     caplog.set_level(logging.WARNING, logger="slimvit.runs")
     with lock_run_dir(run, "slimvit teacher"):
-        assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads((run / LOCK).read_text())["pid"] == os.getpid()
     assert f"PID {holder.pid}" in caplog.text and "ended without releasing its lock" in caplog.text
-    assert (run / LOCK_FILE).read_text() == ""  # released in order: names nobody
+    assert (run / LOCK).read_text() == ""  # released in order: names nobody
     caplog.clear()
     with lock_run_dir(run):
         pass
@@ -60,7 +61,7 @@ def test_two_concurrent_runs_on_one_folder(tmp_path):
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and first.poll() is None:
-                text = (out / LOCK_FILE).read_text() if (out / LOCK_FILE).exists() else ""
+                text = (out / LOCK).read_text() if (out / LOCK).exists() else ""
                 if text and json.loads(text)["pid"] == first.pid:
                     break
                 time.sleep(0.1)

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import pytest
 from conftest import make_imagefolder
 
-from slimvit import cli, eta, pipeline
+from slimvit import cli, eta, layout, pipeline, stages
 from slimvit.config import Config, load_config
 from slimvit.errors import ConfigError, ModelError
+from slimvit.manifest import Fingerprints, Manifest, assess, flat_config
 
 ALL = ["data", "teacher", "distill", "ablation", "prune", "export", "quantize", "bench", "deploy", "report"]
 """The stages the smoke preset runs (no sweep)."""
@@ -25,35 +26,33 @@ ALL = ["data", "teacher", "distill", "ablation", "prune", "export", "quantize", 
 
 
 def test_every_read_has_an_earlier_writer_and_no_file_has_two():
-    for stage in pipeline.STAGES[1:]:
+    for stage in stages.STAGES[1:]:
         required = [r for r in stage.reads if not r.startswith("?")]
         assert required, stage.name
         for r in stage.reads:
             writers = [
-                p.name for p in pipeline.STAGES if any(pipeline._overlap(r.lstrip("?"), w) for w in p.writes)
+                p.name for p in stages.STAGES if any(stages.overlap(r.lstrip("?"), w) for w in p.writes)
             ]
             assert writers, f"{stage.name} reads {r}, which no stage writes"
-            assert all(
-                pipeline.STAGE_NAMES.index(w) < pipeline.STAGE_NAMES.index(stage.name) for w in writers
-            ), r
-    for i, a in enumerate(pipeline.STAGES):
-        for b in pipeline.STAGES[i + 1 :]:
-            both = [(x, y) for x in a.writes for y in b.writes if pipeline._overlap(x, y)]
+            assert all(stages.STAGE_NAMES.index(w) < stages.STAGE_NAMES.index(stage.name) for w in writers), r
+    for i, a in enumerate(stages.STAGES):
+        for b in stages.STAGES[i + 1 :]:
+            both = [(x, y) for x in a.writes for y in b.writes if stages.overlap(x, y)]
             assert not both, f"{a.name} and {b.name} both write {both[0]}"
 
 
 def test_every_config_key_is_an_input_of_some_stage_and_the_report_quotes_all():
-    keys = pipeline.flat_config(Config())
+    keys = flat_config(Config())
     assert "data.path" not in keys  # where the data lives is not an input; its content is
     for key in keys:
-        assert pipeline.get_stage("report").depends_on(key), key
-    assert [s.name for s in pipeline.stages_for_keys(["quantize.optimize"])] == ["export", "report"]
-    assert [s.name for s in pipeline.stages_for_keys(["train.epochs"])] == ["distill", "ablation", "report"]
-    assert [s.name for s in pipeline.stages_for_keys(["prune.sweep"])] == ["sweep", "report"]
-    assert [s.name for s in pipeline.stages_for_keys(["prune.depths"])] == ["sweep", "report"]
+        assert stages.get_stage("report").depends_on(key), key
+    assert [s.name for s in stages.stages_for_keys(["quantize.optimize"])] == ["export", "report"]
+    assert [s.name for s in stages.stages_for_keys(["train.epochs"])] == ["distill", "ablation", "report"]
+    assert [s.name for s in stages.stages_for_keys(["prune.sweep"])] == ["sweep", "report"]
+    assert [s.name for s in stages.stages_for_keys(["prune.depths"])] == ["sweep", "report"]
     # progressive resizing changes the teacher and the students; the fine-tunes train at full size
     for key in ("train.resize_from", "train.resize_until"):
-        assert [s.name for s in pipeline.stages_for_keys([key])] == [
+        assert [s.name for s in stages.stages_for_keys([key])] == [
             "teacher",
             "distill",
             "ablation",
@@ -61,17 +60,35 @@ def test_every_config_key_is_an_input_of_some_stage_and_the_report_quotes_all():
         ]
 
 
+def test_the_files_stages_name_fall_under_what_their_stage_declares():
+    """Export, quantize and the sweep name their files through layout.py; each name must be one their
+    declaration covers, or the fingerprints would miss it (and a reset would leave it behind)."""
+    from slimvit.quantize import MODES
+
+    def declared(stage: str, rel: str) -> bool:
+        return any(stages.overlap(rel, w) for w in stages.get_stage(stage).writes)
+
+    for model in ("teacher", "pruned", layout.sweep_dir(0.5), layout.sweep_dir(0.3, 6)):
+        assert declared("export", layout.onnx_file(model, "fp32")), model
+        for mode in MODES:
+            assert declared("quantize", layout.onnx_file(model, mode)), (model, mode)
+    point = layout.sweep_dir(0.3, 6)
+    for name in (layout.WEIGHTS, layout.SPEC, layout.PRUNE, layout.EVAL):
+        assert declared("sweep", layout.in_dir(point, name)), name
+    assert layout.candidates("/nonexistent") == [layout.PRUNED]
+
+
 def test_cli_subcommands_come_from_the_declaration():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    for stage in pipeline.STAGES:
+    for stage in stages.STAGES:
         name = stage.command or stage.name
         assert name in sub.choices, name
         if stage.flags:
             opts = sub.choices[name]._option_string_actions
             assert all(f"--{f}" in opts for f in stage.flags), stage.name
-    assert pipeline.get_stage("sweep").cli == "slimvit prune --sweep"
-    assert pipeline.get_stage("ablation").cli == "slimvit distill"
+    assert stages.get_stage("sweep").cli == "slimvit prune --sweep"
+    assert stages.get_stage("ablation").cli == "slimvit distill"
 
 
 # --------------------------------------------------------------------------- staleness
@@ -80,7 +97,7 @@ def test_cli_subcommands_come_from_the_declaration():
 def _stand_in(stage, calls, noise):
     def run(cfg, run_dir, data, resume=False, **_):
         calls.append(stage.name)
-        fp = pipeline.Fingerprints(run_dir, cfg)
+        fp = Fingerprints(run_dir, cfg)
         config = {k: v for k, v in fp.config.items() if stage.depends_on(k)}
         text = json.dumps([stage.name, fp.files(stage.reads), config, noise and len(calls)], sort_keys=True)
         for rel in stage.writes:
@@ -97,11 +114,11 @@ def stand_ins(monkeypatch, tmp_path):
     """Stand-in stages (the data stage is real), a generated dataset and a `run(cfg=None)` helper."""
     calls: list[str] = []
     noise: list = []  # non-empty: a redone stage writes different bytes (as retraining does)
-    stages = tuple(
+    replaced = tuple(
         s if s.name == "data" else dataclasses.replace(s, run=_stand_in(s, calls, noise))
-        for s in pipeline.STAGES
+        for s in stages.STAGES
     )
-    monkeypatch.setattr(pipeline, "STAGES", stages)
+    monkeypatch.setattr(stages, "STAGES", replaced)
     monkeypatch.setattr(eta, "measure_step", lambda *a, **k: 0.01)  # no model is trained here
     ds = make_imagefolder(tmp_path / "ds", per_class=10, size=32)
     run_dir = tmp_path / "run"
@@ -128,7 +145,7 @@ def _redone(caplog) -> dict[str, str]:
 
 def test_each_change_redoes_exactly_the_stages_that_read_it(stand_ins, caplog):
     s, run_dir = stand_ins, stand_ins.run_dir
-    caplog.set_level(logging.INFO, logger="slimvit.pipeline")
+    caplog.set_level(logging.INFO, logger="slimvit")
     assert s.run() == ALL[1:]  # the data stage is real: not a stand-in call
     assert s.run() == []
 
@@ -175,12 +192,12 @@ def test_new_budgets_redo_only_the_deploy_stage_and_the_report(stand_ins):
 def test_interrupted_stage_resumes_unless_its_inputs_changed(stand_ins):
     s = stand_ins
     s.run()
-    manifest = pipeline.Manifest(s.run_dir)
-    fp = pipeline.Fingerprints(s.run_dir, s.cfg)
+    manifest = Manifest(s.run_dir)
+    fp = Fingerprints(s.run_dir, s.cfg)
     manifest.entry("distill")["status"] = "interrupted"
-    assert pipeline.assess(pipeline.get_stage("distill"), manifest, fp) == ("resume", "interrupted before")
+    assert assess(stages.get_stage("distill"), manifest, fp) == ("resume", "interrupted before")
     (s.run_dir / "teacher" / "model.json").write_text("{}")  # and the teacher changes meanwhile
-    verdict, why = pipeline.assess(pipeline.get_stage("distill"), manifest, fp)
+    verdict, why = assess(stages.get_stage("distill"), manifest, fp)
     assert (verdict, why) == ("redo", "teacher/model.json changed")  # its checkpoint is of the old teacher
 
 
@@ -211,11 +228,11 @@ def test_manifest_without_fingerprints_is_adopted_unless_stale_by_time(stand_ins
     manifest = json.loads((s.run_dir / "manifest.json").read_text())
     for name, entry in manifest["stages"].items():
         entry.pop("inputs")
-        entry["outputs"] = list(pipeline.get_stage(name).outputs)  # the old format
+        entry["outputs"] = list(stages.get_stage(name).outputs)  # the old format
     (s.run_dir / "manifest.json").write_text(json.dumps(manifest))
     later = (s.run_dir / "student" / "eval.json").stat().st_mtime + 60
     os.utime(s.run_dir / "teacher" / "model.safetensors", (later, later))  # retrained after the student
-    caplog.set_level(logging.INFO, logger="slimvit.pipeline")
+    caplog.set_level(logging.INFO, logger="slimvit")
     assert s.run() == ["distill", "prune", "export", "quantize", "bench", "deploy", "report"]
     assert "distill: teacher/model.safetensors is newer than its outputs; it will be redone" in caplog.text
     assert "quantize: built from prune, which will be redone; it will be redone too" in caplog.text
@@ -226,7 +243,7 @@ def test_manifest_without_fingerprints_is_adopted_unless_stale_by_time(stand_ins
 def test_unreadable_manifest_is_one_line_naming_it(tmp_path):
     (tmp_path / "manifest.json").write_text('{"stages": {"data": {"sta')
     with pytest.raises(ConfigError) as e:
-        pipeline.Manifest(tmp_path)
+        Manifest(tmp_path)
     msg = str(e.value)
     assert str(tmp_path / "manifest.json") in msg and "delete it and run again" in msg and "\n" not in msg
 
@@ -248,9 +265,9 @@ def test_time_estimate_from_step_times_corrected_as_stages_finish(monkeypatch):
     assert est.seconds["export"] == 30.0  # from its last run in this folder
     est.finished("teacher", est.seconds["teacher"] / 2)  # this machine is twice as fast as measured
     left = est.seconds["distill"] / 2 + est.seconds["ablation"] / 2 + 30.0
-    assert est.line(parts=False) == f"about {eta._fmt(left)} to go"
-    assert est.line().startswith(f"about {eta._fmt(left)} to go (distill ")
-    assert eta._fmt(3725) == "1h02m" and eta._fmt(65) == "1m05s"
+    assert est.line(parts=False) == f"about {eta.fmt_duration(left)} to go"
+    assert est.line().startswith(f"about {eta.fmt_duration(left)} to go (distill ")
+    assert eta.fmt_duration(3725) == "1h02m" and eta.fmt_duration(65) == "1m05s"
 
 
 def test_time_estimate_counts_the_epochs_a_small_split_is_raised_to(monkeypatch):
@@ -300,7 +317,7 @@ def test_time_estimate_of_a_resumed_stage_counts_the_epochs_already_done(monkeyp
 
     from test_train import synthetic_data
 
-    from slimvit.train import CHECKPOINT
+    from slimvit.layout import CHECKPOINT
 
     monkeypatch.setattr(
         eta, "measure_step", lambda spec, tcfg, batch, train=True, steps=1: 2.0 if train else 0.5

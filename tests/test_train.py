@@ -14,7 +14,7 @@ from slimvit.config import DistillConfig, TrainConfig
 from slimvit.data import Data, DatasetIndex, Sample
 from slimvit.errors import ModelError
 from slimvit.io import read_jsonl
-from slimvit.train import fit
+from slimvit.train import FitOptions, fit
 
 CLASSES = ["a", "b", "c"]
 TINY_VIT = {"depth": 2, "embed_dim": 48, "num_heads": 3}
@@ -59,7 +59,7 @@ FAST = TrainConfig(
 def test_loss_decreases_and_artifacts(tmp_path):
     data = synthetic_data()
     model, spec = tiny_student()
-    model, summary = fit(model, spec, data, FAST, tmp_path / "s", epochs=4, lr=2e-3)
+    model, summary = fit(model, spec, data, FAST, tmp_path / "s", FitOptions(epochs=4, lr=2e-3))
     rows = read_jsonl(tmp_path / "s" / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
@@ -77,7 +77,7 @@ def test_loss_decreases_and_artifacts(tmp_path):
 def test_checkpoint_round_trip_identical_outputs(tmp_path):
     data = synthetic_data(n_per_class=8)
     model, spec = tiny_student()
-    model, _ = fit(model, spec, data, FAST, tmp_path / "s", epochs=1, lr=1e-3)
+    model, _ = fit(model, spec, data, FAST, tmp_path / "s", FitOptions(epochs=1, lr=1e-3))
     loaded, spec2 = models.load(tmp_path / "s")
     assert spec2 == spec and list(spec2.classes) == CLASSES and spec2.stem == "conv"
     x = torch.randn(2, 3, 32, 32)
@@ -91,9 +91,9 @@ class _Killed(Exception):
 
 def _stop_after_checkpoints(monkeypatch, n: int) -> None:
     """Raise right after the n-th epoch checkpoint, as a kill between two epochs would stop training."""
-    import slimvit.train as train_mod
+    from slimvit import checkpoint
 
-    real_save, calls = train_mod._save_checkpoint, {"n": 0}
+    real_save, calls = checkpoint.save_checkpoint, {"n": 0}
 
     def save_then_stop(*args, **kwargs):
         real_save(*args, **kwargs)
@@ -101,7 +101,7 @@ def _stop_after_checkpoints(monkeypatch, n: int) -> None:
         if calls["n"] == n:
             raise _Killed
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -117,15 +117,17 @@ def test_resume_is_identical_to_uninterrupted_with_mixup_and_cutmix(tmp_path, mo
     data = synthetic_data(n_per_class=12)
     cfg = dataclasses.replace(FAST, batch_size=8, mixup=0.8, cutmix=1.0, ema=True, ema_decay=0.9)
     m_full, spec = tiny_student()
-    m_full, s_full = fit(m_full, spec, data, cfg, tmp_path / "full", epochs=2, lr=1e-3)
+    m_full, s_full = fit(m_full, spec, data, cfg, tmp_path / "full", FitOptions(epochs=2, lr=1e-3))
 
     with monkeypatch.context() as m:
         _stop_after_checkpoints(m, 1)
         with pytest.raises(_Killed):
-            fit(tiny_student()[0], spec, data, cfg, tmp_path / "int", epochs=2, lr=1e-3)
+            fit(tiny_student()[0], spec, data, cfg, tmp_path / "int", FitOptions(epochs=2, lr=1e-3))
     np.random.seed(123)  # whatever the process did meanwhile must not matter
     torch.manual_seed(123)
-    m_res, s_res = fit(tiny_student()[0], spec, data, cfg, tmp_path / "int", epochs=2, lr=1e-3, resume=True)
+    m_res, s_res = fit(
+        tiny_student()[0], spec, data, cfg, tmp_path / "int", FitOptions(epochs=2, lr=1e-3, resume=True)
+    )
     assert _same_weights(m_res, m_full)
 
     def timeless(rows):
@@ -147,13 +149,13 @@ def _killed_after_one_epoch(tmp_path, monkeypatch, epochs: int):
     with monkeypatch.context() as m:
         _stop_after_checkpoints(m, 1)
         with pytest.raises(_Killed):
-            fit(model, spec, data, cfg, out, epochs=epochs, lr=1e-3)
+            fit(model, spec, data, cfg, out, FitOptions(epochs=epochs, lr=1e-3))
     return data, cfg, out, spec
 
 
 def test_checkpoint_is_one_unit_and_temp_files_are_cleaned(tmp_path, monkeypatch):
     """A write that dies half-way leaves the previous checkpoint whole; a killed run's temp files go."""
-    import slimvit.train as train_mod
+    from slimvit.checkpoint import load_checkpoint
 
     data, cfg, out, spec = _killed_after_one_epoch(tmp_path, monkeypatch, epochs=3)
     before = (out / "checkpoint.pt").read_bytes()
@@ -165,14 +167,14 @@ def test_checkpoint_is_one_unit_and_temp_files_are_cleaned(tmp_path, monkeypatch
         raise _Killed
 
     with monkeypatch.context() as m:
-        m.setattr(train_mod.torch, "save", dies_half_way)
+        m.setattr(torch, "save", dies_half_way)
         with pytest.raises(_Killed):
-            fit(tiny_student()[0], spec, data, cfg, out, epochs=3, lr=1e-3, resume=True)
+            fit(tiny_student()[0], spec, data, cfg, out, FitOptions(epochs=3, lr=1e-3, resume=True))
     assert (out / "checkpoint.pt").read_bytes() == before  # the old checkpoint, whole
-    assert train_mod._load_checkpoint(out)["epoch"] == 0
+    assert load_checkpoint(out)["epoch"] == 0
     (out / ".checkpoint.pt.x1y2z3.tmp").write_bytes(b"half")  # what a SIGKILL mid-write leaves
     (out / ".model.json.abc.tmp").write_bytes(b"half")
-    _, summary = fit(tiny_student()[0], spec, data, cfg, out, epochs=3, lr=1e-3, resume=True)
+    _, summary = fit(tiny_student()[0], spec, data, cfg, out, FitOptions(epochs=3, lr=1e-3, resume=True))
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     assert not list(out.rglob("*.tmp"))
 
@@ -181,10 +183,10 @@ def test_resume_from_a_legacy_checkpoint_folder(tmp_path, monkeypatch):
     """Run folders from before the one-file checkpoint (last/ with three files) still resume."""
     from safetensors.torch import save_file
 
-    import slimvit.train as train_mod
+    from slimvit.checkpoint import load_checkpoint
 
     data, cfg, out, spec = _killed_after_one_epoch(tmp_path, monkeypatch, epochs=2)
-    state = train_mod._load_checkpoint(out)
+    state = load_checkpoint(out)
     (out / "last").mkdir()
     save_file(
         {k: v.contiguous() for k, v in state.pop("model").items()}, str(out / "last" / "model.safetensors")
@@ -192,7 +194,7 @@ def test_resume_from_a_legacy_checkpoint_folder(tmp_path, monkeypatch):
     save_file({k: v.contiguous() for k, v in state.pop("best_model").items()}, str(out / "model.safetensors"))
     torch.save(state, out / "last" / "train_state.pt")
     (out / "checkpoint.pt").unlink()
-    fit(tiny_student()[0], spec, data, cfg, out, epochs=2, lr=1e-3, resume=True)
+    fit(tiny_student()[0], spec, data, cfg, out, FitOptions(epochs=2, lr=1e-3, resume=True))
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
     assert (out / "checkpoint.pt").exists() and not (out / "last").exists()
 
@@ -201,11 +203,11 @@ def test_resume_without_checkpoint_or_corrupt(tmp_path):
     data = synthetic_data(n_per_class=8)
     model, spec = tiny_student()
     with pytest.raises(ModelError, match="no checkpoint to resume"):
-        fit(model, spec, data, FAST, tmp_path / "none", epochs=1, lr=1e-3, resume=True)
-    fit(model, spec, data, FAST, tmp_path / "s", epochs=1, lr=1e-3)
+        fit(model, spec, data, FAST, tmp_path / "none", FitOptions(epochs=1, lr=1e-3, resume=True))
+    fit(model, spec, data, FAST, tmp_path / "s", FitOptions(epochs=1, lr=1e-3))
     (tmp_path / "s" / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(ModelError, match="corrupt"):
-        fit(model, spec, data, FAST, tmp_path / "s", epochs=1, lr=1e-3, resume=True)
+        fit(model, spec, data, FAST, tmp_path / "s", FitOptions(epochs=1, lr=1e-3, resume=True))
 
 
 def test_distillation_needs_teacher_and_runs(tmp_path):
@@ -218,9 +220,7 @@ def test_distillation_needs_teacher_and_runs(tmp_path):
             data,
             FAST,
             tmp_path / "x",
-            epochs=1,
-            lr=1e-3,
-            distill_cfg=DistillConfig(loss="soft"),
+            FitOptions(epochs=1, lr=1e-3, distill=DistillConfig(loss="soft")),
         )
     t_spec = models.make_spec("resnet10t", 3, CLASSES, 32)
     teacher = models.build(t_spec).eval()
@@ -230,10 +230,8 @@ def test_distillation_needs_teacher_and_runs(tmp_path):
         data,
         FAST,
         tmp_path / "kd",
-        epochs=1,
-        lr=1e-3,
+        FitOptions(epochs=1, lr=1e-3, distill=DistillConfig(loss="soft")),
         teacher=teacher,
-        distill_cfg=DistillConfig(loss="soft"),
     )
     row = read_jsonl(tmp_path / "kd" / "metrics.jsonl")[0]
     assert summary["distill"] == "soft" and row["kd_loss"] > 0
@@ -250,10 +248,8 @@ def test_distillation_token_student(tmp_path):
         data,
         FAST,
         tmp_path / "tok",
-        epochs=1,
-        lr=1e-3,
+        FitOptions(epochs=1, lr=1e-3, distill=DistillConfig(loss="token")),
         teacher=teacher,
-        distill_cfg=DistillConfig(loss="token"),
     )
     out = student(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 3)  # eval: the two heads averaged
@@ -290,10 +286,10 @@ DIST_SCRIPT = """
 import hashlib, json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from test_train import synthetic_data, tiny_student, FAST
-from slimvit.train import fit
+from slimvit.train import FitOptions, fit
 data = synthetic_data(n_per_class=8)
 model, spec = tiny_student()
-model, summary = fit(model, spec, data, FAST, {out!r}, epochs=2, lr=1e-3)
+model, summary = fit(model, spec, data, FAST, {out!r}, FitOptions(epochs=2, lr=1e-3))
 flat = torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
 digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 digests = [None] * dist.get_world_size()
@@ -346,7 +342,7 @@ def test_two_process_cpu_training(tmp_path):
 
 def test_teacher_sees_its_own_normalisation(tmp_path):
     """A teacher with ImageNet mean/std fed a student's 0.5/0.5 batch must produce its own logits."""
-    from slimvit.train import Renormalize
+    from slimvit.distill import Renormalize
 
     t_spec = models.make_spec("resnet10t", 3, CLASSES, 32)
     s_spec = models.make_spec("vit_tiny_patch16_224", 3, CLASSES, 32, "conv", TINY_VIT)
@@ -368,10 +364,12 @@ def test_select_initial_keeps_starting_weights_when_training_hurts(tmp_path):
     """Fine-tuning with select_initial can never end below where it started on validation."""
     data = synthetic_data()
     model, spec = tiny_student()
-    model, _ = fit(model, spec, data, FAST, tmp_path / "s", epochs=4, lr=2e-3)
+    model, _ = fit(model, spec, data, FAST, tmp_path / "s", FitOptions(epochs=4, lr=2e-3))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     bad = dataclasses.replace(FAST, grad_clip=0.0, label_smoothing=0.0)
-    tuned, summary = fit(model, spec, data, bad, tmp_path / "ft", epochs=2, lr=0.9, select_initial=True)
+    tuned, summary = fit(
+        model, spec, data, bad, tmp_path / "ft", FitOptions(epochs=2, lr=0.9, select_initial=True)
+    )
     rows = read_jsonl(tmp_path / "ft" / "metrics.jsonl")
     assert all(r["val_acc"] < summary["best_val_acc"] for r in rows)  # lr 0.9 wrecks the model
     assert summary["best_epoch"] == 0
@@ -389,7 +387,7 @@ ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
 def test_precision_auto_follows_native_bf16(monkeypatch, cpuinfo, auto):
     """`auto` picks bf16 only where the CPU computes it natively; explicit choices are kept."""
     from slimvit import timing
-    from slimvit.train import resolve_precision
+    from slimvit.recipe import resolve_precision
 
     monkeypatch.setattr(timing, "_cpuinfo", lambda: cpuinfo)
     cpu = torch.device("cpu")
@@ -405,7 +403,7 @@ def test_auto_precision_trains_in_bf16_where_native(tmp_path, monkeypatch):
     monkeypatch.setattr(timing, "_cpuinfo", lambda: AVX512_BF16)
     model, spec = tiny_student()
     tcfg = dataclasses.replace(FAST, precision="auto")
-    tuned, summary = fit(model, spec, synthetic_data(), tcfg, tmp_path, epochs=1, lr=1e-3)
+    tuned, summary = fit(model, spec, synthetic_data(), tcfg, tmp_path, FitOptions(epochs=1, lr=1e-3))
     assert summary["precision"] == "bf16"
     assert json.loads((tmp_path / "train.json").read_text())["precision"] == "bf16"
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in tuned.parameters())
@@ -443,21 +441,22 @@ def imbalanced_data(counts=(40, 12, 4), size: int = 32) -> Data:
 
 
 def test_balanced_sampler_draws_every_class_equally_and_deterministically():
-    from slimvit.train import _epoch_batches, sample_weights
+    from slimvit.recipe import sample_weights
+    from slimvit.train import epoch_batches
 
     labels = np.array([0] * 90 + [1] * 30 + [2] * 10)
     w = sample_weights(labels, 3)
-    drawn = torch.cat([torch.cat(_epoch_batches(len(labels), 10, 0, e, 0, 1, w)) for e in range(40)]).numpy()
+    drawn = torch.cat([torch.cat(epoch_batches(len(labels), 10, 0, e, 0, 1, w)) for e in range(40)]).numpy()
     share = np.bincount(labels[drawn], minlength=3) / len(drawn)
     assert np.allclose(share, 1 / 3, atol=0.03), share  # unweighted it would be 0.69 / 0.23 / 0.08
-    a = _epoch_batches(len(labels), 10, 0, 3, 0, 1, w)
-    b = _epoch_batches(len(labels), 10, 0, 3, 0, 1, w)
+    a = epoch_batches(len(labels), 10, 0, 3, 0, 1, w)
+    b = epoch_batches(len(labels), 10, 0, 3, 0, 1, w)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert sum(len(x) for x in a) == 130  # an epoch is as many draws as there are images
 
 
 def test_balance_auto_is_off_for_balanced_classes():
-    from slimvit.train import resolve_balance
+    from slimvit.recipe import resolve_balance
 
     assert resolve_balance("auto", [0, 0, 1, 1, 2, 2], 3) == "none"
     assert resolve_balance("auto", [0, 0, 0, 1, 1, 2, 2], 3) == "sampler"  # 1.5x
@@ -470,7 +469,7 @@ def test_fit_applies_and_records_the_balance_mode(tmp_path, monkeypatch):
     from slimvit import train
 
     data = imbalanced_data()  # 40 / 12 / 4 training images
-    real, weighted = train._epoch_batches, []
+    real, weighted = train.epoch_batches, []
     real_loss, offsets = train.make_loss, []
 
     def spy(*a):
@@ -481,14 +480,19 @@ def test_fit_applies_and_records_the_balance_mode(tmp_path, monkeypatch):
         offsets.append(offset)
         return real_loss(cfg, smoothing, offset)
 
-    monkeypatch.setattr(train, "_epoch_batches", spy)
+    monkeypatch.setattr(train, "epoch_batches", spy)
     monkeypatch.setattr(train, "make_loss", loss_spy)
     for mode, expect in (("none", "none"), ("sampler", "sampler"), ("auto", "sampler"), ("logit", "logit")):
         weighted.clear()
         offsets.clear()
         model, spec = tiny_student()
         _, summary = fit(
-            model, spec, data, dataclasses.replace(FAST, balance=mode), tmp_path / mode, epochs=1, lr=2e-3
+            model,
+            spec,
+            data,
+            dataclasses.replace(FAST, balance=mode),
+            tmp_path / mode,
+            FitOptions(epochs=1, lr=2e-3),
         )
         assert summary["balance"] == expect
         assert weighted and weighted[-1] == (expect == "sampler")
@@ -499,28 +503,31 @@ def test_fit_applies_and_records_the_balance_mode(tmp_path, monkeypatch):
 
 
 def test_selection_reads_balanced_accuracy(tmp_path):
-    from slimvit.train import _key
+    from slimvit.selection import best_record, improves
 
     # 9 of 10 common images and 0 of 2 rare beats neither: balanced accuracy 0.45 < 0.75
     common_right = {"acc": 10 / 12, "bal_acc": 0.45, "loss": 0.1}
     both_classes = {"acc": 8 / 12, "bal_acc": 0.75, "loss": 0.9}
-    assert _key(both_classes) > _key(common_right)
+    assert improves(both_classes, best_record(common_right, 1))
+    assert not improves(common_right, best_record(both_classes, 1))
 
 
 def test_fit_stops_when_recovered_and_resume_keeps_the_stop(tmp_path):
     data = synthetic_data()
     model, spec = tiny_student()
-    model, summary = fit(model, spec, data, FAST, tmp_path / "s", epochs=5, lr=2e-3, stop_at=0.0)
+    model, summary = fit(model, spec, data, FAST, tmp_path / "s", FitOptions(epochs=5, lr=2e-3, stop_at=0.0))
     assert summary["epochs_run"] == 1 and summary["epochs"] == 5
     assert summary["stopped"].startswith("recovered")
     assert len(read_jsonl(tmp_path / "s" / "metrics.jsonl")) == 1
     # a resume of a stopped training trains nothing more
     model2, spec = tiny_student()
-    _, again = fit(model2, spec, data, FAST, tmp_path / "s", epochs=5, lr=2e-3, stop_at=0.0, resume=True)
+    _, again = fit(
+        model2, spec, data, FAST, tmp_path / "s", FitOptions(epochs=5, lr=2e-3, stop_at=0.0, resume=True)
+    )
     assert again["epochs_run"] == 1 and len(read_jsonl(tmp_path / "s" / "metrics.jsonl")) == 1
     # an unreachable target runs to the cap
     model3, spec = tiny_student()
-    _, full = fit(model3, spec, data, FAST, tmp_path / "cap", epochs=2, lr=2e-3, stop_at=1.01)
+    _, full = fit(model3, spec, data, FAST, tmp_path / "cap", FitOptions(epochs=2, lr=2e-3, stop_at=1.01))
     assert full["epochs_run"] == 2 and full["stopped"] is None
 
 
@@ -528,11 +535,11 @@ def test_recovered_needs_a_trained_epoch(tmp_path, monkeypatch):
     """A pruned model whose starting weights already tie the student on validation is still fine-tuned:
     the stop needs a trained epoch as the best, not the untrained cut model (epoch 0)."""
     from slimvit import train
-    from slimvit.train import _stop_reason
+    from slimvit.selection import stop_reason
 
     at_start = {"epoch": 0, "val_bal_acc": 1.0}
-    assert _stop_reason(at_start, 0.9, 0, 1, 5, 1) is None
-    assert _stop_reason({**at_start, "epoch": 1}, 0.9, 0, 1, 5, 1).startswith("recovered")
+    assert stop_reason(at_start, 0.9, 0, 1, 5, 1) is None
+    assert stop_reason({**at_start, "epoch": 1}, 0.9, 0, 1, 5, 1).startswith("recovered")
     # scripted validation: the cut model ties the student, the first epoch (mid warm-up) is worse, the
     # second better; the old rule stopped after epoch 1 and kept the untrained epoch 0
     scores = iter([(1.0, 0.5), (0.8, 0.7), (1.0, 0.3), (1.0, 0.2)])
@@ -541,7 +548,7 @@ def test_recovered_needs_a_trained_epoch(tmp_path, monkeypatch):
         bal, loss = next(scores)
         return {"acc": bal, "bal_acc": bal, "loss": loss}
 
-    monkeypatch.setattr(train, "_validate", scripted)
+    monkeypatch.setattr(train, "validate", scripted)
     model, spec = tiny_student()
     _, s = fit(
         model,
@@ -549,10 +556,7 @@ def test_recovered_needs_a_trained_epoch(tmp_path, monkeypatch):
         synthetic_data(),
         FAST,
         tmp_path / "ft",
-        epochs=4,
-        lr=1e-4,
-        select_initial=True,
-        stop_at=1.0,
+        FitOptions(epochs=4, lr=1e-4, select_initial=True, stop_at=1.0),
     )
     assert (s["best_epoch"], s["epochs_run"]) == (2, 2) and s["stopped"].startswith("recovered")
 
@@ -569,13 +573,20 @@ def test_resume_refuses_a_checkpoint_that_kept_the_untrained_weights(tmp_path, m
         bal, loss = next(scores)
         return {"acc": bal, "bal_acc": bal, "loss": loss}
 
-    monkeypatch.setattr(train, "_validate", scripted)
+    monkeypatch.setattr(train, "validate", scripted)
     model, spec = tiny_student()
-    _, s = fit(model, spec, synthetic_data(), FAST, tmp_path / "ft", epochs=1, lr=1e-4, select_initial=True)
+    _, s = fit(
+        model,
+        spec,
+        synthetic_data(),
+        FAST,
+        tmp_path / "ft",
+        FitOptions(epochs=1, lr=1e-4, select_initial=True),
+    )
     assert s["best_epoch"] == 0
     model, spec = tiny_student()
     with pytest.raises(ConfigError, match="untrained starting weights"):
-        fit(model, spec, synthetic_data(), FAST, tmp_path / "ft", epochs=1, lr=1e-4, resume=True)
+        fit(model, spec, synthetic_data(), FAST, tmp_path / "ft", FitOptions(epochs=1, lr=1e-4, resume=True))
 
 
 def test_patience_stops_a_plateau(tmp_path):
@@ -583,8 +594,8 @@ def test_patience_stops_a_plateau(tmp_path):
     model, spec = tiny_student()
     bad = dataclasses.replace(FAST, grad_clip=0.0, label_smoothing=0.0, patience=2)
     # lr 0.9 wrecks the model after the initial weights: no epoch beats epoch 0
-    model, _ = fit(model, spec, data, FAST, tmp_path / "pre", epochs=3, lr=2e-3)
-    _, s = fit(model, spec, data, bad, tmp_path / "ft", epochs=6, lr=0.9, select_initial=True)
+    model, _ = fit(model, spec, data, FAST, tmp_path / "pre", FitOptions(epochs=3, lr=2e-3))
+    _, s = fit(model, spec, data, bad, tmp_path / "ft", FitOptions(epochs=6, lr=0.9, select_initial=True))
     assert s["best_epoch"] == 0 and s["epochs_run"] == 2 and "2 epochs" in s["stopped"]
 
 
@@ -600,7 +611,7 @@ class _Counting(torch.nn.Module):
 
 
 def test_views_are_the_eight_symmetries_of_the_square():
-    from slimvit.train import views
+    from slimvit.recipe import views
 
     x = torch.arange(16.0).view(1, 1, 4, 4)
     eight = views(x, flips=True, rot90=True)
@@ -623,7 +634,14 @@ def _fit_counting(base, data, out, epochs: int, distill_cfg, **kw) -> tuple[int,
     teacher = _Counting(base)
     student, spec = tiny_student()
     _, summary = fit(
-        student, spec, data, FAST, out, epochs=epochs, lr=1e-3, teacher=teacher, distill_cfg=distill_cfg, **kw
+        student,
+        spec,
+        data,
+        FAST,
+        out,
+        FitOptions(epochs=epochs, lr=1e-3, distill=distill_cfg),
+        teacher=teacher,
+        **kw,
     )
     return teacher.images, summary
 
@@ -631,7 +649,8 @@ def _fit_counting(base, data, out, epochs: int, distill_cfg, **kw) -> tuple[int,
 def test_cached_teacher_logits_run_the_teacher_once_per_image_and_view(tmp_path):
     """The default: the teacher sees every training image in its 8 flips/rotations once, before training;
     the steps use the averaged logits. `live` runs it on every augmented batch."""
-    from slimvit.train import teacher_logits, views
+    from slimvit.distill import teacher_logits
+    from slimvit.recipe import views
 
     data = synthetic_data(n_per_class=8)
     n_train = len(data.split["train"])
@@ -662,16 +681,14 @@ def test_cached_teacher_logits_run_the_teacher_once_per_image_and_view(tmp_path)
         data,
         dataclasses.replace(FAST, mixup=0.2),
         tmp_path / "mix",
-        epochs=1,
-        lr=1e-3,
+        FitOptions(epochs=1, lr=1e-3, distill=DistillConfig(loss="soft")),
         teacher=base,
-        distill_cfg=DistillConfig(loss="soft"),
     )
     assert s["teacher_logits"] == "live"
 
 
 def test_scale_epochs_keeps_the_optimizer_steps_of_the_floor():
-    from slimvit.train import scale_epochs
+    from slimvit.recipe import scale_epochs
 
     t = dataclasses.replace(FAST, steps_floor_images=1260)
     assert scale_epochs(30, t, 1260) == 30 and scale_epochs(30, t, 1259) == 30  # one image short: unchanged
@@ -704,7 +721,7 @@ def test_a_logits_memo_computes_the_teacher_once_across_fits(tmp_path):
 
 def test_progressive_resizing_schedule_and_config():
     from slimvit.errors import ConfigError
-    from slimvit.train import epoch_size, full_size_epochs
+    from slimvit.recipe import epoch_size, full_size_epochs
 
     t = dataclasses.replace(FAST, resize_from=64, resize_until=0.5)
     sizes = [epoch_size(e, 40, 96, t) for e in range(40)]
@@ -760,11 +777,8 @@ def test_fit_trains_early_epochs_small_and_keeps_a_fixed_size_model(tmp_path):
         data,
         t,
         tmp_path / "s",
-        epochs=4,
-        lr=2e-3,
+        FitOptions(epochs=4, lr=2e-3, distill=DistillConfig(loss="soft", teacher_logits="live"), resize=True),
         teacher=teacher.eval(),
-        distill_cfg=DistillConfig(loss="soft", teacher_logits="live"),
-        resize=True,
     )
     rows = read_jsonl(tmp_path / "s" / "metrics.jsonl")
     assert [r["img_size"] for r in rows] == [16, 16, 32, 32]
@@ -774,7 +788,7 @@ def test_fit_trains_early_epochs_small_and_keeps_a_fixed_size_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     # without resize=True (the fine-tunes) every epoch is full size
-    fit(tiny_student()[0], spec, data, t, tmp_path / "ft", epochs=2, lr=1e-3)
+    fit(tiny_student()[0], spec, data, t, tmp_path / "ft", FitOptions(epochs=2, lr=1e-3))
     assert [r["img_size"] for r in read_jsonl(tmp_path / "ft" / "metrics.jsonl")] == [32, 32]
 
 
@@ -814,7 +828,9 @@ def test_fit_on_a_cpu_trains_without_the_fused_attention_kernel(tmp_path, monkey
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
     model, spec = tiny_student()
-    model, _ = fit(model, spec, synthetic_data(n_per_class=8), FAST, tmp_path / "s", epochs=1, lr=1e-3)
+    model, _ = fit(
+        model, spec, synthetic_data(n_per_class=8), FAST, tmp_path / "s", FitOptions(epochs=1, lr=1e-3)
+    )
     assert calls["train"] == 0 and calls["eval"] > 0
     assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
 
@@ -825,13 +841,13 @@ def test_saturated_validation_does_not_stop_a_fine_tune_after_one_epoch(tmp_path
     randomly initialised model stops before it names the reference's class on every validation view."""
     import copy
 
-    from slimvit.train import _stop_reason
+    from slimvit.selection import stop_reason
 
     best = {"epoch": 1, "val_bal_acc": 1.0, "val_agree": 0.60}
-    assert _stop_reason(best, 1.0, 0, 1, 10, 1) is not None  # the old rule: stopped after epoch 1
-    assert _stop_reason(best, 1.0, 0, 1, 10, 1, min_epochs=5) is None  # the floor of optimizer steps
-    assert _stop_reason(best, 1.0, 0, 5, 10, 1, min_epochs=5, agreement=0.99) is None  # function not back
-    ok = _stop_reason({**best, "val_agree": 0.995}, 1.0, 0, 5, 10, 1, min_epochs=5, agreement=0.99)
+    assert stop_reason(best, 1.0, 0, 1, 10, 1) is not None  # the old rule: stopped after epoch 1
+    assert stop_reason(best, 1.0, 0, 1, 10, 1, min_epochs=5) is None  # the floor of optimizer steps
+    assert stop_reason(best, 1.0, 0, 5, 10, 1, min_epochs=5, agreement=0.99) is None  # function not back
+    ok = stop_reason({**best, "val_agree": 0.995}, 1.0, 0, 5, 10, 1, min_epochs=5, agreement=0.99)
     assert ok.startswith("recovered") and "agreement" in ok
 
     model, spec = tiny_student()
@@ -842,11 +858,8 @@ def test_saturated_validation_does_not_stop_a_fine_tune_after_one_epoch(tmp_path
         synthetic_data(),
         FAST,
         tmp_path / "ft",
-        epochs=4,
-        lr=1e-4,
-        stop_at=0.0,
+        FitOptions(epochs=4, lr=1e-4, stop_at=0.0, min_epochs=3),
         reference=reference,
-        min_epochs=3,
     )
     assert s["epochs_run"] >= 3 and s["min_epochs"] == 3
     rows = read_jsonl(tmp_path / "ft" / "metrics.jsonl")
@@ -865,7 +878,7 @@ def test_fidelity_breaks_ties_of_validation_accuracy(tmp_path, monkeypatch):
         bal, loss, kl = next(scores)
         return {"acc": bal, "bal_acc": bal, "loss": loss, "kl": kl, "agree": 1 - kl}
 
-    monkeypatch.setattr(train, "_validate", scripted)
+    monkeypatch.setattr(train, "validate", scripted)
     model, spec = tiny_student()
-    _, s = fit(model, spec, synthetic_data(), FAST, tmp_path / "ft", epochs=3, lr=1e-4)
+    _, s = fit(model, spec, synthetic_data(), FAST, tmp_path / "ft", FitOptions(epochs=3, lr=1e-4))
     assert s["best_epoch"] == 2 and s["best_val_kl"] == 0.05

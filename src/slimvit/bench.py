@@ -6,7 +6,8 @@ variant alike; the reported latency is the median (and p90) over all rounds. Eac
 (ONNX Runtime, OpenVINO) runs in a worker process of its own that imports no torch, as it runs when
 deployed (`slimvit.workers`); eager PyTorch rows run in this process. Inputs are made before the
 timed region. Accuracy is measured on the full validation and test splits through the same numpy
-preprocessing that `slimvit predict` uses.
+preprocessing that `slimvit predict` uses; agreement with the student, which needs no labels, on
+the views and unlabeled images that `slimvit.fidelity` makes.
 
 The deployment candidates are every ONNX variant of the pruned model and of every sweep model, on
 both runtimes; the `deploy` stage (`slimvit.deploy`) chooses among them on validation accuracy.
@@ -15,7 +16,6 @@ both runtimes; the `deploy` stage (`slimvit.deploy`) chooses among them on valid
 from __future__ import annotations
 
 import logging
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -25,10 +25,24 @@ from pathlib import Path
 import numpy as np
 
 from slimvit.errors import ModelError
+from slimvit.fidelity import fidelity
 from slimvit.io import atomic_write_json, atomic_write_text, is_main_process, read_json
-from slimvit.layout import LOGITS, write_logits
+from slimvit.labels import pct_ci
+from slimvit.layout import (
+    BENCH,
+    BENCH_TABLE,
+    EXPORT,
+    LOGITS,
+    PRUNE,
+    PRUNED,
+    QUANTIZE,
+    STUDENT,
+    TEACHER,
+    model_files,
+    write_logits,
+)
 from slimvit.spec import read_spec
-from slimvit.timing import ISA_FLAGS, cpu_flags, cpu_name
+from slimvit.timing import ISA_FLAGS, cores, cpu_flags, cpu_name, package_version, versions
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +146,7 @@ def _torch_variant(run_dir: Path, stage: str, reference: bool = False) -> Varian
             return models.eval_logits(model(torch.from_numpy(x))).numpy()
 
     return Variant(
-        stage, "pytorch", "fp32", f"{stage}/model.safetensors", params, macs, predict, reference=reference
+        stage, "pytorch", "fp32", model_files(stage)[0], params, macs, predict, reference=reference
     )
 
 
@@ -174,7 +188,7 @@ def _onnx_variant(
 def _pruning(run_dir: Path, stage: str) -> dict:
     """{"ratio": width pruning ratio, "depth": blocks kept by depth pruning} of a pruned model (None each
     where not pruned so)."""
-    p = run_dir / stage / "prune.json"
+    p = run_dir / stage / PRUNE
     info = read_json(p) if p.exists() else {}
     return {"ratio": float(info["ratio"]) if "ratio" in info else None, "depth": info.get("depth")}
 
@@ -225,7 +239,7 @@ def _openvino_variants(
     if not ok:
         log.warning("bench: OpenVINO skipped: %s", why)
         return [], status
-    status["version"] = _version("openvino")
+    status["version"] = package_version("openvino")
     out = []
     for stage, variants in quantized.items():
         for mode in ovr.PRECISIONS:
@@ -250,14 +264,14 @@ def collect_variants(run_dir: Path, threads: int, workers=None) -> tuple[list[Va
     With `workers` (a `slimvit.workers.Workers`), each runtime's models live in a process of their own.
     Returns the variants and the OpenVINO status (available, version, files it could not run)."""
     run_dir = Path(run_dir)
-    for need, cmd in (("onnx/export.json", "slimvit export"), ("onnx/quantize.json", "slimvit quantize")):
+    for need, cmd in ((EXPORT, "slimvit export"), (QUANTIZE, "slimvit quantize")):
         if not (run_dir / need).exists():
             raise ModelError(f"no '{run_dir / need}'; run `{cmd}` (or `slimvit run`) first")
-    out = [_torch_variant(run_dir, s, reference=(s == "student")) for s in ("teacher", "student", "pruned")]
-    out[2].ratio = _pruning(run_dir, "pruned")["ratio"]
+    out = [_torch_variant(run_dir, s, reference=(s == STUDENT)) for s in (TEACHER, STUDENT, PRUNED)]
+    out[2].ratio = _pruning(run_dir, PRUNED)["ratio"]
     sizes = {v.stage: (v.params, v.macs) for v in out}
-    exported = read_json(run_dir / "onnx" / "export.json")
-    quantized = read_json(run_dir / "onnx" / "quantize.json").get("models", {})
+    exported = read_json(run_dir / EXPORT)
+    quantized = read_json(run_dir / QUANTIZE).get("models", {})
     for stage, info in exported.items():
         if stage not in sizes:
             macs, params = _macs_params(run_dir, stage)
@@ -412,12 +426,6 @@ def thread_scaling(run_dir: Path, rows: list[dict], input_size, bcfg, workers=No
     ]
 
 
-def _pct_ci(acc: float | None, ci) -> str:
-    if acc is None:
-        return "-"
-    return f"{100 * acc:.2f}" + (f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci else "")
-
-
 def precision_label(r: dict) -> str:
     """The variant, and the precision its runtime really computed in when that differs (OpenVINO's bf16)."""
     ran = r.get("ran_precision")
@@ -442,8 +450,8 @@ def bench_table(rows: list[dict]) -> str:
             tag += " (VNNI only)"
         lines.append(
             f"| {r['stage']}{tag} | {r['runtime']} | {precision_label(r)} | {r['params'] / 1e6:.2f} | "
-            f"{r['size_mb']:.2f} | {r['macs'] / 1e6:.0f} | {_pct_ci(r.get('val_accuracy'), r.get('val_accuracy_ci'))} | "
-            f"{_pct_ci(r['accuracy'], r.get('accuracy_ci'))} | {r['macro_f1']:.4f} | "
+            f"{r['size_mb']:.2f} | {r['macs'] / 1e6:.0f} | {pct_ci(r.get('val_accuracy'), r.get('val_accuracy_ci'), unit='')} | "
+            f"{pct_ci(r['accuracy'], r.get('accuracy_ci'), unit='')} | {r['macro_f1']:.4f} | "
             f"{r['latency_ms_p50']:.2f} | {r['latency_ms_p90']:.2f} | "
             f"{r['latency_ms_p50'] / ref['latency_ms_p50']:.2f} | {r['throughput_ips']:.0f} | "
             f"{r['gmacs_per_s']:.1f} |"
@@ -460,31 +468,15 @@ def run_bench(cfg, run_dir: str | Path, data=None) -> dict:
 
 
 def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
-    from slimvit import deploy
     from slimvit.data import load_data
-    from slimvit.evaluate import metrics_from_logits
-    from slimvit.quantize import validated_on
 
     bcfg = cfg.bench
     variants, ov_status = collect_variants(run_dir, bcfg.threads, workers)
     data = data or load_data(cfg.data, run_dir)
-    spec = read_spec(run_dir / "student")
-    metrics, val_metrics, preds, all_logits = {}, {}, {}, {}
-    for split, store in (("test", metrics), ("val", val_metrics)):
-        images, labels = data.arrays(split)
-        for v, logits in zip(variants, _logits_by_variant(run_dir, variants, images), strict=True):
-            store[v.key] = metrics_from_logits(logits, labels, data.classes)
-            all_logits[f"{split}|{v.key}"] = logits.astype(np.float32)
-            if split == "test":
-                preds[v.key] = logits.argmax(1).astype(int).tolist()
-    fid, fid_source = fidelity(run_dir, variants, data, cfg)
-    from slimvit.calibrate import calibration
-
-    y_val, y_test = data.arrays("val")[1], data.arrays("test")[1]
-    calib = {
-        v.key: calibration(all_logits[f"val|{v.key}"], y_val, all_logits[f"test|{v.key}"], y_test)
-        for v in variants
-    }
+    spec = read_spec(run_dir / STUDENT)
+    metrics, val_metrics, preds, all_logits = _accuracies(run_dir, variants, data)
+    fid, fid_source = fidelity(variants, data, cfg, lambda x: logits_by_variant(run_dir, variants, x))
+    calib = _calibrations(variants, all_logits, data)
     log.info(
         "bench: timing %d variants, %d threads, %d rounds; ONNX Runtime and OpenVINO each in a process "
         "of their own (no torch), PyTorch in this one",
@@ -505,16 +497,79 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
         )
         for v in variants
     ]
-    try:  # the thread-scaling pass times the model the default rule (no budgets) deploys
+    scaling = thread_scaling(run_dir, rows, spec.input_size, bcfg, workers, _default_pick(rows, cfg))
+    out = {
+        **_conditions(bcfg, t0),
+        "openvino": ov_status,
+        "fidelity": fid_source,
+        "rows": [{k: r[k] for k in (*ROW_KEYS, "latency_runs")} for r in rows],
+        "thread_scaling": scaling,
+        "confusion": {v.key: metrics[v.key]["confusion"] for v in variants},
+        "per_class_recall": {v.key: metrics[v.key]["per_class_recall"] for v in variants},
+        "per_class_recall_ci": {v.key: metrics[v.key]["per_class_recall_ci"] for v in variants},
+        "per_class_support": metrics[variants[0].key]["per_class_support"] if variants else {},
+        "classes": data.classes,
+        "predictions": preds,
+        "calibration": calib,
+        "val_labels": [int(y) for y in data.arrays("val")[1]],
+        "test_images": _test_images(data),
+    }
+    if is_main_process():
+        atomic_write_text(run_dir / BENCH_TABLE, bench_table(out["rows"]))
+        write_logits(run_dir / LOGITS, all_logits)
+        atomic_write_json(run_dir / BENCH, out)
+    log.info("bench (%d threads, %s):\n%s", bcfg.threads, out["cpu"], bench_table(out["rows"]))
+    return {"variants": len(rows), "seconds": out["settings"]["seconds"]}
+
+
+def _accuracies(run_dir: Path, variants: list[Variant], data) -> tuple[dict, dict, dict, dict]:
+    """Every variant on the test and validation splits: (test metrics, validation metrics, test
+    predictions, logits as `<split>|<key>` -> float32 array), by variant key."""
+    from slimvit.evaluate import metrics_from_logits
+
+    metrics, val_metrics, preds, all_logits = {}, {}, {}, {}
+    for split, store in (("test", metrics), ("val", val_metrics)):
+        images, labels = data.arrays(split)
+        for v, logits in zip(variants, logits_by_variant(run_dir, variants, images), strict=True):
+            store[v.key] = metrics_from_logits(logits, labels, data.classes)
+            all_logits[f"{split}|{v.key}"] = logits.astype(np.float32)
+            if split == "test":
+                preds[v.key] = logits.argmax(1).astype(int).tolist()
+    return metrics, val_metrics, preds, all_logits
+
+
+def _calibrations(variants: list[Variant], all_logits: dict, data) -> dict:
+    """Each variant's temperature, fitted on validation, and what it does on test (calibrate.calibration)."""
+    from slimvit.calibrate import calibration
+
+    y_val, y_test = data.arrays("val")[1], data.arrays("test")[1]
+    return {
+        v.key: calibration(all_logits[f"val|{v.key}"], y_val, all_logits[f"test|{v.key}"], y_test)
+        for v in variants
+    }
+
+
+def _default_pick(rows: list[dict], cfg) -> dict:
+    """The row the default rule (no budgets) deploys, else the fastest candidate: the thread-scaling pass
+    times it."""
+    from slimvit import deploy
+
+    try:
         pick, _ = deploy.choose(rows, max_drop=cfg.deploy.max_drop, min_agreement=cfg.deploy.min_agreement)
     except deploy.NothingFits:
         pick = min((r for r in rows if r["candidate"]), key=lambda r: r["latency_ms_p50"])
-    scaling = thread_scaling(run_dir, rows, spec.input_size, bcfg, workers, pick)
-    out = {
+    return pick
+
+
+def _conditions(bcfg, t0: float) -> dict:
+    """What the timings were taken on and how (bench.json's head); `seconds` counts from `t0`."""
+    from slimvit.quantize import validated_on
+
+    return {
         "threads": bcfg.threads,
         "cpu": cpu_name(),
         "isa": sorted(set(ISA_FLAGS) & cpu_flags(), key=ISA_FLAGS.index),
-        "cores": _cores(),
+        "cores": cores(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": {
             "warmup": bcfg.warmup,
@@ -529,132 +584,10 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
         "timed_in": "ONNX Runtime and OpenVINO rows in one worker process per runtime without torch "
         "(as deployed); PyTorch rows in the bench process",
         "validated_on": validated_on(),
-        "openvino": ov_status,
-        "fidelity": fid_source,
-        "rows": [{k: r[k] for k in (*ROW_KEYS, "latency_runs")} for r in rows],
-        "thread_scaling": scaling,
-        "confusion": {v.key: metrics[v.key]["confusion"] for v in variants},
-        "per_class_recall": {v.key: metrics[v.key]["per_class_recall"] for v in variants},
-        "per_class_recall_ci": {v.key: metrics[v.key]["per_class_recall_ci"] for v in variants},
-        "per_class_support": metrics[variants[0].key]["per_class_support"] if variants else {},
-        "classes": data.classes,
-        "predictions": preds,
-        "calibration": calib,
-        "val_labels": [int(y) for y in y_val],
-        "test_images": _test_images(data),
     }
-    if is_main_process():
-        atomic_write_text(run_dir / "bench.md", bench_table(out["rows"]))
-        write_logits(run_dir / LOGITS, all_logits)
-        atomic_write_json(run_dir / "bench.json", out)
-    log.info("bench (%d threads, %s):\n%s", bcfg.threads, out["cpu"], bench_table(out["rows"]))
-    return {"variants": len(rows), "seconds": out["settings"]["seconds"]}
 
 
-def val_views(images: np.ndarray, flips: bool, rot90: bool, limit: int | None = None) -> np.ndarray:
-    """The flips/rotations of uint8 (N, H, W, 3) images that the training augmentation draws from (8 with
-    both), stacked view by view: (V*N, H, W, 3); the same views, in the same order, as `train.views`.
-    `limit`: every other one, as the fine-tunes compare them (`train.FIDELITY_VIEWS`)."""
-    rots = [np.rot90(images, k, axes=(1, 2)) for k in range(4 if rot90 else 1)]
-    if flips and rot90:
-        out = rots + [r[:, :, ::-1] for r in rots]
-    elif flips:
-        out = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
-    else:
-        out = rots
-    if limit is not None:
-        out = out[:: max(1, len(out) // limit)][:limit]
-    return np.ascontiguousarray(np.concatenate(out))
-
-
-def read_unlabeled(path: str | Path, size: int, limit: int) -> tuple[np.ndarray, dict]:
-    """The decodable images of an unlabeled folder (searched recursively) at `size`, at most `limit` of
-    them (a seeded sample); DataError for a missing folder or one with no image."""
-    from slimvit.errors import DataError
-    from slimvit.preprocess import ImageDecodeError, load_rgb
-
-    root = Path(path)
-    files = check_unlabeled(root)
-    total = len(files)
-    if total > limit:
-        pick = np.random.default_rng(0).choice(total, limit, replace=False)
-        files = [files[i] for i in sorted(pick)]
-    images, bad = [], 0
-    for f in files:
-        try:
-            images.append(load_rgb(f, size))
-        except ImageDecodeError:
-            bad += 1
-    if not images:
-        raise DataError(f"--unlabeled '{root}': none of its {total} image files could be decoded")
-    return np.stack(images), {"path": str(root), "images": len(images), "files": total, "undecodable": bad}
-
-
-def check_unlabeled(root: Path) -> list[Path]:
-    """The image files of an unlabeled folder; DataError (one line) when it is missing or has none."""
-    from slimvit.errors import DataError
-    from slimvit.preprocess import IMAGE_EXTENSIONS
-
-    if not root.is_dir():
-        raise DataError(f"--unlabeled '{root}' is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise DataError(f"--unlabeled '{root}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
-def fidelity(run_dir: Path, variants: list[Variant], data, cfg) -> tuple[dict, dict]:
-    """Every variant against the student (the reference row), label-free: on the validation images and
-    their flips/rotations, and on `bench.unlabeled` images where given, the share of images where both
-    name the same class (`agreement`), the mean KL(student || variant) of their softmax outputs
-    (`agreement_kl`), and the accuracy on the labelled validation views (`view_accuracy`).
-
-    Where validation accuracy saturates (every candidate at 100% of a few images) these still separate
-    the candidates: a pruned model that lost the student's function disagrees with it on new views.
-    Returns ({variant key: figures}, what they were measured on)."""
-    from slimvit.train import FIDELITY_VIEWS
-
-    ref = next((v for v in variants if v.reference), None)
-    if ref is None:
-        return {}, {}
-    images, labels = data.arrays("val")
-    x = val_views(images, cfg.train.flips, cfg.train.rot90, limit=FIDELITY_VIEWS)
-    n_views = len(x) // max(1, len(images))
-    y = np.tile(labels, n_views)
-    source = {"val_images": len(images), "val_views": len(x), "unlabeled": None}
-    if cfg.bench.unlabeled:
-        extra, info = read_unlabeled(cfg.bench.unlabeled, data.img_size, cfg.bench.unlabeled_max)
-        source["unlabeled"] = info
-        x = np.concatenate([x, extra])
-    logits = _logits_by_variant(run_dir, variants, x)
-    ref_logp = _log_softmax(logits[variants.index(ref)])
-    ref_pred = ref_logp.argmax(1)
-    out = {}
-    for v, lg in zip(variants, logits, strict=True):
-        logp = _log_softmax(lg)
-        pred = logp.argmax(1)
-        out[v.key] = {
-            "agreement": float((pred == ref_pred).mean()),
-            "agreement_kl": float((np.exp(ref_logp) * (ref_logp - logp)).sum(1).mean()),
-            "agreement_n": len(x),
-            "view_accuracy": float((pred[: len(y)] == y).mean()),
-        }
-    log.info(
-        "bench: agreement with the student measured on %d validation images x %d flips/rotations%s",
-        len(images),
-        n_views,
-        f" and {source['unlabeled']['images']} unlabeled images" if source["unlabeled"] else "",
-    )
-    return out, source
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-
-def _logits_by_variant(run_dir: Path, variants: list[Variant], images: np.ndarray) -> list[np.ndarray]:
+def logits_by_variant(run_dir: Path, variants: list[Variant], images: np.ndarray) -> list[np.ndarray]:
     """Logits of every variant on uint8 images, each normalised the way its model expects.
 
     Models in worker processes read the normalised images from an .npy file (written once per
@@ -690,35 +623,3 @@ def _test_images(data) -> dict:
         # defect boxes (name, xmin, ymin, xmax, ymax) in the image's own pixels, where the layout has them
         "boxes": [[list(b) for b in data.index.samples[i].boxes] for i in idx],
     }
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _version(pkg: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "-"
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in (
-        "torch",
-        "timm",
-        "torch-pruning",
-        "onnx",
-        "onnxruntime",
-        "openvino",
-        "accelerate",
-        "numpy",
-        "slimvit",
-    ):
-        out[pkg] = _version(pkg)
-    return out

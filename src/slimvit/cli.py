@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from slimvit import layout
 from slimvit.errors import SlimvitError
 
 log = logging.getLogger("slimvit")
@@ -112,9 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimvit", description="Compress a ViT for CPU/edge inference.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from slimvit.pipeline import STAGES
+    _stage_commands(sub)
+    _deploy_command(sub)
+    _verify_command(sub)
+    _config_command(sub)
+    _subset_command(sub)
+    _predict_command(sub)
+    return parser
 
-    # one subcommand per declared stage; the ablation and the sweep run under `distill` / `prune --sweep`
+
+def _stage_commands(sub) -> None:
+    """One subcommand per declared stage (the ablation and the sweep run under `distill` / `prune --sweep`),
+    and `run`."""
+    from slimvit.stages import STAGES
+
     for stage in STAGES:
         if stage.command or stage.flags is None:
             continue
@@ -146,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="images without labels (production images): every candidate's agreement with the student "
             "is also measured on them, so the deploy choice sees more than the validation split",
         )
+
+
+def _deploy_command(sub) -> None:
     p = sub.add_parser(
         "deploy",
         help="re-choose the deployed model from bench.json for new budgets (seconds, no re-timing)",
@@ -155,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     _budget_flags(p)
+
+
+def _verify_command(sub) -> None:
     p = sub.add_parser(
         "verify",
         help="re-measure a deployed model's accuracy and latency on this machine (no torch needed)",
@@ -174,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: as benchmarked)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _config_command(sub) -> None:
     p = sub.add_parser(
         "config",
         help="list every config key: type, default, the preset's value and what it does",
@@ -183,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", nargs="?", default=None, metavar="KEY", help="e.g. train.epochs or prune")
     p.add_argument("--preset", default=None, help="the preset whose values are shown (default neu-det)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _subset_command(sub) -> None:
     p = sub.add_parser(
         "subset",
         help="copy a seeded subset of a dataset with chosen images per class (e.g. an imbalanced NEU-DET)",
@@ -196,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _predict_command(sub) -> None:
     p = sub.add_parser(
         "predict",
         help="classify images with a deployed ONNX model (no torch needed)",
@@ -221,7 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write, for each image, a PNG with the image and an occlusion heatmap of where the model looked",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
 
 
 def _budget_flags(p: argparse.ArgumentParser) -> None:
@@ -299,75 +325,23 @@ def _library_noise(record: logging.LogRecord) -> bool:
 
 def load_cli_config(args: argparse.Namespace):
     from slimvit.config import load_config
+    from slimvit.runs import dataset_of_run, unlabeled_of_run
 
     # --data is a path, taken literally (never read as YAML); with no --preset, load_config starts from
     # the config file's `preset:` or the default preset, and the file merges over it
     cfg = load_config(args.preset, args.config, args.overrides, data_path=args.data or None)
     out = Path(args.out) if args.out else Path("runs") / (args.preset or cfg.preset or "custom")
-    cfg = _dataset_of_run(cfg, out, args.data)
-    cfg = _unlabeled_of_run(cfg, out, args)
+    cfg = dataset_of_run(cfg, out, args.data)
+    cfg = unlabeled_of_run(cfg, out, getattr(args, "unlabeled", None), args.overrides)
     if getattr(args, "unlabeled", None):  # checked before anything is written
         import dataclasses
 
-        from slimvit.bench import check_unlabeled
+        from slimvit.fidelity import check_unlabeled
 
         root = Path(args.unlabeled)
         check_unlabeled(root)
         cfg = dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=str(root.resolve())))
     return cfg, out
-
-
-def _saved_config(out: Path):
-    """The run folder's config.yaml, or None when there is none or it cannot be read (prepare_run_dir
-    then says what is wrong with it)."""
-    from slimvit.config import read_config
-    from slimvit.errors import ConfigError
-
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        return None
-    try:
-        return read_config(saved)
-    except ConfigError:
-        return None
-
-
-def _unlabeled_of_run(cfg, out: Path, args: argparse.Namespace):
-    """Without `--unlabeled` (or `--set bench.unlabeled=...`), the folder a run was benchmarked with stays
-    its setting, so a later command is not refused as a changed config."""
-    import dataclasses
-
-    if getattr(args, "unlabeled", None) or any(o.startswith("bench.unlabeled") for o in args.overrides):
-        return cfg
-    saved = _saved_config(out)
-    prev = saved.bench.unlabeled if saved is not None else None
-    return dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=prev)) if prev else cfg
-
-
-def _dataset_of_run(cfg, out: Path, given: str | None):
-    """The dataset a command reads: `--data` where given (refused, before anything is written, when it is
-    not a folder), else the one the run folder was built from (its config.yaml's `data.path`), so a
-    command without `--data` never rewrites the run's record of its dataset."""
-    import dataclasses
-
-    from slimvit.errors import DataError
-
-    if given:
-        if not Path(given).exists():
-            raise DataError(
-                f"dataset folder '{given}' does not exist; pass --data PATH or set SLIMVIT_DATA "
-                "(see README, 'Getting NEU-DET')"
-            )
-        if not Path(given).is_dir():
-            raise DataError(f"--data '{given}' is a file; it must be a dataset folder")
-        return cfg
-    saved = None if cfg.data.path else _saved_config(out)
-    if saved is None:
-        return cfg
-    path = saved.data.path
-    if path and not Path(path).is_dir():
-        log.warning("the run folder's dataset '%s' is not there; pass --data to name where it is now", path)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path)) if path else cfg
 
 
 def _print_data(info: dict, run_dir: Path) -> None:
@@ -400,7 +374,7 @@ def _print_data(info: dict, run_dir: Path) -> None:
     console.print(t)
     console.print(
         Text(
-            f"split: {sp['train']}/{sp['val']}/{sp['test']} (train/val/test), saved in {run_dir / 'split.json'}"
+            f"split: {sp['train']}/{sp['val']}/{sp['test']} (train/val/test), saved in {run_dir / layout.SPLIT}"
         )
     )
 
@@ -409,25 +383,25 @@ def cmd_data(args: argparse.Namespace) -> int:
     require_extra("data")
     from slimvit import pipeline
     from slimvit.io import read_json
-    from slimvit.runs import lock_run_dir, prepare_run_dir
+    from slimvit.runs import deploy_of_run, lock_run_dir, prepare_run_dir
 
     cfg, out = load_cli_config(args)
-    cfg = _deploy_of_run(cfg, out, args)
+    cfg = deploy_of_run(cfg, out, args.overrides)
     with lock_run_dir(out):
         run_dir = prepare_run_dir(cfg, out, force=args.force)
         pipeline.run_single("data", cfg, run_dir, args)  # --force redoes the split
-        _print_data(read_json(run_dir / "data.json"), run_dir)
+        _print_data(read_json(run_dir / layout.DATA), run_dir)
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
     require_extra(args.command)
     from slimvit import pipeline
-    from slimvit.runs import lock_run_dir, prepare_run_dir
+    from slimvit.runs import deploy_of_run, lock_run_dir, prepare_run_dir
 
     cfg, out = load_cli_config(args)
     if args.command != "run":
-        cfg = _deploy_of_run(cfg, out, args)
+        cfg = deploy_of_run(cfg, out, args.overrides)
     with lock_run_dir(out):  # one writer per run folder, for the whole command
         if args.command == "run" and not args.force:  # with --force the bench may be redone
             pipeline.check_budgets(cfg, out)  # on a finished bench: refused before anything changes
@@ -441,17 +415,17 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     """Re-choose the deployed model for the budgets: the deploy stage only, always redone (seconds)."""
     from slimvit import pipeline
     from slimvit.errors import ModelError
-    from slimvit.runs import lock_run_dir, prepare_run_dir
+    from slimvit.runs import lock_run_dir, prepare_run_dir, with_budgets
 
     cfg, out = load_cli_config(args)
-    if not (out / "bench.json").exists():
-        raise ModelError(f"no '{out / 'bench.json'}'; run `slimvit bench` (or `slimvit run`) first")
-    cfg = _with_budgets(out, cfg, args)
+    if not (out / layout.BENCH).exists():
+        raise ModelError(f"no '{out / layout.BENCH}'; run `slimvit bench` (or `slimvit run`) first")
+    cfg = with_budgets(cfg, out)
     with lock_run_dir(out):
         pipeline.check_budgets(cfg, out)  # budgets nothing meets: refused before anything changes
         run_dir = prepare_run_dir(cfg, out, force=False)  # budgets (deploy.*) may change freely
         pipeline.run_single("deploy", cfg, run_dir, args, redo_why="re-choosing for this command's budgets")
-        if (run_dir / "REPORT.md").exists():  # the report describes what deploy/ now holds
+        if (run_dir / layout.REPORT).exists():  # the report describes what deploy/ now holds
             try:
                 require_extra("report")  # the plots need matplotlib; `deploy` itself runs on the core install
             except SlimvitError:
@@ -465,40 +439,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return _deploy_outcome(run_dir)
 
 
-def _deploy_of_run(cfg, out: Path, args: argparse.Namespace):
-    """A stage command other than `run` and `deploy` keeps the run folder's own deploy settings (budgets,
-    review) unless `--set deploy.KEY=...` names one: they say what was deployed, not what this command
-    changes, so `slimvit report` after `slimvit deploy --budget-mb 2` re-renders that deployment."""
-    import dataclasses
-
-    saved = None if any(o.startswith("deploy.") for o in args.overrides) else _saved_config(out)
-    return cfg if saved is None else dataclasses.replace(cfg, deploy=saved.deploy)
-
-
-def _with_budgets(out: Path, cfg, args: argparse.Namespace):
-    """The run folder's own config with this command's budgets (unset flags: no budget, default drop).
-
-    `slimvit deploy` re-chooses for the run that is there, so every other key comes from its config.yaml;
-    `--set deploy.KEY=...` and the budget flags say the budgets of this call.
-    """
-    import dataclasses
-
-    from slimvit.config import DeployConfig, read_config
-
-    saved = out / "config.yaml"
-    if not saved.exists():
-        return cfg
-    base = read_config(saved)
-    keys = ("budget_ms", "budget_mb", "max_drop", "min_agreement", "review_rate", "target_accuracy")
-    given = {k: getattr(cfg.deploy, k) for k in keys}
-    return dataclasses.replace(base, deploy=DeployConfig(**given))
-
-
 def _deploy_outcome(run_dir: Path) -> int:
     """2 with one line when the deploy stage found nothing that fits the budgets, else 0."""
     from slimvit.io import read_json
 
-    rec = run_dir / "deploy" / "deploy.json"
+    rec = run_dir / layout.DEPLOYED
     if rec.exists():
         d = read_json(rec)
         if not d.get("deployed", True):
@@ -554,8 +499,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from slimvit.deploy import verify
     from slimvit.io import atomic_write_json
+    from slimvit.verify import verify
 
     result = verify(args.deploy_dir, args.images, threads=args.threads)
     if args.json:

@@ -281,7 +281,7 @@ class PruneConfig:
     pruned model stands for its own ratio); `student`: every ratio from the distilled student."""
     depths: tuple[int, ...] = ()
     """Depth pruning: for each ratio of the sweep, also a candidate cut to each of these numbers of
-    transformer blocks (whole blocks removed, `pruning.block_drop_order`, then fine-tuned for
+    transformer blocks (whole blocks removed, `vit_pruning.block_drop_order`, then fine-tuned for
     `sweep_epochs`), in `sweep/r<ratio>-d<depth>`. At batch 1 a small ViT's latency is mostly per-layer
     overhead, which only fewer layers remove. Empty: widths only."""
 

@@ -30,6 +30,7 @@ import numpy as np
 from slimvit.config import DataConfig
 from slimvit.errors import DataError
 from slimvit.io import atomic_write_json, is_main_process, read_json
+from slimvit.layout import SPLIT
 from slimvit.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def make_split(index: DatasetIndex, fractions: tuple[float, float, float], seed:
 def load_or_create_split(index: DatasetIndex, cfg: DataConfig, run_dir: Path | None) -> dict[str, list[int]]:
     """Read `split.json` from the run folder, or make the split and write it there once."""
     fp = fingerprint(index)
-    path = run_dir / "split.json" if run_dir is not None else None
+    path = run_dir / SPLIT if run_dir is not None else None
     if path is not None and path.exists():
         try:
             saved = read_json(path)

@@ -26,8 +26,13 @@ import numpy as np
 
 from slimvit.errors import ModelError, SlimvitError
 from slimvit.io import atomic_path, atomic_write_json, read_json
+from slimvit.labels import shape_label
+from slimvit.layout import BENCH, DEPLOY, DEPLOY_MODEL, DEPLOY_RECORD, DEPLOYED, LOGITS, read_logits
 
 log = logging.getLogger(__name__)
+
+# beside deploy/: the new deployment while it is built, the old one during the swap
+_BUILDING, _ASIDE = f".{DEPLOY}.new", f".{DEPLOY}.old"
 
 TIE = 0.05
 """Latencies within this fraction of the fastest count as a tie: run-to-run noise on a shared 2-core
@@ -58,13 +63,6 @@ def is_candidate(r: dict) -> bool:
     return bool(r.get("candidate")) and r["runtime"] != "pytorch"
 
 
-def shape_label(r: dict) -> str:
-    """How a candidate was pruned, in a few characters: "r=0.3", "r=0.3 d6" (6 blocks kept), "" if not."""
-    if r.get("ratio") is None:
-        return ""
-    return f"r={r['ratio']:g}" + (f" d{r['depth']}" if r.get("depth") is not None else "")
-
-
 def describe(r: dict) -> str:
     shape = shape_label(r)
     return (
@@ -74,7 +72,7 @@ def describe(r: dict) -> str:
 
 
 def _agree(r: dict) -> float | None:
-    """A candidate's agreement with the student (bench.fidelity); None in a bench.json of an older version."""
+    """A candidate's agreement with the student (fidelity.fidelity); None in a bench.json of an older version."""
     return r.get("agreement")
 
 
@@ -145,19 +143,27 @@ def choose(
         raise NothingFits(
             f"no candidate fits {' and '.join(failed) or 'the budgets'}; closest: {describe(closest)}"
         )
-    if budget_ms is None and budget_mb is None:
-        fastest = min(r["latency_ms_p50"] for r in ok)
-        best = min((r for r in ok if r["latency_ms_p50"] <= fastest * (1 + TIE)), key=lambda r: r["size_mb"])
+    passed_val = [r for r in portable if val_score(r) >= floor]  # what validation alone lets through
+    flat = saturated(passed_val)
+    if flat:  # validation cannot see what compression cost: compress no further than the budgets ask
+        pool = _most_faithful(ok)
+        most = max(map(_kept, pool))
+        best = _fastest([r for r in pool if _kept(r) == most])
+        rule = (
+            f"of the candidates that fit {', '.join(n for n, _ in checks)} and agree best with the student "
+            f"(within {100 * AGREE_TIE:g} point), the least compressed (the most parameters) on its fastest file "
+            f"(the smallest among those within {TIE:.0%} of its p50): validation cannot tell the candidates "
+            "apart, so nothing shows what a deeper cut would cost"
+        )
+    elif budget_ms is None and budget_mb is None:
+        best = _fastest(ok)
         rule = (
             f"the fastest candidate with {' and '.join(n for n, _ in checks)}; the smallest file among those "
             f"within {TIE:.0%} of the fastest p50"
         )
     else:
         top = max(map(val_score, ok))
-        tied = [r for r in ok if val_score(r) >= top - one_image - 1e-9]
-        if any(_agree(r) is not None for r in tied):  # fidelity separates what validation cannot
-            best_agree = max(_agree(r) or 0.0 for r in tied)
-            tied = [r for r in tied if (_agree(r) or 0.0) >= best_agree - AGREE_TIE - 1e-9]
+        tied = _most_faithful([r for r in ok if val_score(r) >= top - one_image - 1e-9])
         best = min(tied, key=lambda r: (r["latency_ms_p50"], r["size_mb"]))
         rule = (
             f"the most accurate candidate on validation that fits {', '.join(n for n, _ in checks)} "
@@ -170,11 +176,31 @@ def choose(
         f"{len(ok)} of {len(cands)} candidates qualified"
         + (f"; {excluded} not portable to x86 CPUs without VNNI, never deployed" if excluded else "")
     )
-    passed_val = [r for r in portable if val_score(r) >= floor]  # what validation alone lets through
-    flat = saturated(passed_val)
-    if flat and _agree(best) is not None:
+    if flat:
         why += "; " + saturation_note(passed_val, best)
     return {**best, "validation_saturated": flat}, why
+
+
+def _kept(r: dict) -> tuple:
+    """How little a candidate was compressed, for comparison: its parameter count, then a lower pruning
+    ratio, then more blocks (an older bench row has no parameter count). Every file of one shape ties."""
+    depth = r.get("depth")
+    return (r.get("params") or 0, -(r.get("ratio") or 0.0), 1e9 if depth is None else depth)
+
+
+def _most_faithful(rows: list[dict]) -> list[dict]:
+    """The rows whose agreement with the student is within AGREE_TIE of the best: fidelity separates what
+    validation cannot (all of them where no row has an agreement figure)."""
+    if all(_agree(r) is None for r in rows):
+        return rows
+    best = max(_agree(r) or 0.0 for r in rows)
+    return [r for r in rows if (_agree(r) or 0.0) >= best - AGREE_TIE - 1e-9]
+
+
+def _fastest(rows: list[dict]) -> dict:
+    """The fastest row, the smallest file among those within TIE of it."""
+    fastest = min(r["latency_ms_p50"] for r in rows)
+    return min((r for r in rows if r["latency_ms_p50"] <= fastest * (1 + TIE)), key=lambda r: r["size_mb"])
 
 
 def saturation_note(cands: list[dict], best: dict) -> str:
@@ -182,12 +208,18 @@ def saturation_note(cands: list[dict], best: dict) -> str:
     let through), what it rested on instead, and what the user can do."""
     lo, hi = min(map(val_score, cands)), max(map(val_score, cands))
     scored = f"{100 * hi:.2f}%" if hi - lo < 1e-9 else f"{100 * lo:.2f}-{100 * hi:.2f}%"
+    agree = _agree(best)
     return (
         f"validation has {_n_val(cands)} images and the {len(cands)} candidates it lets through scored {scored} "
-        "on it, within one image: "
-        f"it cannot tell them apart; the choice rested on agreement with the student on "
-        f"{fidelity_source(cands)}: {100 * _agree(best):.2f}% for the deployed model; more validation images "
-        "or `--unlabeled DIR` (production images, no labels needed) make the choice surer"
+        "on it, within one image: it cannot tell them apart, so the choice compressed no further than the "
+        "budgets ask"
+        + (
+            f" (agreement with the student on {fidelity_source(cands)}: {100 * agree:.2f}%)"
+            if agree is not None
+            else ""
+        )
+        + "; more validation images let a choice see what a deeper cut costs, and `--budget-ms` / "
+        "`--budget-mb` deploy the least compressed candidate that meets them"
     )
 
 
@@ -222,7 +254,6 @@ def review_settings(cfg) -> dict:
 def _calibrated(run_dir: Path, bench: dict, key: str, split: str, temperature: float):
     """(confidence, correct) of a variant's calibrated predictions on a split; None without its logits."""
     from slimvit.calibrate import softmax
-    from slimvit.layout import LOGITS, read_logits
 
     logits = read_logits(Path(run_dir) / LOGITS, split, key)
     if split == "val":
@@ -309,8 +340,8 @@ def write_deploy(
     from slimvit import runtime
 
     run_dir = Path(run_dir)
-    folder = Path(folder) if folder is not None else run_dir / "deploy"
-    dst = folder / "model.onnx"
+    folder = Path(folder) if folder is not None else run_dir / DEPLOY
+    dst = folder / DEPLOY_MODEL
     validated = bench.get("validated_on") or {}
     temperature = (bench.get("calibration") or {}).get(chosen["key"], {}).get("temperature", 1.0)
     try:
@@ -333,7 +364,7 @@ def write_deploy(
     record = {
         "deployed": True,
         "key": chosen["key"],
-        "file": "model.onnx",
+        "file": DEPLOY_MODEL,
         "source": chosen["file"],
         "runtime": chosen["runtime"],
         "precision": chosen["precision"],
@@ -364,7 +395,7 @@ def write_deploy(
         "validated_on": validated,
         "test_images": _test_images(bench, chosen),
     }
-    atomic_write_json(folder / "deploy.json", record)
+    atomic_write_json(folder / DEPLOY_RECORD, record)
     return dst
 
 
@@ -384,14 +415,14 @@ def _test_images(bench: dict, chosen: dict) -> dict | None:
 
 
 def clear_deploy(run_dir: Path) -> None:
-    shutil.rmtree(Path(run_dir) / "deploy", ignore_errors=True)
+    shutil.rmtree(Path(run_dir) / DEPLOY, ignore_errors=True)
 
 
 def swap_in(run_dir: Path, new: Path) -> None:
     """Replace `deploy/` by the finished folder `new`: the old one is renamed aside and the new one renamed
     into place, so `deploy/` is never a half-written folder (a reader sees the old model or the new)."""
-    dst = Path(run_dir) / "deploy"
-    old = dst.with_name(".deploy.old")
+    dst = Path(run_dir) / DEPLOY
+    old = dst.with_name(_ASIDE)
     restore_swap(run_dir)
     shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
@@ -410,7 +441,7 @@ def run_deploy(cfg, run_dir: str | Path, strict: bool = True) -> dict:
     CLI exits non-zero at the end.
     """
     run_dir = Path(run_dir)
-    path = run_dir / "bench.json"
+    path = run_dir / BENCH
     if not path.exists():
         raise ModelError(f"no '{path}'; run `slimvit bench` (or `slimvit run`) first")
     bench = read_json(path)
@@ -421,16 +452,18 @@ def run_deploy(cfg, run_dir: str | Path, strict: bool = True) -> dict:
         if strict:  # `slimvit deploy`: what is deployed stays
             raise NothingFits(f"{e}; {deployed_now(run_dir)}") from None
         new = _fresh(run_dir)
-        atomic_write_json(new / "deploy.json", {"deployed": False, "error": str(e), "budgets": budget})
+        atomic_write_json(new / DEPLOY_RECORD, {"deployed": False, "error": str(e), "budgets": budget})
         swap_in(run_dir, new)
         return {"deployed": None, "error": str(e)}  # the CLI says it in one line at the end
     review = review_plan(run_dir, bench, chosen["key"], **review_settings(cfg))
     new = _fresh(run_dir)
     write_deploy(run_dir, bench, chosen, why, budget, folder=new, review=review)
+    from slimvit.verify import standalone_check
+
     check = standalone_check(new, chosen)
-    record = read_json(new / "deploy.json")
+    record = read_json(new / DEPLOY_RECORD)
     record["predict_check"] = check
-    atomic_write_json(new / "deploy.json", record)
+    atomic_write_json(new / DEPLOY_RECORD, record)
     swap_in(run_dir, new)
     log.info("deployed: %s", why)
     if review:
@@ -462,7 +495,7 @@ def run_deploy(cfg, run_dir: str | Path, strict: bool = True) -> dict:
 def deployed_now(run_dir: Path) -> str:
     """What stays deployed in a run folder, in words."""
     restore_swap(run_dir)
-    rec = Path(run_dir) / "deploy" / "deploy.json"
+    rec = Path(run_dir) / DEPLOYED
     try:
         d = read_json(rec)
     except (OSError, ValueError):
@@ -474,8 +507,8 @@ def deployed_now(run_dir: Path) -> str:
 
 def restore_swap(run_dir: Path) -> None:
     """A swap killed between its two renames left no `deploy/` and the old one aside: put it back."""
-    dst = Path(run_dir) / "deploy"
-    old = dst.with_name(".deploy.old")
+    dst = Path(run_dir) / DEPLOY
+    old = dst.with_name(_ASIDE)
     if not dst.exists() and old.is_dir():
         old.rename(dst)
 
@@ -483,146 +516,7 @@ def restore_swap(run_dir: Path) -> None:
 def _fresh(run_dir: Path) -> Path:
     """An empty folder beside `deploy/` to build the new deployment in (a leftover of a killed run is
     removed)."""
-    new = Path(run_dir) / ".deploy.new"
+    new = Path(run_dir) / _BUILDING
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     return new
-
-
-def standalone_check(deploy_dir: Path, chosen: dict) -> dict | None:
-    """`slimvit verify` on the deployed model in a fresh process (torch-free, as deployed)."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
-
-    rec = read_json(deploy_dir / "deploy.json")
-    t = rec.get("test_images")
-    if not t or not all((Path(t["root"]) / q).exists() for q in t["paths"][:1]):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "verify.json"
-        r = subprocess.run(
-            [sys.executable, "-m", "slimvit", "verify", str(deploy_dir), "--json", str(out)],
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode not in (0, 1) or not out.exists():
-            msg = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            log.warning("deploy: the standalone check failed: %s", msg)
-            return {"agrees": False, "error": msg}
-        v = json.loads(out.read_text())
-    return {
-        "n": v["n"],
-        "failed": v["failed"],
-        "accuracy": v["accuracy"],
-        # verify's own verdict (a paired test on the same images): exact equality is not to be had, since
-        # dynamic INT8 scales activations per call and bench and verify batch the images differently
-        "agrees": bool(v["agrees"]),
-        "identical": abs(v["accuracy"] - chosen["accuracy"]) < 1e-9 and not v["failed"],
-        "paired": v.get("paired"),
-        "latency_ms_p50": v["latency_ms_p50"],
-        "bench_latency_ms_p50": chosen["latency_ms_p50"],
-        "torch_loaded": v.get("torch_loaded"),
-        "line": v["line"],
-    }
-
-
-# --------------------------------------------------------------------------- verify
-
-
-def verify(deploy_dir: str | Path, images: str | Path | None = None, threads: int | None = None) -> dict:
-    """Re-measure the deployed model's accuracy and batch-1 latency here, against its recorded figures.
-
-    On the run's own test images (paired: exact McNemar on the same images) when no folder is given,
-    else on a labelled image folder (`<class>/<image>`; unpaired: the recorded test accuracy must lie
-    in this measurement's 95% interval). Returns the figures and a one-line verdict.
-    """
-    import sys
-
-    from slimvit import runtime
-    from slimvit.evaluate import mcnemar, wilson
-    from slimvit.predict import predict_files, resolve_model
-    from slimvit.preprocess import IMAGE_EXTENSIONS
-    from slimvit.timing import ISA_FLAGS, cpu_flags, cpu_name, time_calls
-
-    deploy_dir = Path(deploy_dir)
-    rec_path = deploy_dir / "deploy.json"
-    if not rec_path.exists():
-        raise ModelError(f"no deploy.json in '{deploy_dir}'; point at a folder written by `slimvit deploy`")
-    rec = read_json(rec_path)
-    if not rec.get("deployed", True):
-        raise ModelError(f"nothing is deployed in '{deploy_dir}': {rec.get('error')}")
-    model = resolve_model(deploy_dir)
-    threads = threads or rec.get("threads", 2)
-    if images is None:
-        t = rec.get("test_images")
-        if not t:
-            raise ModelError(
-                f"'{rec_path}' records no test images; pass a labelled image folder: slimvit verify {deploy_dir} IMAGES"
-            )
-        root = Path(t["root"])
-        paths = [root / p for p in t["paths"]]
-        missing = [p for p in paths if not p.exists()]
-        if missing:
-            raise ModelError(
-                f"the run's test images are not here ('{missing[0]}' is missing); "
-                f"pass a labelled image folder: slimvit verify {deploy_dir} IMAGES"
-            )
-        labels = t["labels"]
-        source = f"the run's {len(paths)} test images"
-    else:
-        root = Path(images)
-        if not root.is_dir():
-            raise ModelError(f"'{root}' is not a folder of class subfolders (<class>/<image>)")
-        paths, labels = [], []
-        for cdir in sorted(p for p in root.iterdir() if p.is_dir()):
-            for f in sorted(cdir.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    paths.append(f)
-                    labels.append(cdir.name)
-        if not paths:
-            raise ModelError(f"'{root}' has no images in class subfolders (<class>/<image>)")
-        source = f"{len(paths)} labelled images in '{root}'"
-    results, failed = predict_files(model, paths, threads=threads)
-    by_path = {r["path"]: r["class"] for r in results}
-    pred = [by_path.get(str(p)) for p in paths]
-    correct = np.array([p == y for p, y in zip(pred, labels, strict=True)])
-    acc = float(correct.mean())
-    lo, hi = wilson(int(correct.sum()), len(correct))
-    predict, meta = runtime.runner(model, threads)
-    x = np.random.default_rng(0).standard_normal((1, 3, *meta["input_size"][-2:]), dtype=np.float32)
-    ms = float(np.median(time_calls(lambda: predict(x), 200, 20)))
-    out = {
-        "source": source,
-        "n": len(paths),
-        "failed": len(failed),
-        "accuracy": acc,
-        "accuracy_ci": [lo, hi],
-        "recorded_accuracy": rec["accuracy"],
-        "latency_ms_p50": ms,
-        "recorded_latency_ms_p50": rec["latency_ms_p50"],
-        "threads": threads,
-        "cpu": cpu_name(),
-        "isa": sorted(set(ISA_FLAGS) & cpu_flags(), key=ISA_FLAGS.index),
-        "validated_on": rec.get("validated_on"),
-        "torch_loaded": "torch" in sys.modules,
-    }
-    if images is None:
-        recorded = np.array([p == y for p, y in zip(rec["test_images"]["pred"], labels, strict=True)])
-        test = mcnemar(correct, recorded)
-        out["paired"] = test
-        out["agrees"] = test["p"] >= 0.05 and not failed
-        noise = f"paired test p={test['p']:.2g}: {test['a_only']} images right only here, {test['b_only']} only there"
-    else:
-        out["agrees"] = lo - 1e-9 <= rec["accuracy"] <= hi + 1e-9 and not failed
-        noise = f"95% interval {100 * lo:.1f}-{100 * hi:.1f}%"
-    ratio = ms / rec["latency_ms_p50"]
-    out["line"] = (
-        f"{'agrees' if out['agrees'] else 'DIFFERS'}: accuracy {100 * acc:.2f}% on {source} "
-        f"(recorded {100 * rec['accuracy']:.2f}% on {', '.join(rec.get('validated_on', {}).get('isa', [])) or '?'}"
-        f"; {noise}); batch-1 p50 {ms:.2f} ms at {threads} threads here vs {rec['latency_ms_p50']:.2f} ms "
-        f"recorded ({ratio:.2f}x; {out['cpu']})"
-        + (f"; {len(failed)} images could not be decoded" if failed else "")
-    )
-    return out

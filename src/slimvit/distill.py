@@ -1,6 +1,8 @@
-"""Distillation losses, a registry: soft KD, DeiT hard distillation and the distillation token.
+"""Distillation: the losses (a registry: soft KD, DeiT hard distillation, the distillation token) and the
+teacher's side: the teacher a student distils from, fed the student's inputs in its own normalisation, and
+its logits, computed once before training.
 
-The `distill` stage itself is `train.run_distill`: this module knows losses, not training.
+The `distill` stage itself is `train.run_distill`: this module knows losses and teachers, not training.
 
 Every loss takes the student's output, the teacher's logits (None for `none`) and the targets,
 and returns its parts: ``{"loss", "task_loss", "kd_loss"}``. With an ``offset`` (per class) the
@@ -11,14 +13,27 @@ the class-balanced posterior; the distillation term compares raw logits with the
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from slimvit.config import DistillConfig
-from slimvit.errors import ConfigError
+from slimvit import models
+from slimvit.config import DistillConfig, TrainConfig
+from slimvit.data import EvalDataset
+from slimvit.errors import ConfigError, ModelError
+from slimvit.layout import TRAIN
+from slimvit.recipe import autocast_context, views
+from slimvit.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
 
 LossFn = Callable[..., dict[str, torch.Tensor]]
 LOSSES: dict[str, Callable[..., LossFn]] = {}
@@ -126,3 +141,122 @@ def logit_offset(labels: torch.Tensor | np.ndarray | list[int], num_classes: int
     """log(class prior) of a training split's labels (a class without images counts as one)."""
     counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).clamp(min=1)
     return torch.log(counts.double() / counts.sum()).float()
+
+
+# --------------------------------------------------------------------------- the teacher
+
+
+class Renormalize(nn.Module):
+    """Feed a model inputs normalised for another one: x_dst = (x_src * std_src + mean_src - mean_dst) / std_dst.
+
+    The teacher and the student may come with different mean/std (ImageNet's for a ResNet, 0.5 for
+    timm's ViTs); the student's batch must be mapped back before the teacher sees it, or a
+    BatchNorm teacher sees a 2x rescaled input and its logits are noise.
+    """
+
+    def __init__(self, model: nn.Module, src_mean, src_std, dst_mean, dst_std) -> None:
+        super().__init__()
+        self.model = model
+        src_mean, src_std, dst_mean, dst_std = (
+            torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+            for v in (src_mean, src_std, dst_mean, dst_std)
+        )
+        self.register_buffer("scale", src_std / dst_std, persistent=False)
+        self.register_buffer("shift", (src_mean - dst_mean) / dst_std, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.scale + self.shift)
+
+
+def load_teacher(
+    run_dir: Path, classes: list[str], input_spec: ModelSpec, source: str = "teacher"
+) -> nn.Module:
+    """The model a run distils from, in eval mode, taking inputs normalised as `input_spec` says: the run's
+    `teacher`, or (`source="student"`, pruning fine-tunes) its distilled student.
+
+    Required on purpose: a teacher fed the student's normalisation (here ImageNet statistics vs
+    ViT's 0.5/0.5) gives wrong soft targets; distilling from them once collapsed the pruning
+    fine-tune to about 33% training accuracy.
+    """
+    command = {"teacher": "slimvit teacher", "student": "slimvit distill"}[source]
+    path = Path(run_dir) / source
+    if not (path / TRAIN).exists():
+        raise ModelError(f"no trained {source} in '{path}'; run `{command}` (or `slimvit run`) first")
+    teacher, spec = models.load(path)
+    if spec.num_classes != len(classes) or list(spec.classes) != list(classes):
+        raise ModelError(
+            f"the {source} in '{path}' predicts {spec.num_classes} classes {list(spec.classes)}, "
+            f"the data has {len(classes)} {classes}; retrain the {source} on this dataset ({command} --force)"
+        )
+    if (input_spec.mean, input_spec.std) != (spec.mean, spec.std):
+        teacher = Renormalize(teacher, input_spec.mean, input_spec.std, spec.mean, spec.std).eval()
+    return teacher
+
+
+# --------------------------------------------------------------------------- the teacher's logits, cached
+
+
+@torch.no_grad()
+def teacher_logits(
+    teacher: nn.Module, ds: EvalDataset, tcfg: TrainConfig, precision: str, device, batch: int = 128
+) -> torch.Tensor:
+    """The teacher's logits for every training image, averaged over its flips/rotations (float32, CPU)."""
+    teacher.eval()
+    out = []
+    for i in range(0, len(ds), batch):
+        x = ds.x[i : i + batch].to(device)
+        with autocast_context(precision, device):
+            per_view = [models.eval_logits(teacher(v)).float() for v in views(x, tcfg.flips, tcfg.rot90)]
+        out.append(torch.stack(per_view).mean(0).cpu())
+    return torch.cat(out)
+
+
+def _memo_key(teacher: nn.Module, train: EvalDataset, tcfg: TrainConfig, precision: str, device) -> str:
+    def update(t: torch.Tensor) -> None:  # the tensor's bytes, without a copy where it is contiguous on CPU
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    h = hashlib.blake2b(digest_size=16)
+    # parameters and every buffer, non-persistent ones too (a renormalisation's scale and shift)
+    for k, v in [*teacher.named_parameters(), *teacher.named_buffers()]:
+        h.update(k.encode())
+        update(v)
+    update(train.x)
+    h.update(repr((tcfg.flips, tcfg.rot90, precision, str(device))).encode())
+    return h.hexdigest()
+
+
+def cache_teacher_logits(
+    teacher,
+    train: EvalDataset,
+    tcfg: TrainConfig,
+    precision: str,
+    device,
+    desc: str,
+    memo: dict | None = None,
+):
+    """The teacher's view-averaged logits of every training image, and the seconds they took.
+
+    `memo` (a dict the caller keeps across fits) holds the last logits computed, by teacher weights, images
+    and views: the sweep's fine-tunes all distil from one model on one training set.
+    """
+    key = _memo_key(teacher, train, tcfg, precision, device) if memo is not None else None
+    if key is not None and key in memo:
+        log.info("%s: teacher logits reused from the previous fine-tune (same teacher, same images)", desc)
+        return memo[key], 0.0
+    t0 = time.perf_counter()
+    cached = teacher_logits(teacher, train, tcfg, precision, device)
+    seconds = time.perf_counter() - t0
+    if key is not None:
+        memo.clear()
+        memo[key] = cached
+    agree = float((cached.argmax(1) == train.labels).float().mean())
+    log.info(
+        "%s: teacher logits of %d training images x %d flips/rotations in %.0fs (averaged, they name "
+        "the label of %.1f%% of them); no teacher runs in the training steps",
+        desc,
+        len(cached),
+        len(views(torch.zeros(1, 1, 2, 2), tcfg.flips, tcfg.rot90)),
+        seconds,
+        100 * agree,
+    )
+    return cached, seconds

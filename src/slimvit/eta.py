@@ -16,6 +16,7 @@ import logging
 import math
 import time
 
+from slimvit.layout import ABLATION, CHECKPOINT, EVAL, METRICS, PRUNE, PRUNED, STUDENT, TEACHER, sweep_dir
 from slimvit.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def _time_steps(model, x, y, precision: str, train: bool, steps: int) -> float:
     import torch
 
     from slimvit import vit
-    from slimvit.train import autocast_context, explicit_attention_on
+    from slimvit.recipe import autocast_context, explicit_attention_on
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
     model.train(train)
@@ -59,7 +60,7 @@ def measure_step(spec: ModelSpec, tcfg, batch: int, train: bool = True, steps: i
     import torch
 
     from slimvit import models
-    from slimvit.train import resolve_precision
+    from slimvit.recipe import resolve_precision
 
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -77,11 +78,12 @@ class Estimate:
 
     TRAINING = ("teacher", "distill", "ablation", "prune", "sweep")
 
-    FOLDERS = {"teacher": "teacher", "distill": "student", "ablation": "student_nokd", "prune": "pruned"}
+    FOLDERS = {"teacher": TEACHER, "distill": STUDENT, "ablation": ABLATION, "prune": PRUNED}
     """The folder each training stage checkpoints into: a resumed stage counts the epochs already done."""
 
     def __init__(self, cfg, data, to_run: list[str], previous: dict[str, float], run_dir=None) -> None:
-        from slimvit.train import FIDELITY_VIEWS, floor_epochs, full_size_epochs, n_views
+        from slimvit.recipe import floor_epochs, full_size_epochs, n_views
+        from slimvit.selection import FIDELITY_VIEWS
 
         self.seconds: dict[str, float | None] = {}
         self.factor = 1.0
@@ -142,13 +144,11 @@ class Estimate:
         """Epochs a stage's checkpoint already holds (it resumes from there), 0 without one."""
         from pathlib import Path
 
-        from slimvit.train import CHECKPOINT
-
         folder = cls.FOLDERS.get(stage)
         if run_dir is None or folder is None or not (Path(run_dir) / folder / CHECKPOINT).exists():
             return 0
         try:
-            lines = (Path(run_dir) / folder / "metrics.jsonl").read_text().splitlines()
+            lines = (Path(run_dir) / folder / METRICS).read_text().splitlines()
         except OSError:
             return 0
         return sum(1 for line in lines if line.strip())
@@ -159,37 +159,33 @@ class Estimate:
         model (it stands for its own ratio) and the points a previous run finished (kept, not redone)."""
         from pathlib import Path
 
-        from slimvit.prune import sweep_dir_name
-
         p = cfg.prune
         chain = p.sweep_from == "previous"
         names = [
-            sweep_dir_name(r, d)
+            sweep_dir(r, d)
             for r in set(p.sweep)
             for d in (None, *set(p.depths))
             if not (d is None and chain and abs(r - p.ratio) < 1e-9)
         ]
         if run_dir is None:
             return len(names)
-        done = [
-            n for n in names if all((Path(run_dir) / n / f).exists() for f in ("prune.json", "eval.json"))
-        ]
+        done = [n for n in names if all((Path(run_dir) / n / f).exists() for f in (PRUNE, EVAL))]
         return len(names) - len(done)
 
     @staticmethod
     def _measure(cfg, data, trains: list[str], batch: int) -> dict[str, float]:
         """Step times of the models to train; a forward (validation) is taken as a third of a step, the
         teacher's forward in distillation is measured when a stage distils."""
-        from slimvit.train import _role_spec
+        from slimvit.recipe import role_spec
 
         t0 = time.perf_counter()
         rates = {}
-        teacher_spec = _role_spec(cfg, "teacher", data)[0]
+        teacher_spec = role_spec(cfg, "teacher", data)[0]
         if "teacher" in trains:
             rates["teacher"] = measure_step(teacher_spec, cfg.train, batch)
             rates["teacher_fwd"] = rates["teacher"] / 3
         if set(trains) - {"teacher"}:
-            rates["student"] = measure_step(_role_spec(cfg, "student", data)[0], cfg.train, batch)
+            rates["student"] = measure_step(role_spec(cfg, "student", data)[0], cfg.train, batch)
             rates["student_fwd"] = rates["student"] / 3
             fine_tunes_from_teacher = cfg.prune.teacher == "teacher" and set(trains) & {"prune", "sweep"}
             if cfg.distill.loss != "none" and ("distill" in trains or fine_tunes_from_teacher):
@@ -213,15 +209,16 @@ class Estimate:
         unknown = [s for s, v in self.seconds.items() if not v]
         if not known:
             return f"time to go not estimated: {', '.join(unknown)} not measured on this machine yet"
-        text = f"about {_fmt(sum(known.values()))} to go"
+        text = f"about {fmt_duration(sum(known.values()))} to go"
         if not parts:
             return text + (f" + {', '.join(unknown)}" if unknown else "")
-        text += " (" + ", ".join(f"{s} {_fmt(v)}{self._resumed_at(s)}" for s, v in known.items())
+        text += " (" + ", ".join(f"{s} {fmt_duration(v)}{self._resumed_at(s)}" for s, v in known.items())
         if unknown:
             text += f"; plus {', '.join(unknown)}, not measured on this machine yet"
         return text + ")"
 
 
-def _fmt(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
+    """'1h02m' or '1m05s': minutes are what a person plans with, seconds only under an hour."""
     m = int(round(seconds)) // 60
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{int(round(seconds)) % 60:02d}s"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -28,40 +27,15 @@ from torch import nn
 
 from slimvit import models, runtime
 from slimvit.errors import ModelError, first_line
-from slimvit.io import atomic_path, atomic_write_json, is_main_process, read_json
+from slimvit.io import atomic_path, atomic_write_json, is_main_process
+from slimvit.layout import EXPORT, PRUNED, SPEC, STUDENT, TEACHER, candidates, onnx_file
 from slimvit.spec import ModelSpec
 from slimvit.vit import plain_attention
 
 log = logging.getLogger(__name__)
 
-STAGES = ("teacher", "student", "pruned")
-"""Models of a run that are always exported, in this order."""
-
-
-def candidates(run_dir: str | Path) -> list[str]:
-    """The deployment candidates of a run: the pruned model, then every pruning-sweep model (by ratio).
-
-    Each is exported, quantized in every mode and benchmarked; the deploy step chooses among them.
-    """
-    run_dir = Path(run_dir)
-
-    def order(name: str) -> tuple:  # r0.3 before r0.3-d8 before r0.3-d6 before r0.5; unknown names last
-        m = re.fullmatch(r"sweep/r(\d*\.?\d+)(?:-d(\d+))?", name)
-        return (0, float(m[1]), -int(m[2] or 1_000), name) if m else (1, 0.0, 0, name)
-
-    summary = run_dir / "prune_sweep.json"
-    points = read_json(summary).get("points", []) if summary.exists() else []
-    if points and all(p.get("model") for p in points):  # the sweep's own list: no folder of an earlier sweep
-        names = [p["model"] for p in points if p["model"] != "pruned"]
-    else:  # no sweep summary (yet): every sweep folder with a model
-        names = [str(p.parent.relative_to(run_dir)) for p in (run_dir / "sweep").glob("r*/model.json")]
-    names = [n for n in dict.fromkeys(names) if (run_dir / n / "model.json").exists()]
-    return ["pruned", *sorted(names, key=order)]
-
-
-def onnx_name(stage: str, precision: str) -> str:
-    """`onnx/<stage>_<precision>.onnx`, with a sweep model's folder flattened (sweep/r0.5 -> sweep_r0.5)."""
-    return f"onnx/{stage.replace('/', '_')}_{precision}.onnx"
+STAGES = (TEACHER, STUDENT, PRUNED)
+"""Models of a run that are always exported, in this order (then the other candidates, layout.candidates)."""
 
 
 # --------------------------------------------------------------------------- fused attention
@@ -289,7 +263,7 @@ def run_export(cfg, run_dir: str | Path, data=None) -> dict:
     from slimvit.data import load_data, to_tensor_batch
 
     run_dir = Path(run_dir)
-    missing = [s for s in STAGES if not (run_dir / s / "model.json").exists()]
+    missing = [s for s in STAGES if not (run_dir / s / SPEC).exists()]
     if missing:
         cmd = {"teacher": "slimvit teacher", "student": "slimvit distill", "pruned": "slimvit prune"}[
             missing[0]
@@ -303,7 +277,7 @@ def run_export(cfg, run_dir: str | Path, data=None) -> dict:
     results = {}
     for stage in dict.fromkeys([*STAGES, *candidates(run_dir)]):
         model, spec = models.load(run_dir / stage)
-        path = run_dir / onnx_name(stage, "fp32")
+        path = run_dir / onnx_file(stage, "fp32")
         info = export_onnx(
             model,
             spec,
@@ -334,5 +308,5 @@ def run_export(cfg, run_dir: str | Path, data=None) -> dict:
             )
         results[stage] = info
     if is_main_process():
-        atomic_write_json(run_dir / "onnx" / "export.json", results)
+        atomic_write_json(run_dir / EXPORT, results)
     return {s: {k: r[k] for k in ("size_mb", "max_abs_diff", "agreement")} for s, r in results.items()}

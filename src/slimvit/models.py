@@ -18,6 +18,7 @@ from torch import nn
 
 from slimvit.errors import ModelError, first_line
 from slimvit.io import atomic_path, atomic_write_json
+from slimvit.layout import SPEC, WEIGHTS
 from slimvit.spec import FORMAT, ModelSpec, read_spec
 from slimvit.vit import ConvStem, apply_widths
 
@@ -178,11 +179,11 @@ def save(model: nn.Module, spec: ModelSpec, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
+    with atomic_path(out / WEIGHTS) as tmp:
         # One metadata key: safetensors writes the metadata map in hash order, so two keys came out in
         # either order from one save to the next, and identical weights got a different file digest.
         save_file(sd, str(tmp), metadata={"format": FORMAT})
-    atomic_write_json(out / "model.json", spec.to_json())
+    atomic_write_json(out / SPEC, spec.to_json())
     return out
 
 
@@ -193,7 +194,7 @@ def load(path: str | Path) -> tuple[nn.Module, ModelSpec]:
 
     p = Path(path)
     spec = read_spec(p)
-    st = (p / "model.safetensors") if p.is_dir() else p.with_suffix(".safetensors")
+    st = (p / WEIGHTS) if p.is_dir() else p.with_suffix(".safetensors")
     if not st.is_file():
         raise ModelError(f"'{st}' is missing; the artifact is incomplete, re-run the stage that makes it")
     model = build(spec)

@@ -30,6 +30,7 @@ import numpy as np
 from slimvit import runtime
 from slimvit.errors import DataError, ModelError
 from slimvit.io import atomic_write_json, atomic_write_text
+from slimvit.layout import DEPLOY_MODEL, DEPLOY_RECORD
 from slimvit.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb, normalize
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ def resolve_model(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir():
         return p
-    name = "model.onnx"
-    info = p / "deploy.json"
+    name = DEPLOY_MODEL
+    info = p / DEPLOY_RECORD
     if info.is_file():
         try:
             named = json.loads(info.read_text()).get("file")

@@ -35,6 +35,7 @@ from slimvit import runtime
 from slimvit.config import QuantizeConfig
 from slimvit.errors import ConfigError, ModelError, first_line
 from slimvit.io import atomic_path, atomic_write_json, is_main_process, read_json
+from slimvit.layout import EXPORT, ONNX, QUANTIZE, candidates, onnx_file
 from slimvit.spec import ModelSpec, read_spec
 
 log = logging.getLogger(__name__)
@@ -421,17 +422,16 @@ def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
     accuracy is reported only.
     """
     from slimvit.data import load_data
-    from slimvit.export import candidates
 
     run_dir = Path(run_dir)
-    if not (run_dir / "onnx" / "export.json").exists():
+    if not (run_dir / EXPORT).exists():
         raise ModelError(
-            f"no exported models in '{run_dir / 'onnx'}'; run `slimvit export` (or `slimvit run`) first"
+            f"no exported models in '{run_dir / ONNX}'; run `slimvit export` (or `slimvit run`) first"
         )
     unknown = [m for m in cfg.quantize.modes if m not in MODES]
     if unknown:
         raise ConfigError(f"quantize.modes: unknown mode '{unknown[0]}'; known: {', '.join(MODES)}")
-    exported = read_json(run_dir / "onnx" / "export.json")
+    exported = read_json(run_dir / EXPORT)
     missing = [s for s in candidates(run_dir) if s not in exported]
     if missing:
         raise ModelError(
@@ -443,7 +443,7 @@ def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
         models_out[stage] = quantize_candidate(cfg, run_dir, stage, exported[stage]["file"], data)
     results = {"validated_on": validated_on(), "models": models_out}
     if is_main_process():
-        atomic_write_json(run_dir / "onnx" / "quantize.json", results)
+        atomic_write_json(run_dir / QUANTIZE, results)
     return {
         f"{stage}/{mode}": {
             "size_mb": v["size_mb"],
@@ -457,7 +457,6 @@ def run_quantize(cfg, run_dir: str | Path, data=None) -> dict:
 
 def quantize_candidate(cfg, run_dir: Path, stage: str, fp32_file: str, data) -> dict:
     """Every mode of one candidate: ``{"fp32": {...}, mode: {...}}``."""
-    from slimvit.export import onnx_name
     from slimvit.preprocess import normalize
 
     src = run_dir / fp32_file
@@ -489,30 +488,18 @@ def quantize_candidate(cfg, run_dir: Path, stage: str, fp32_file: str, data) -> 
     )
     calib = None
     for mode in cfg.quantize.modes:
-        fn, needs_calib = MODES[mode]
-        if needs_calib and calib is None:
+        if MODES[mode][1] and calib is None:  # a mode that needs calibration images
             calib = calibration_images(data, spec, cfg.quantize.calibration_images, cfg.train.seed)
-        dst = run_dir / onnx_name(stage, mode)
-        t0 = time.perf_counter()
-        others = ",".join(m for m in cfg.quantize.modes if m != mode)
-        skip = f"; leave it out with --set quantize.modes=[{others}]"
-        try:
-            info = fn(src, dst, cfg.quantize, calib)
-            _stamp(dst, mode)
-        except Exception as e:
-            dst.unlink(missing_ok=True)
-            if isinstance(e, ModelError):
-                raise ModelError(f"{e}{skip}") from None
-            raise ModelError(
-                f"quantization mode '{mode}' failed ({type(e).__name__}: {first_line(e)}){skip}"
-            ) from e
-        seconds = time.perf_counter() - t0
+        dst = run_dir / onnx_file(stage, mode)
+        info, seconds = _build(mode, src, dst, cfg.quantize, calib)
         try:
             m, logits = evaluate_onnx(dst, x, labels, data.classes, threads)
             mv, _ = evaluate_onnx(dst, xv, val_labels, data.classes, threads)
         except ModelError as e:
             dst.unlink(missing_ok=True)
-            raise ModelError(f"ONNX Runtime cannot run the {mode} model on this machine: {e}{skip}") from None
+            raise ModelError(
+                f"ONNX Runtime cannot run the {mode} model on this machine: {e}{_leave_out(mode, cfg.quantize)}"
+            ) from None
         census = op_census(dst)
         results[mode] = {
             **info,
@@ -541,6 +528,32 @@ def quantize_candidate(cfg, run_dir: Path, stage: str, fp32_file: str, data) -> 
             100 * results[mode]["agreement_fp32"],
         )
     return results
+
+
+def _build(
+    mode: str, src: Path, dst: Path, qcfg: QuantizeConfig, calib: np.ndarray | None
+) -> tuple[dict, float]:
+    """Write one mode's variant of `src` to `dst`: (what the mode did, seconds). A failure removes `dst`
+    and says how to leave the mode out."""
+    fn, _ = MODES[mode]
+    t0 = time.perf_counter()
+    try:
+        info = fn(src, dst, qcfg, calib)
+        _stamp(dst, mode)
+    except Exception as e:
+        dst.unlink(missing_ok=True)
+        if isinstance(e, ModelError):
+            raise ModelError(f"{e}{_leave_out(mode, qcfg)}") from None
+        raise ModelError(
+            f"quantization mode '{mode}' failed ({type(e).__name__}: {first_line(e)}){_leave_out(mode, qcfg)}"
+        ) from e
+    return info, time.perf_counter() - t0
+
+
+def _leave_out(mode: str, qcfg: QuantizeConfig) -> str:
+    """The end of a failed mode's message: the config that runs without it."""
+    others = ",".join(m for m in qcfg.modes if m != mode)
+    return f"; leave it out with --set quantize.modes=[{others}]"
 
 
 def validated_on() -> dict:

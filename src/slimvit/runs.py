@@ -1,24 +1,25 @@
-"""The run folder: one writer at a time, the resolved config saved once and checked on every call."""
+"""The run folder: one writer at a time, the resolved config saved once and checked on every call, and
+the settings a later command takes from it."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from slimvit.config import Config, read_config, save_config
-from slimvit.errors import ConfigError, SlimvitError
+from slimvit import layout
+from slimvit.config import Config, DeployConfig, read_config, save_config
+from slimvit.errors import ConfigError, DataError, SlimvitError
 from slimvit.io import is_main_process
 
 log = logging.getLogger(__name__)
-
-LOCK_FILE = ".lock"
 
 
 class RunFolderBusy(SlimvitError):
@@ -57,7 +58,7 @@ def lock_run_dir(run_dir: str | Path, command: str | None = None) -> Iterator[No
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out '{run_dir}' is a file; it must be a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(run_dir / layout.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,7 +98,7 @@ def lock_run_dir(run_dir: str | Path, command: str | None = None) -> Iterator[No
 
 def first_affected_stage(changed_keys: list[str]) -> str | None:
     """The earliest pipeline stage that depends on one of these `section.key` names."""
-    from slimvit.pipeline import stages_for_keys
+    from slimvit.stages import stages_for_keys
 
     hits = stages_for_keys(changed_keys)
     return hits[0].name if hits else None
@@ -105,7 +106,7 @@ def first_affected_stage(changed_keys: list[str]) -> str | None:
 
 def affected_stages(changed_keys: list[str]) -> list:
     """The stages that depend on these config keys and every stage built from their outputs, in order."""
-    from slimvit.pipeline import STAGES, dependents, stages_for_keys
+    from slimvit.stages import STAGES, dependents, stages_for_keys
 
     names = set()
     for s in stages_for_keys(changed_keys):
@@ -144,12 +145,12 @@ def prepare_run_dir(cfg: Config, out: str | Path, force: bool = False) -> Path:
     (the manifest's fingerprints would find them stale anyway; resetting here also covers stages
     recorded before fingerprints existed).
     """
-    from slimvit.pipeline import STAGES
+    from slimvit.stages import STAGES
 
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out '{run_dir}' is a file; it must be a folder")
-    path = run_dir / "config.yaml"
+    path = run_dir / layout.CONFIG
     if path.exists():
         try:
             diff = config_diff(_comparable(read_config(path)), _comparable(cfg))
@@ -179,7 +180,7 @@ def prepare_run_dir(cfg: Config, out: str | Path, force: bool = False) -> Path:
 
 def _reset(run_dir: Path, stages: list) -> None:
     """Remove the outputs of these stages (the config they were made with changed)."""
-    from slimvit.pipeline import Manifest
+    from slimvit.manifest import Manifest
 
     if not stages or not is_main_process():
         return
@@ -188,3 +189,75 @@ def _reset(run_dir: Path, stages: list) -> None:
         manifest.reset(s)
     manifest.save()
     log.warning("config changed: %s will be redone", ", ".join(s.name for s in stages))
+
+
+# --------------------------------------------------------------------------- what a run folder already says
+# A command on an existing run folder takes some settings from the config.yaml it was made with: a flag
+# given once (--data, --unlabeled, the budgets) need not be given again.
+
+
+def saved_config(run_dir: Path) -> Config | None:
+    """The run folder's config.yaml, or None when there is none or it cannot be read (prepare_run_dir
+    then says what is wrong with it)."""
+    saved = run_dir / layout.CONFIG
+    if not saved.is_file():
+        return None
+    try:
+        return read_config(saved)
+    except ConfigError:
+        return None
+
+
+def unlabeled_of_run(cfg: Config, run_dir: Path, given: str | None, overrides: Sequence[str]) -> Config:
+    """Without `--unlabeled` (`given`) or `--set bench.unlabeled=...`, the folder a run was benchmarked
+    with stays its setting, so a later command is not refused as a changed config."""
+    if given or any(o.startswith("bench.unlabeled") for o in overrides):
+        return cfg
+    saved = saved_config(run_dir)
+    prev = saved.bench.unlabeled if saved is not None else None
+    return dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=prev)) if prev else cfg
+
+
+def dataset_of_run(cfg: Config, run_dir: Path, given: str | None) -> Config:
+    """The dataset a command reads: `--data` where given (refused, before anything is written, when it is
+    not a folder), else the one the run folder was built from (its config.yaml's `data.path`), so a
+    command without `--data` never rewrites the run's record of its dataset."""
+    if given:
+        if not Path(given).exists():
+            raise DataError(
+                f"dataset folder '{given}' does not exist; pass --data PATH or set SLIMVIT_DATA "
+                "(see README, 'Getting NEU-DET')"
+            )
+        if not Path(given).is_dir():
+            raise DataError(f"--data '{given}' is a file; it must be a dataset folder")
+        return cfg
+    saved = None if cfg.data.path else saved_config(run_dir)
+    if saved is None:
+        return cfg
+    path = saved.data.path
+    if path and not Path(path).is_dir():
+        log.warning("the run folder's dataset '%s' is not there; pass --data to name where it is now", path)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path)) if path else cfg
+
+
+def deploy_of_run(cfg: Config, run_dir: Path, overrides: Sequence[str]) -> Config:
+    """A stage command other than `run` and `deploy` keeps the run folder's own deploy settings (budgets,
+    review) unless `--set deploy.KEY=...` names one: they say what was deployed, not what this command
+    changes, so `slimvit report` after `slimvit deploy --budget-mb 2` re-renders that deployment."""
+    saved = None if any(o.startswith("deploy.") for o in overrides) else saved_config(run_dir)
+    return cfg if saved is None else dataclasses.replace(cfg, deploy=saved.deploy)
+
+
+def with_budgets(cfg: Config, run_dir: Path) -> Config:
+    """The run folder's own config with `cfg`'s budgets (unset flags: no budget, default drop).
+
+    `slimvit deploy` re-chooses for the run that is there, so every other key comes from its config.yaml;
+    `--set deploy.KEY=...` and the budget flags say the budgets of this call.
+    """
+    saved = run_dir / layout.CONFIG
+    if not saved.exists():
+        return cfg
+    base = read_config(saved)
+    keys = ("budget_ms", "budget_mb", "max_drop", "min_agreement", "review_rate", "target_accuracy")
+    given = {k: getattr(cfg.deploy, k) for k in keys}
+    return dataclasses.replace(base, deploy=DeployConfig(**given))

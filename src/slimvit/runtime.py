@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from slimvit.errors import ModelError, first_line
+from slimvit.layout import DEPLOY_RECORD
 
 META_KEY = "slimvit"
 """Key of the JSON metadata in an ONNX model's `metadata_props`."""
@@ -206,7 +207,8 @@ def run_logits(sess, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Logits for a float32 (N, 3, H, W) array, in batches."""
     predict = predictor(sess)
     outs = [predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
+    # no images: ask the model itself, so the class axis is kept ((0, classes), as ONNX Runtime returns)
+    return np.concatenate(outs).astype(np.float32) if outs else predict(x[:0]).astype(np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -233,7 +235,7 @@ def runner(path: str | Path, threads: int = 2):
     """
     sess = session(path, threads)
     meta = metadata(sess)
-    rec = Path(path).parent / "deploy.json"
+    rec = Path(path).parent / DEPLOY_RECORD
     if rec.is_file() and not {"runtime", "temperature"} <= set(meta):
         # a model deployed without the onnx package: deploy.json beside it says what its metadata would
         try:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slimvit.errors import ModelError
+from slimvit.layout import SPEC
 
 FORMAT = "slimvit-model/1"
 WIDTHS_FORMAT = 1
@@ -176,7 +177,7 @@ class ModelSpec:
 def read_spec(path: str | Path) -> ModelSpec:
     """The spec of a saved model: its folder, or its `model.json` / `model.safetensors` path."""
     p = Path(path)
-    js = p / "model.json" if p.is_dir() else p.with_suffix(".json")
+    js = p / SPEC if p.is_dir() else p.with_suffix(".json")
     if not js.is_file():
         raise ModelError(
             f"no model.json at '{p}'; point at a folder written by slimvit (teacher/, student/, ...)"

@@ -38,6 +38,41 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cores() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def package_version(pkg: str) -> str:
+    """An installed package's version, "-" where it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def versions() -> dict[str, str]:
+    """The Python version and those of the packages the timings depend on (bench.json's `versions`)."""
+    out = {"python": platform.python_version()}
+    for pkg in (
+        "torch",
+        "timm",
+        "torch-pruning",
+        "onnx",
+        "onnxruntime",
+        "openvino",
+        "accelerate",
+        "numpy",
+        "slimvit",
+    ):
+        out[pkg] = package_version(pkg)
+    return out
+
+
 def set_torch_threads(n: int) -> None:
     import torch
 

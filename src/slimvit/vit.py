@@ -1,6 +1,6 @@
 """The timm ViT shapes slimvit builds, prunes and reloads: the convolutional token stem, the check that a
 model is a plain ViT, and its widths (read from a model, validated, applied to a fresh one so a pruned
-artifact's weights load). Torch and timm only: model creation (`models`) and pruning (`pruning`) both
+artifact's weights load). Torch and timm only: model creation (`models`) and pruning (`vit_pruning`) both
 build on it.
 """
 
@@ -322,16 +322,17 @@ def _resize_embedding(model: nn.Module, parts: VitParts, e: int) -> None:
         head = getattr(model, name, None)
         if isinstance(head, nn.Linear):
             _resize_linear(head, in_features=e)
-    _set_embed_dim(model, e)
+    set_embed_dim(model, e)
 
 
-def _set_embed_dim(model: nn.Module, e: int) -> None:
+def set_embed_dim(model: nn.Module, e: int) -> None:
+    """Record the embedding width `e` in the model's attributes (timm keeps it in up to three)."""
     for attr in ("embed_dim", "num_features", "head_hidden_size"):
         if hasattr(model, attr):
             setattr(model, attr, e)
 
 
-def _set_heads(attn: nn.Module, num_heads: int, head_dim: int) -> None:
+def set_heads(attn: nn.Module, num_heads: int, head_dim: int) -> None:
     """Make the Attention's attributes describe `num_heads` x `head_dim` (timm keeps all four)."""
     attn.num_heads = num_heads
     attn.head_dim = head_dim
@@ -353,7 +354,7 @@ def apply_widths(model: nn.Module, widths: Widths) -> nn.Module:
         bw = widths.blocks[name]
         _resize_linear(blk.attn.qkv, out_features=3 * bw.attn_dim)
         _resize_linear(blk.attn.proj, in_features=bw.attn_dim)
-        _set_heads(blk.attn, bw.num_heads, bw.head_dim)
+        set_heads(blk.attn, bw.num_heads, bw.head_dim)
         _resize_linear(blk.mlp.fc1, out_features=bw.mlp_hidden)
         _resize_linear(blk.mlp.fc2, in_features=bw.mlp_hidden)
     return model

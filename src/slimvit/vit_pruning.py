@@ -1,5 +1,6 @@
 """Structured pruning of a timm ViT with Torch-Pruning's dependency graph: the algorithm (importance
-criteria, the width plan, one pruning step on a model). The `prune` stage and the sweep are in `prune`.
+criteria, the width plan, one pruning step on a model). The `prune` stage and the sweep, which use it,
+are in `slimvit.prune`.
 
 What is pruned, per transformer block: the MLP hidden channels, the attention head dimensions and,
 where the ratio allows, whole heads (``floor(ratio * num_heads)`` of them: ViT-Tiny's 3 heads lose
@@ -43,10 +44,10 @@ from slimvit.errors import ConfigError, ModelError
 from slimvit.spec import BlockWidths, Widths
 from slimvit.vit import (
     VitParts,
-    _set_embed_dim,
-    _set_heads,
     check_attention,
     read_widths,
+    set_embed_dim,
+    set_heads,
     vit_parts,
 )
 
@@ -150,7 +151,7 @@ def heads_to_remove(num_heads: int, ratio: float, prune_heads: bool) -> int:
     return max(0, min(num_heads - 1, int(math.floor(ratio * num_heads + 1e-9))))
 
 
-def _global_keep(
+def global_keep(
     scores: dict[str, torch.Tensor],
     size: Callable[[dict[str, int]], int],
     uniform: dict[str, int],
@@ -327,9 +328,9 @@ def _prune_step(
                 a.qkv.weight[: num_heads * new_dim] *= math.sqrt(new_dim / old_dim)
                 if a.qkv.bias is not None:
                     a.qkv.bias[: num_heads * new_dim] *= math.sqrt(new_dim / old_dim)
-        _set_heads(a, num_heads, new_dim)
+        set_heads(a, num_heads, new_dim)
         check_attention(a, f"{name}.attn")
-    _set_embed_dim(model, parts.stem_out.out_channels)
+    set_embed_dim(model, parts.stem_out.out_channels)
 
 
 def _lowest(scores: torch.Tensor, n: int) -> list[int]:
@@ -358,7 +359,7 @@ def _apply_global(target: Widths, cur: Widths, s_embed, s_attn, s_mlp, drop_head
         e = keep.get("embed", cur.embed_dim)
         return sum(e * (4 * heads[n] * keep[f"{n}.attn"] + 2 * keep[f"{n}.mlp"]) for n in heads)
 
-    keep = _global_keep(scores, size, uniform, current, r)
+    keep = global_keep(scores, size, uniform, current, r)
     blocks = {
         name: replace(bt, head_dim=keep[f"{name}.attn"], mlp_hidden=keep[f"{name}.mlp"])
         for name, bt in target.blocks.items()
