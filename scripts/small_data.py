@@ -181,7 +181,7 @@ def score_candidates(run: Path, check: Path) -> dict:
     by_file: dict[str, list] = {}
     out = {}
     for r in rows:
-        if not (is_candidate(r) or r["key"] == "student/onnxruntime/fp32"):
+        if not is_candidate(r):  # the student is scored once, by evaluate_run
             continue
         if r["file"] not in by_file:
             by_file[r["file"]] = score(run / r["file"], check)[0].astype(int).tolist()
@@ -205,8 +205,6 @@ def candidates_table(cands: dict, student: np.ndarray, title: str) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, c in sorted(cands.items(), key=lambda kv: kv[1]["latency_ms_p50"]):
-        if key == "student/onnxruntime/fp32":
-            continue
         right = np.array(c["correct"], bool)
         agree = "-" if c["agreement"] is None else f"{100 * c['agreement']:.1f}"
         kl = "-" if c["kl"] is None else f"{c['kl']:.4f}"

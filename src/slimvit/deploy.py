@@ -1,4 +1,4 @@
-"""Choose the model to deploy from bench.json, write `deploy/`, and re-check it where it runs.
+"""Choose the model to deploy from bench.json and write `deploy/` (`verify.py` re-checks it where it runs).
 
 Torch-free (numpy + onnxruntime + Pillow): `slimvit deploy` re-chooses from an existing bench.json
 in seconds, and `slimvit verify` runs on the edge box itself.
@@ -11,6 +11,8 @@ With 180 validation images one image is 0.56 points, so accuracies within one im
 - With budgets (`deploy.budget_ms`, `deploy.budget_mb`): the most accurate candidate on validation that
   fits every budget (and the drop); candidates within one image of the best are a tie, won by the faster,
   then the smaller.
+- When validation cannot tell the candidates apart (all within one image: `saturated`): the least
+  compressed candidate that fits the budgets and agrees best with the student, on its fastest file.
 - Candidates are the ONNX variants of the pruned model and of every pruning-sweep model. A variant
   marked not portable (int8 weights that saturate x86's non-VNNI kernels) is never deployed.
 """
