@@ -109,7 +109,13 @@ def test_non_portable_variants_are_never_deployed():
 
 def test_deploy_config_checks_values():
     assert DeployConfig(budget_ms=1.0, budget_mb=2.5).max_drop == 0.5
-    for bad in ({"budget_ms": 0}, {"budget_mb": -1.0}, {"budget_ms": math.inf}, {"max_drop": math.nan}):
+    for bad in (
+        {"budget_ms": 0},
+        {"budget_mb": -1.0},
+        {"budget_ms": math.inf},
+        {"max_drop": math.nan},
+        {"min_speedup": -1.0},
+    ):
         with pytest.raises(ConfigError, match="deploy."):
             DeployConfig(**bad)
 
@@ -277,9 +283,67 @@ def test_saturated_validation_deploys_the_least_compressed_candidate_the_budgets
     # a budget buys the deeper cut, but no deeper than it asks
     assert choose(rows, budget_ms=0.8)[0]["key"] == "sweep/r0.5/int8-mixed"
     assert choose(rows, budget_ms=0.4)[0]["key"] == "sweep/r0.5-d6/int8-mixed"
+    # the least compressed that buys the speed-up compression is for: at least `min_speedup` times the
+    # student's ONNX FP32 file
+    onnx_fp32 = {**STUDENT, "key": "student/onnxruntime/fp32", "runtime": "onnxruntime", "reference": False}
+    assert choose([*rows, {**onnx_fp32, "latency_ms_p50": 2.4}])[0]["key"] == "pruned/int8-static"  # 2.35x
+    best, why = choose([*rows, {**onnx_fp32, "latency_ms_p50": 1.6}])  # pruned 1.6x: r0.5 (2.7x) is the cut
+    assert best["key"] == "sweep/r0.5/int8-mixed" and "2x faster than the student's ONNX FP32" in why
+    assert (
+        choose([*rows, {**onnx_fp32, "latency_ms_p50": 1.6}], min_speedup=1)[0]["key"] == "pruned/int8-static"
+    )
+    best, why = choose([*rows, {**onnx_fp32, "latency_ms_p50": 0.5}])  # nothing 2x faster: no floor
+    assert best["key"] == "pruned/int8-static" and "speed floor dropped" in why
     # one validation image between the candidates is not saturation (NEU-DET's 180 images are another
     # matter: there the fastest within the drop is deployed)
     rows[-1] = {**rows[-1], "val_accuracy": 17 / 18}
     rows[-2] = {**rows[-2], "val_accuracy": 16 / 18}
     best, _ = choose(rows, max_drop=20.0)
     assert not best["validation_saturated"] and best["key"] == "sweep/r0.5-d6/int8-mixed"
+
+
+def test_the_teacher_is_a_candidate_judged_on_validation_alone():
+    # the run's own teacher: more accurate on validation than any ViT, slower, and (an independently
+    # trained model) far from the student's predictions: a budget it fits deploys it
+    teacher = {
+        **_row(0.2, "fp32", 1.5, 45.0, 1.0, 0.9917, agreement=0.90),
+        "key": "teacher/onnxruntime/fp32",
+        "stage": "teacher",
+        "ratio": None,
+        "params": 11.2e6,
+    }
+    vits = [{**r, "agreement": 0.99} for r in rows()[1:]]
+    best, why = choose([STUDENT, *vits, teacher], budget_ms=1.6)
+    assert best["stage"] == "teacher" and "more than one validation image" in why
+    # within one validation image of the best ViT it is a tie, won by the faster
+    tied = {**teacher, "val_accuracy": 0.9944}
+    assert choose([STUDENT, *vits, tied], budget_ms=1.6)[0]["key"] == "r0.2/int8-dynamic"
+    # a budget it does not fit: the most accurate ViT within it
+    assert choose([STUDENT, *vits, teacher], budget_ms=1.4)[0]["key"] == "r0.2/int8-dynamic"
+    # where no compression fits (every one far from the student), the teacher does; where nothing fits,
+    # the refusal names what the compressions failed
+    lost = [{**r, "agreement": 0.5} for r in vits]
+    best, why = choose([STUDENT, *lost, teacher])
+    assert best["stage"] == "teacher" and "no compression of the student fits" in why
+    with pytest.raises(NothingFits, match="agreement"):
+        choose([STUDENT, *lost, teacher], budget_ms=1.0)
+    # without budgets the fastest within the drop, as before
+    assert choose([STUDENT, *vits, teacher])[0]["key"] == choose([STUDENT, *vits])[0]["key"]
+
+    # saturated validation: the teacher has the most parameters but is no compression of the student, and
+    # two images below the ViTs it does not stop the choice from seeing that they all tie
+    def sat(r):
+        return {
+            **r,
+            "val_accuracy": 1.0,
+            "val_n": 18,
+            "agreement": 1.0,
+            "params": 3.5e6 if r["ratio"] == 0.2 else 1.4e6,
+        }
+
+    flat = [sat(r) for r in rows()[1:]]
+    for val in (1.0, 16 / 18):
+        best, why = choose(
+            [{**STUDENT, "val_accuracy": 1.0}, *flat, {**teacher, "val_accuracy": val, "val_n": 18}]
+        )
+        assert best["validation_saturated"] and best["stage"] == "pruned" and "least compressed" in why

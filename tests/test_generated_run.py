@@ -77,3 +77,26 @@ def test_report_reads_the_typed_config_it_is_given(run):
     cfg = load_config("smoke", overrides=[*SETTINGS[1::2], "prune.teacher=teacher"], data_path=str(data))
     assert load_run(out, cfg)["config"].prune.teacher == "teacher"
     assert load_run(out)["config"].prune.teacher == "student"  # no config given: the run folder's own
+
+
+def test_the_teacher_is_benched_as_a_candidate_and_deploys_like_one(run, tmp_path):
+    from slimvit.deploy import choose, write_deploy
+    from slimvit.predict import predict_files
+
+    out, data = run
+    bench = json.loads((out / "bench.json").read_text())
+    teacher = [r for r in bench["rows"] if r["stage"] == "teacher" and r["candidate"]]
+    assert teacher and all(r["runtime"] != "pytorch" and r["agreement"] is not None for r in teacher)
+    report = (out / "REPORT.md").read_text()
+    if json.loads((out / "deploy" / "deploy.json").read_text())["stage"] != "teacher":
+        assert "Against deploying the teacher" in report  # what the compressed model buys over it
+    # a budget only the teacher meets, with every compression far from the student: the teacher deploys
+    rows = [
+        {**r, "agreement": 0.0} if r["candidate"] and r["stage"] != "teacher" else r for r in bench["rows"]
+    ]
+    best, why = choose(rows, max_drop=100.0)
+    assert best["stage"] == "teacher" and "no compression of the student fits" in why
+    write_deploy(out, bench, best, why, {}, folder=tmp_path / "deploy")
+    images = sorted(p for p in data.rglob("*.png"))[:4]
+    got, failed = predict_files(tmp_path / "deploy", images, threads=1)
+    assert not failed and len(got) == 4 and all(g["class"] in bench["classes"] for g in got)

@@ -63,13 +63,15 @@ def test_smoke_end_to_end(smoke_run):
         ("pruned", "onnxruntime", "int8-mixed"),
     ]:
         assert need in have, need
+    assert ("teacher", "onnxruntime", "fp32") in have  # the teacher's own file is a candidate too
     if bench["openvino"]["available"]:  # the same files on OpenVINO, timed in the same rounds
         assert ("pruned", "openvino", "fp32") in have and ("pruned", "openvino", "int8-static") in have
+        assert ("teacher", "openvino", "fp32") in have
     for r in rows:
         assert r["file"] and (out / r["file"]).exists()
         assert 0 <= r["accuracy"] <= 1 and r["latency_ms_p50"] > 0 and r["size_mb"] > 0
         assert r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1] and r["val_accuracy"] is not None
-        assert r["candidate"] == (r["runtime"] != "pytorch" and r["stage"] == "pruned")
+        assert r["candidate"] == (r["runtime"] != "pytorch" and r["stage"] in ("pruned", "teacher"))
     assert len(bench["predictions"]["pruned/onnxruntime/fp32"]) == len(bench["test_images"]["paths"]) == 360
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
@@ -462,3 +464,30 @@ def test_a_reset_keeps_the_deployed_model_serving_until_it_is_replaced(smoke_run
     adopt(stages.enabled_stages(cfg), m, fp)
     assert "deploy" not in m.data["stages"]  # not taken for finished: it runs again
     assert assess(stages.get_stage("deploy"), m, fp)[0] == RUN
+
+
+def test_lever_study_trains_each_lever_and_seed_from_one_teacher(smoke_run, tmp_path):
+    from pathlib import Path
+
+    out, _, _ = smoke_run
+    levers = tmp_path / "levers"
+    script = Path(__file__).parents[1] / "scripts" / "levers.py"
+    args = [sys.executable, str(script), "--base", str(out), "--seeds", "0,1", "--out", str(levers)]
+    r = subprocess.run([*args, "--lever", "ema=train.ema=true"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the default recipe at the base run's own seed is the base run's student, not a retrained one
+    base = (out / "student" / "model.safetensors").read_bytes()
+    assert (levers / "default" / "s0" / "student" / "model.safetensors").read_bytes() == base
+    assert (levers / "ema" / "s0" / "student" / "model.safetensors").read_bytes() != base
+    assert load_config(config_file=levers / "ema" / "s1" / "config.yaml").train.ema
+    assert (levers / "ema" / "s1" / "teacher" / "model.safetensors").read_bytes() == (
+        out / "teacher" / "model.safetensors"
+    ).read_bytes()  # one teacher for every lever
+    table = (levers / "LEVERS.md").read_text()
+    n_val = len(json.loads((out / "split.json").read_text())["val"])
+    assert f"validation {2 * n_val}" in table  # pooled over both seeds
+    rows = [line for line in table.splitlines() if line.startswith(("| default", "| ema"))]
+    assert len(rows) == 2 and "p=" in rows[1]  # the lever paired with the default recipe
+    # resumable: a second call trains nothing and writes the same table
+    assert subprocess.run([*args, "--lever", "ema=train.ema=true"], capture_output=True).returncode == 0
+    assert (levers / "LEVERS.md").read_text() == table

@@ -74,6 +74,21 @@ def test_loss_decreases_and_artifacts(tmp_path):
         assert (tmp_path / "s" / f).exists(), f
 
 
+def test_ema_warms_up_instead_of_keeping_the_random_initialisation(tmp_path):
+    # 60 steps at decay 0.999: a fixed-decay EMA is still 94% the random initialisation (best validation 0.67,
+    # measured); warmed up, the EMA the run selects and saves learns like the model, a few epochs behind
+    data = synthetic_data()
+    model, spec = tiny_student()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    tcfg = dataclasses.replace(FAST, ema=True, ema_decay=0.999)
+    model, summary = fit(model, spec, data, tcfg, tmp_path / "s", FitOptions(epochs=20, lr=2e-3))
+    assert summary["best_val_acc"] >= 0.9
+    moved = [
+        k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, init[k])
+    ]
+    assert len(moved) > len(init) // 2
+
+
 def test_checkpoint_round_trip_identical_outputs(tmp_path):
     data = synthetic_data(n_per_class=8)
     model, spec = tiny_student()

@@ -9,8 +9,9 @@ timed region. Accuracy is measured on the full validation and test splits throug
 preprocessing that `slimvit predict` uses; agreement with the student, which needs no labels, on
 the views and unlabeled images that `slimvit.fidelity` makes.
 
-The deployment candidates are every ONNX variant of the pruned model and of every sweep model, on
-both runtimes; the `deploy` stage (`slimvit.deploy`) chooses among them on validation accuracy.
+The deployment candidates are every ONNX variant of the pruned model and of every sweep model, and the
+teacher's ONNX file, on both runtimes; the `deploy` stage (`slimvit.deploy`) chooses among them on
+validation accuracy.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class Variant:
     depth: int | None = None
     """Transformer blocks a depth-pruned model kept (None: all of the student's)."""
     candidate: bool = False
-    """A deployment candidate (an ONNX variant of the pruned model or of a sweep model)."""
+    """A deployment candidate (an ONNX variant of the pruned model or of a sweep model, or the teacher's
+    ONNX file)."""
     portability: dict | None = None
     """quantize.portability() of an int8 variant."""
     ran_precision: str | None = None
@@ -212,7 +214,7 @@ def _candidate(
     workers,
     runtime: str,
 ) -> Variant:
-    """One deployment candidate: a quantize.json variant of a pruned or sweep model, on one runtime."""
+    """One deployment candidate: a quantize.json variant of a pruned or sweep model (or the teacher's FP32 file), on one runtime."""
     return _onnx_variant(
         run_dir,
         info["file"],
@@ -259,7 +261,8 @@ def _openvino_variants(
 
 def collect_variants(run_dir: Path, threads: int, workers=None) -> tuple[list[Variant], dict]:
     """Every artifact of the run: PyTorch teacher/student/pruned, their ONNX exports, and every ONNX variant
-    of every deployment candidate (the pruned model and the sweep models) on ONNX Runtime and OpenVINO.
+    of every deployment candidate (the pruned model, the sweep models, the teacher's FP32 file) on ONNX
+    Runtime and OpenVINO.
 
     With `workers` (a `slimvit.workers.Workers`), each runtime's models live in a process of their own.
     Returns the variants and the OpenVINO status (available, version, files it could not run)."""
@@ -276,8 +279,19 @@ def collect_variants(run_dir: Path, threads: int, workers=None) -> tuple[list[Va
         if stage not in sizes:
             macs, params = _macs_params(run_dir, stage)
             sizes[stage] = (params, macs)
-        if stage not in quantized:  # teacher, student: reference rows, not candidates
-            out.append(_onnx_variant(run_dir, info["file"], stage, "fp32", *sizes[stage], threads, workers))
+        if stage not in quantized:  # the student: the reference row; the teacher: a candidate as it is
+            out.append(
+                _onnx_variant(
+                    run_dir,
+                    info["file"],
+                    stage,
+                    "fp32",
+                    *sizes[stage],
+                    threads,
+                    workers,
+                    candidate=stage == TEACHER,
+                )
+            )
     pruning = {stage: _pruning(run_dir, stage) for stage in quantized}
     for stage, variants in quantized.items():
         for mode, info in variants.items():
@@ -286,7 +300,11 @@ def collect_variants(run_dir: Path, threads: int, workers=None) -> tuple[list[Va
                     run_dir, stage, mode, info, sizes[stage], pruning[stage], threads, workers, "onnxruntime"
                 )
             )
-    ov, ov_status = _openvino_variants(run_dir, quantized, sizes, pruning, threads, workers)
+    teacher = {TEACHER: {"fp32": exported[TEACHER]}} if TEACHER in exported else {}
+    unpruned = {TEACHER: {"ratio": None, "depth": None}}
+    ov, ov_status = _openvino_variants(
+        run_dir, {**teacher, **quantized}, sizes, {**unpruned, **pruning}, threads, workers
+    )
     return out + ov, ov_status
 
 
@@ -555,7 +573,12 @@ def _default_pick(rows: list[dict], cfg) -> dict:
     from slimvit import deploy
 
     try:
-        pick, _ = deploy.choose(rows, max_drop=cfg.deploy.max_drop, min_agreement=cfg.deploy.min_agreement)
+        pick, _ = deploy.choose(
+            rows,
+            max_drop=cfg.deploy.max_drop,
+            min_agreement=cfg.deploy.min_agreement,
+            min_speedup=cfg.deploy.min_speedup,
+        )
     except deploy.NothingFits:
         pick = min((r for r in rows if r["candidate"]), key=lambda r: r["latency_ms_p50"])
     return pick

@@ -270,6 +270,14 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
         help="share (%%) of validation views and unlabeled images on which the deployed model must name the "
         "student's class (default 95)",
     )
+    g.add_argument(
+        "--min-speedup",
+        type=float,
+        default=None,
+        metavar="X",
+        help="when validation cannot tell the candidates apart, the least compressed one at least this many "
+        "times faster than the student's ONNX FP32 file is deployed (default 2)",
+    )
 
     g = p.add_argument_group("review (config section `deploy`; the threshold is chosen on validation data)")
     g.add_argument(
@@ -289,7 +297,15 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _budget_overrides(args: argparse.Namespace) -> list[str]:
-    names = ("budget_ms", "budget_mb", "max_drop", "min_agreement", "review_rate", "target_accuracy")
+    names = (
+        "budget_ms",
+        "budget_mb",
+        "max_drop",
+        "min_agreement",
+        "min_speedup",
+        "review_rate",
+        "target_accuracy",
+    )
     return [f"deploy.{k}={getattr(args, k)}" for k in names if getattr(args, k, None) is not None]
 
 

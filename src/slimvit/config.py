@@ -110,7 +110,8 @@ class TrainConfig:
     ema: bool = False
     """Keep an exponential moving average of the weights and select/evaluate on it."""
     ema_decay: float = 0.998
-    """Decay of the EMA per step."""
+    """Largest decay of the EMA per step; it warms up from 0 (timm's `use_warmup`: 1 - (1 + step)^-2/3), so
+    the random initialisation does not linger in a short from-scratch training."""
     precision: str = "auto"
     """Autocast precision: `auto`, `no`, `bf16`, or `fp16` (fp16 only on GPU). `auto` is bf16 where the
     hardware computes it natively (GPUs, CPUs with AVX-512 BF16 / AMX; measured 1.7-2.3x faster per
@@ -417,6 +418,10 @@ class DeployConfig:
     deployed model must name the same class as the distilled student. A label-free check that does not
     saturate: on a small validation split every candidate can score 100% while the most compressed ones
     disagree with the student on a third of new images (README, "Small datasets")."""
+    min_speedup: float = 2.0
+    """When validation cannot tell the candidates apart (`deploy.saturated`), the least compressed candidate
+    that is at least this many times faster at batch 1 than the student's ONNX FP32 file is deployed: the
+    smallest cut that still buys what compression is for (1 or less: no speed floor, the least compressed)."""
 
     review_rate: float | None = None
     """Send at most this fraction of images to a person (`--review-rate 0.05`): the deployed model labels
@@ -450,6 +455,10 @@ class DeployConfig:
         _check(
             math.isfinite(self.min_agreement) and 0 <= self.min_agreement <= 100,
             f"deploy.min_agreement={self.min_agreement} must be in [0, 100] (%)",
+        )
+        _check(
+            math.isfinite(self.min_speedup) and self.min_speedup >= 0,
+            f"deploy.min_speedup={self.min_speedup} must be a number >= 0 (times the student's ONNX FP32 speed)",
         )
 
 

@@ -12,9 +12,14 @@ With 180 validation images one image is 0.56 points, so accuracies within one im
   fits every budget (and the drop); candidates within one image of the best are a tie, won by the faster,
   then the smaller.
 - When validation cannot tell the candidates apart (all within one image: `saturated`): the least
-  compressed candidate that fits the budgets and agrees best with the student, on its fastest file.
-- Candidates are the ONNX variants of the pruned model and of every pruning-sweep model. A variant
-  marked not portable (int8 weights that saturate x86's non-VNNI kernels) is never deployed.
+  compressed candidate that fits the budgets, runs `deploy.min_speedup` times faster than the student's
+  ONNX FP32 file and agrees best with the student, on its fastest file.
+- Candidates are the ONNX variants of the pruned model and of every pruning-sweep model, and the
+  teacher's own ONNX files. The compressions are chosen among first, by the rules above; the teacher
+  then wins on validation accuracy alone (its agreement with the student measures no loss): where no
+  compression fits, with budgets where it is more than one validation image more accurate, without
+  where it is faster. A variant marked not portable (int8 weights that saturate x86's non-VNNI kernels)
+  is never deployed.
 """
 
 from __future__ import annotations
@@ -65,10 +70,17 @@ def is_candidate(r: dict) -> bool:
     return bool(r.get("candidate")) and r["runtime"] != "pytorch"
 
 
+def is_teacher(r: dict) -> bool:
+    """The teacher's own ONNX file: a candidate judged on its validation accuracy alone (it was never
+    compressed from the student, so agreement with the student says nothing of what it lost)."""
+    return r.get("stage") == "teacher"
+
+
 def describe(r: dict) -> str:
-    shape = shape_label(r)
+    shape = shape_label(r)  # the stage's name without the shape its folder name repeats (sweep/r0.3-d6)
     return (
-        f"{r['stage']} {shape + ' ' if shape else ''}{r['runtime']} {r['precision']}: {r['latency_ms_p50']:.2f} ms, "
+        f"{r['stage'].split('/')[0]} {shape + ' ' if shape else ''}{r['runtime']} {r['precision']}: "
+        f"{r['latency_ms_p50']:.2f} ms, "
         f"{r['size_mb']:.2f} MB, validation balanced accuracy {100 * val_score(r):.2f}%"
     )
 
@@ -100,8 +112,81 @@ def choose(
     budget_ms: float | None = None,
     budget_mb: float | None = None,
     min_agreement: float = 95.0,
+    min_speedup: float = 2.0,
 ) -> tuple[dict, str]:
     """The candidate to deploy and a sentence saying why; NothingFits when no candidate fits.
+
+    The student's compressions are chosen among first (`choose_compressed`); then the teacher's own
+    files compete on validation alone (`_teacher_instead`). Arguments as `choose_compressed`'s.
+    """
+    vit = [r for r in rows if not (is_candidate(r) and is_teacher(r))]
+    teachers = [r for r in rows if is_candidate(r) and is_teacher(r) and r.get("portable", True) is not False]
+    try:
+        best, why = choose_compressed(vit, max_drop, budget_ms, budget_mb, min_agreement, min_speedup)
+    except (NothingFits, ModelError):  # no compression fits (or none was benchmarked): the teacher may
+        if not teachers:
+            raise
+        best, why = None, None
+    won = _teacher_instead(teachers, best, rows, max_drop, budget_ms, budget_mb)
+    if won is None:
+        if best is None:  # the compressions' own refusal says what failed
+            return choose_compressed(vit, max_drop, budget_ms, budget_mb, min_agreement, min_speedup)
+        return best, why
+    return won
+
+
+def _teacher_instead(
+    teachers: list[dict], best: dict | None, rows: list[dict], max_drop: float, budget_ms, budget_mb
+) -> tuple[dict, str] | None:
+    """The teacher's file to deploy instead of the compressed `best`, and why; None to keep `best`.
+
+    A teacher file must fit the budgets and lie within `max_drop` of the student on validation (its
+    agreement with the student is no test: it was never compressed from it). It wins where no compression
+    fits; with budgets, where it beats `best` on validation by more than one image (the most accurate
+    that fits); without, where it is faster than `best` beyond `TIE` (the fastest within the drop)."""
+    ref = next((r for r in rows if r.get("reference")), None)
+    fits = [
+        r
+        for r in teachers
+        if (budget_ms is None or r["latency_ms_p50"] <= budget_ms)
+        and (budget_mb is None or r["size_mb"] <= budget_mb)
+        and (
+            ref is None
+            or ref.get("val_accuracy") is None
+            or val_score(r) >= val_score(ref) - max(max_drop / 100, 1 / _n_val(rows)) - 1e-9
+        )
+    ]
+    if not fits:
+        return None
+    budgeted = budget_ms is not None or budget_mb is not None
+    t = max(fits, key=lambda r: (val_score(r), -r["latency_ms_p50"])) if budgeted else _fastest(fits)
+    if best is None:
+        reason = "no compression of the student fits"
+    elif budgeted and val_score(t) > val_score(best) + 1 / _n_val(rows) + 1e-9:
+        reason = (
+            f"it beats the best compression that fits ({describe(best)}) by more than one validation image"
+        )
+    elif not budgeted and t["latency_ms_p50"] < best["latency_ms_p50"] * (1 - TIE):
+        reason = f"it is faster than the fastest compression within the drop ({describe(best)})"
+    else:
+        return None
+    why = (
+        f"the teacher's own file: {describe(t)} (test {100 * t['accuracy']:.2f}%, reported only), within the "
+        f"budgets and {max_drop:g} points of the student on validation; {reason}"
+    )
+    return {**t, "validation_saturated": False}, why
+
+
+def choose_compressed(
+    rows: list[dict],
+    max_drop: float = 0.5,
+    budget_ms: float | None = None,
+    budget_mb: float | None = None,
+    min_agreement: float = 95.0,
+    min_speedup: float = 2.0,
+) -> tuple[dict, str]:
+    """The compression of the student (pruned, sweep) to deploy and a sentence saying why; NothingFits
+    when none fits.
 
     Args:
         rows: bench rows; candidates have ``candidate: True``, every row ``val_balanced_accuracy``
@@ -109,6 +194,10 @@ def choose(
         max_drop: validation balanced-accuracy points a candidate may lose against the distilled student.
         min_agreement: the share (%) of validation views (and unlabeled images) on which a candidate must
             name the student's class; a candidate below it is never deployed.
+        min_speedup: on saturated validation, the least compressed candidate at least this many times faster
+            than the student's ONNX FP32 file (the bench row ``stage: student, runtime: onnxruntime,
+            precision: fp32``) is deployed; where none is, or the bench has no such row, the least
+            compressed of all.
     """
     cands = [r for r in rows if is_candidate(r)]
     if not cands:
@@ -147,14 +236,15 @@ def choose(
         )
     passed_val = [r for r in portable if val_score(r) >= floor]  # what validation alone lets through
     flat = saturated(passed_val)
-    if flat:  # validation cannot see what compression cost: compress no further than the budgets ask
-        pool = _most_faithful(ok)
+    if flat:  # validation cannot see what compression cost: compress no further than needed
+        fast, speed_rule = _fast_enough(ok, rows, min_speedup)
+        pool = _most_faithful(fast)
         most = max(map(_kept, pool))
         best = _fastest([r for r in pool if _kept(r) == most])
         rule = (
-            f"of the candidates that fit {', '.join(n for n, _ in checks)} and agree best with the student "
-            f"(within {100 * AGREE_TIE:g} point), the least compressed (the most parameters) on its fastest file "
-            f"(the smallest among those within {TIE:.0%} of its p50): validation cannot tell the candidates "
+            f"of the candidates that fit {', '.join(n for n, _ in checks)}{speed_rule} and agree best with the "
+            f"student (within {100 * AGREE_TIE:g} point), the least compressed (the most parameters) on its fastest "
+            f"file (the smallest among those within {TIE:.0%} of its p50): validation cannot tell the candidates "
             "apart, so nothing shows what a deeper cut would cost"
         )
     elif budget_ms is None and budget_mb is None:
@@ -181,6 +271,39 @@ def choose(
     if flat:
         why += "; " + saturation_note(passed_val, best)
     return {**best, "validation_saturated": flat}, why
+
+
+def student_onnx(rows: list[dict]) -> dict | None:
+    """The bench row of the student's ONNX FP32 file (what compression is measured against); None if absent."""
+    return next(
+        (
+            r
+            for r in rows
+            if r.get("stage") == "student"
+            and r.get("runtime") == "onnxruntime"
+            and r.get("precision") == "fp32"
+        ),
+        None,
+    )
+
+
+def _fast_enough(ok: list[dict], rows: list[dict], min_speedup: float) -> tuple[list[dict], str]:
+    """The candidates in `ok` at least `min_speedup` times faster than the student's ONNX FP32 file, and
+    the words for the rule; all of `ok` (saying why) where there is no floor or nothing meets it."""
+    ref = student_onnx(rows)
+    if min_speedup <= 1 or ref is None:
+        return ok, ""
+    limit = ref["latency_ms_p50"] / min_speedup
+    fast = [r for r in ok if r["latency_ms_p50"] <= limit]
+    words = (
+        f" and run at least {min_speedup:g}x faster than the student's ONNX FP32 file (p50 <= {limit:.2f} ms)"
+    )
+    if not fast:
+        return (
+            ok,
+            f" (none runs {min_speedup:g}x faster than the student's ONNX FP32 file: speed floor dropped)",
+        )
+    return fast, words
 
 
 def _kept(r: dict) -> tuple:
@@ -214,7 +337,7 @@ def saturation_note(cands: list[dict], best: dict) -> str:
     return (
         f"validation has {_n_val(cands)} images and the {len(cands)} candidates it lets through scored {scored} "
         "on it, within one image: it cannot tell them apart, so the choice compressed no further than the "
-        "budgets ask"
+        "budgets and the speed floor (`--min-speedup`) ask"
         + (
             f" (agreement with the student on {fidelity_source(cands)}: {100 * agree:.2f}%)"
             if agree is not None
@@ -246,6 +369,7 @@ def budgets(cfg) -> dict:
         "budget_mb": d.budget_mb,
         "max_drop": d.max_drop,
         "min_agreement": d.min_agreement,
+        "min_speedup": d.min_speedup,
     }
 
 

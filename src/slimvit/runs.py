@@ -258,6 +258,14 @@ def with_budgets(cfg: Config, run_dir: Path) -> Config:
     if not saved.exists():
         return cfg
     base = read_config(saved)
-    keys = ("budget_ms", "budget_mb", "max_drop", "min_agreement", "review_rate", "target_accuracy")
+    keys = (
+        "budget_ms",
+        "budget_mb",
+        "max_drop",
+        "min_agreement",
+        "min_speedup",
+        "review_rate",
+        "target_accuracy",
+    )
     given = {k: getattr(cfg.deploy, k) for k in keys}
     return dataclasses.replace(base, deploy=DeployConfig(**given))

@@ -265,7 +265,9 @@ def _optimization(model: nn.Module, tcfg: TrainConfig, opts: FitOptions, steps_p
     if tcfg.ema:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=tcfg.ema_decay)
+        # warmed up (decay 1 - (1 + step)^-2/3, at most ema_decay): without it a fixed 0.998 keeps 20% of the
+        # random initialisation after NEU-DET's 800 student steps (a 27%-accurate EMA, measured)
+        ema = ModelEmaV3(model, decay=tcfg.ema_decay, use_warmup=True)
     return optimizer, scheduler, ema
 
 
@@ -450,7 +452,7 @@ def _train_steps(run: _Run, bar, size: int, show_bar: bool) -> torch.Tensor:
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            ema.update(acc.unwrap_model(model))
+            ema.update(acc.unwrap_model(model), step=scheduler.last_epoch)  # the optimizer steps so far
         logits = out[0] if isinstance(out, (tuple, list)) else out
         n = len(y)
         seen += n

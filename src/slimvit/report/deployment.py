@@ -5,7 +5,7 @@ Every choice named here reads what `slimvit.deploy.choose` reads: `deploy.val_sc
 
 from __future__ import annotations
 
-from slimvit.deploy import VAL_METRIC, val_score
+from slimvit.deploy import VAL_METRIC, is_teacher, val_score
 from slimvit.labels import pct, pct_ci, ratio_text, row_label, shape_label
 from slimvit.report.load import bench_rows, deployed_row, find_row, ref_row
 from slimvit.report.stats import front, paired, verdict
@@ -48,8 +48,8 @@ def candidates(run: dict) -> list[str]:
     n_val = max(r.get("val_n") or 0 for r in rows)
     f = front(rows)
     out += [
-        f"Every ONNX variant of the pruned model and of every pruning-sweep model ({len(rows)} candidates) was "
-        f"exported, quantized and timed in the same bench run. The choice reads **{VAL_METRIC}** only "
+        f"Every ONNX variant of the pruned model and of every pruning-sweep model, and the teacher's own file "
+        f"({len(rows)} candidates), was exported, quantized and timed in the same bench run. The choice reads **{VAL_METRIC}** only "
         f"({n_val} images: one image is {100 / max(1, n_val):.2f} points on a balanced split); test accuracy is "
         f"reported, never used to choose. The front: candidates that no other candidate beats on both {VAL_METRIC} "
         "and batch-1 latency.",
@@ -66,13 +66,14 @@ def candidates(run: dict) -> list[str]:
             else verdict(paired(run, r["key"], base["key"]), r["precision"], "fp32").split(" (")[0]
         )
         tag = " **(deployed)**" if r["deployed"] else ""
+        shape = "teacher" if is_teacher(r) else shape_label(r).removeprefix("r=") or "0"
         out.append(
-            f"| {shape_label(r).removeprefix('r=') or '0'}{tag} | {r['runtime']} | {r['precision']} | {r['size_mb']:.2f} | "
+            f"| {shape}{tag} | {r['runtime']} | {r['precision']} | {r['size_mb']:.2f} | "
             f"{r['latency_ms_p50']:.2f} | {pct(val_score(r))} | "
             f"{pct_ci(r['accuracy'], r.get('accuracy_ci'))} | {vs} | "
             f"{'yes' if r.get('portable', True) else 'VNNI only'} |"
         )
-    out += ["", "![deployment candidates](plots/pareto.png)", "", *_runtimes(run)]
+    out += ["", "![deployment candidates](plots/pareto.png)", "", *_runtimes(run), *_teacher(run, rows)]
     ref = ref_row(run)
     small = [r for r in rows if r["size_mb"] <= 2.5]
     fast = [r for r in rows if r["latency_ms_p50"] <= ref["latency_ms_p50"] / 8]
@@ -90,6 +91,25 @@ def candidates(run: dict) -> list[str]:
         else:
             out.append(f"- No candidate {name}.")
     return [*out, ""]
+
+
+def _teacher(run: dict, rows: list[dict]) -> list[str]:
+    """What the deployed ViT buys over deploying the run's own teacher: speed, size, and accuracy on the
+    same test images."""
+    dep = deployed_row(run)
+    mine = [r for r in rows if is_teacher(r)]
+    if dep is None or not mine or is_teacher(dep):
+        return []
+    t = min(mine, key=lambda r: r["latency_ms_p50"])
+    name = run["config"].model.teacher if run.get("config") else "teacher"
+    return [
+        f"- Against deploying the teacher (`{name}`, fastest as {row_label(t)}: {t['latency_ms_p50']:.2f} ms, "
+        f"{t['size_mb']:.2f} MB, {VAL_METRIC} {pct(val_score(t))}): the deployed model is "
+        f"{t['latency_ms_p50'] / dep['latency_ms_p50']:.2f}x faster and {t['size_mb'] / dep['size_mb']:.1f}x "
+        f"smaller; test {pct(dep['accuracy'])} vs {pct(t['accuracy'])}: "
+        f"{verdict(paired(run, dep['key'], t['key']), 'the deployed model', 'the teacher')}.",
+        "",
+    ]
 
 
 def _runtimes(run: dict) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from slimvit import trust
-from slimvit.deploy import VAL_METRIC, val_score
+from slimvit.deploy import VAL_METRIC, is_teacher, val_score
 from slimvit.io import atomic_path
 from slimvit.labels import pct, row_label, shape_label
 from slimvit.report.load import TRAINED, bench_rows, deployed_row, find_row, mistakes, ref_row
@@ -36,7 +36,9 @@ def save(fig, path: Path) -> None:
 
 
 def _shape_key(r: dict) -> tuple:
-    """Sort key of a pruned model: by width ratio, then fewer blocks later (all blocks first)."""
+    """Sort key of a pruned model: by width ratio, then fewer blocks later (all blocks first); the teacher first."""
+    if is_teacher(r):
+        return (-1.0, 0)
     return (r.get("ratio") or 0.0, -(r.get("depth") or 10**6))
 
 
@@ -104,7 +106,7 @@ def _pareto_front(ax, f: list[dict], ref: dict) -> None:
         )
         for r in f:
             ax.annotate(
-                f"{shape_label(r) or 'r=0'} {r['precision']}\n{r['size_mb']:.1f} MB",
+                f"{'teacher' if is_teacher(r) else shape_label(r) or 'r=0'} {r['precision']}\n{r['size_mb']:.1f} MB",
                 (r["latency_ms_p50"], 100 * val_score(r)),
                 fontsize=7,
                 xytext=(6, -10),
@@ -143,7 +145,9 @@ def _pareto_budgets(ax, rows: list[dict], budget: dict) -> None:
 def _pareto_legend(ax, rows: list[dict], colour: dict, budget: dict) -> None:
     """Legend entries (empty scatters): a colour per pruned shape, a marker per runtime, the size budget."""
     legend = {
-        _shape_key(r): f"ratio {r.get('ratio') or 0:g}"
+        _shape_key(r): "teacher"
+        if is_teacher(r)
+        else f"ratio {r.get('ratio') or 0:g}"
         + (f", {r['depth']} blocks" if r.get("depth") is not None else "")
         for r in rows
     }
