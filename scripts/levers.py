@@ -120,7 +120,8 @@ def table(out: Path, base: Path, levers: dict[str, list[str]], seeds: list[int])
         f"Teacher (`{base}/teacher`, fixed): test {pct_ci(t_right)}. Pooled: every seed's images (validation "
         f"{len(pooled['default']['val'])}, test {len(pooled['default']['test'])}); vs default: points, "
         "(only this right / only default right, exact McNemar p) on the same (seed, image) pairs. "
-        "Validation decides; test is reported.",
+        "Validation decides; test is reported. Student vs teacher: the one teacher's test predictions paired "
+        "with each seed's student (the teacher's side repeats, so its p-value is optimistic).",
         "",
         "| lever | keys | val % per seed | test % per seed | pooled val % (95% CI) | vs default, val | "
         "pooled test % (95% CI) | vs default, test | student vs teacher, test | minutes per student |",
