@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from slimvit.evaluate import mcnemar, wilson
+from slimvit.labels import pct_ci as pct_interval
 
 LEVERS = {
     "ema": "train.ema=true",
@@ -86,8 +87,7 @@ def outcome(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pct_ci(correct: np.ndarray) -> str:
-    lo, hi = wilson(int(correct.sum()), len(correct))
-    return f"{100 * correct.mean():.2f} ({100 * lo:.1f}-{100 * hi:.1f})"
+    return pct_interval(correct.mean(), wilson(int(correct.sum()), len(correct)), unit="")
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> str:

@@ -297,15 +297,11 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _budget_overrides(args: argparse.Namespace) -> list[str]:
-    names = (
-        "budget_ms",
-        "budget_mb",
-        "max_drop",
-        "min_agreement",
-        "min_speedup",
-        "review_rate",
-        "target_accuracy",
-    )
+    import dataclasses
+
+    from slimvit.config import DeployConfig
+
+    names = [f.name for f in dataclasses.fields(DeployConfig)]  # each key of `deploy` has its flag
     return [f"deploy.{k}={getattr(args, k)}" for k in names if getattr(args, k, None) is not None]
 
 

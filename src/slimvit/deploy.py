@@ -121,18 +121,19 @@ def choose(
     """
     vit = [r for r in rows if not (is_candidate(r) and is_teacher(r))]
     teachers = [r for r in rows if is_candidate(r) and is_teacher(r) and r.get("portable", True) is not False]
+    best, why, refusal = None, None, None
     try:
         best, why = choose_compressed(vit, max_drop, budget_ms, budget_mb, min_agreement, min_speedup)
-    except (NothingFits, ModelError):  # no compression fits (or none was benchmarked): the teacher may
+    except (NothingFits, ModelError) as e:  # no compression fits (or none was benchmarked): the teacher may
         if not teachers:
             raise
-        best, why = None, None
+        refusal = e
     won = _teacher_instead(teachers, best, rows, max_drop, budget_ms, budget_mb)
-    if won is None:
-        if best is None:  # the compressions' own refusal says what failed
-            return choose_compressed(vit, max_drop, budget_ms, budget_mb, min_agreement, min_speedup)
-        return best, why
-    return won
+    if won is not None:
+        return won
+    if refusal is not None:  # the compressions' own refusal says what failed
+        raise refusal
+    return best, why
 
 
 def _teacher_instead(

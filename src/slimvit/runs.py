@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from slimvit import layout
-from slimvit.config import Config, DeployConfig, read_config, save_config
+from slimvit.config import Config, read_config, save_config
 from slimvit.errors import ConfigError, DataError, SlimvitError
 from slimvit.io import is_main_process
 
@@ -257,15 +257,4 @@ def with_budgets(cfg: Config, run_dir: Path) -> Config:
     saved = run_dir / layout.CONFIG
     if not saved.exists():
         return cfg
-    base = read_config(saved)
-    keys = (
-        "budget_ms",
-        "budget_mb",
-        "max_drop",
-        "min_agreement",
-        "min_speedup",
-        "review_rate",
-        "target_accuracy",
-    )
-    given = {k: getattr(cfg.deploy, k) for k in keys}
-    return dataclasses.replace(base, deploy=DeployConfig(**given))
+    return dataclasses.replace(read_config(saved), deploy=cfg.deploy)
