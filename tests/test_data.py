@@ -110,6 +110,36 @@ def test_train_dataset_augments_but_keeps_shape():
     assert x.abs().max() <= 1.0 + 1e-6
 
 
+@pytest.mark.parametrize("policy", ["trivial", "randaugment"])
+def test_augment_policy_changes_pixel_values_and_follows_the_seed(policy):
+    import torch
+
+    from slimvit.config import TrainConfig
+
+    images = np.random.default_rng(0).integers(0, 255, (1, 16, 16, 3), dtype=np.uint8)
+    plain = dict(crop="none", flips=False, rot90=False)
+
+    def views(cfg, seed):
+        torch.manual_seed(seed)
+        ds = TrainDataset(images, np.arange(1), (0.5,) * 3, (0.5,) * 3, cfg)
+        return torch.stack([ds[0][0] for _ in range(12)])
+
+    base = views(TrainConfig(**plain), 0)
+    assert torch.equal(base[0], base[-1])  # nothing random left without the policy
+    aug = views(TrainConfig(**plain, augment=policy), 0)
+    assert aug.shape == base.shape
+    assert sum(not torch.equal(v, base[0]) for v in aug) >= 6  # most views altered (identity is one of its ops)
+    assert torch.equal(aug, views(TrainConfig(**plain, augment=policy), 0))  # same seed, same views
+
+
+def test_bad_augment_policy_is_refused():
+    from slimvit.config import TrainConfig
+    from slimvit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.augment"):
+        TrainConfig(augment="autoaugment")
+
+
 @pytest.mark.parametrize(
     ("setup", "match"),
     [

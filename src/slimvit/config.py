@@ -129,6 +129,10 @@ class TrainConfig:
     """Random horizontal and vertical flips."""
     rot90: bool = True
     """Random 90-degree rotations (defect textures have no up)."""
+    augment: str = "none"
+    """Photometric and geometric augmentation policy before the crop: `none`, `trivial` (torchvision's
+    TrivialAugmentWide: one random op at a random strength per image; Mueller & Hutter 2021) or `randaugment`
+    (RandAugment, 2 ops at magnitude 9). Every training reads it: teacher, student and fine-tunes."""
     mixup: float = 0.0
     """Mixup alpha; 0 disables."""
     cutmix: float = 0.0
@@ -182,6 +186,7 @@ class TrainConfig:
         _check(0 < self.ema_decay < 1, f"train.ema_decay={self.ema_decay} must be in (0, 1)")
         _check_choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
         _check_choice("train.crop", self.crop, ("pad", "rrc", "none"))
+        _check_choice("train.augment", self.augment, ("none", "trivial", "randaugment"))
         _check(self.crop_padding >= 0, f"train.crop_padding={self.crop_padding} must be >= 0")
         lo, hi = self.rrc_scale
         _check(0 < lo <= hi <= 1, f"train.rrc_scale={self.rrc_scale} must satisfy 0 < min <= max <= 1")

@@ -424,7 +424,7 @@ class TrainDataset:
     """Augmented training samples from the in-memory uint8 array.
 
     Augmentations suit texture/defect images: flips, 90-degree rotations, pad-and-crop or
-    random resized crop. Randomness comes from torch's global RNG, which the training loop
+    random resized crop, and optionally a TrivialAugment / RandAugment policy before them. Randomness comes from torch's global RNG, which the training loop
     seeds per epoch, so a resumed run sees the same augmentations as an uninterrupted one.
     """
 
@@ -436,12 +436,17 @@ class TrainDataset:
         self.mean = torch.tensor(mean).view(3, 1, 1) * 255
         self.std = torch.tensor(std).view(3, 1, 1) * 255
         self.cfg = train_cfg
-        self._rrc = None
-        if train_cfg.crop == "rrc":
+        self._rrc = self._policy = None
+        if train_cfg.crop == "rrc" or train_cfg.augment != "none":
             from torchvision.transforms import v2
 
-            size = images.shape[1]
-            self._rrc = v2.RandomResizedCrop(size, scale=tuple(train_cfg.rrc_scale), antialias=True)
+            if train_cfg.crop == "rrc":
+                size = images.shape[1]
+                self._rrc = v2.RandomResizedCrop(size, scale=tuple(train_cfg.rrc_scale), antialias=True)
+            if train_cfg.augment == "trivial":
+                self._policy = v2.TrivialAugmentWide()
+            elif train_cfg.augment == "randaugment":
+                self._policy = v2.RandAugment()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -452,6 +457,8 @@ class TrainDataset:
 
         x = self.images[i]
         cfg = self.cfg
+        if self._policy is not None:
+            x = self._policy(x)  # on the uint8 image, as the policies' magnitudes assume
         if cfg.crop == "pad" and cfg.crop_padding > 0:
             p = cfg.crop_padding
             h, w = x.shape[1:]
