@@ -161,6 +161,12 @@ def test_conclusions_are_computed_from_the_rows():
         in text
     )
     assert "Distillation against no distillation: not measured" in text
+    assert (
+        "the 10 test images were drawn at random from the same folder as the training images, so 90.00% holds "
+        "for images like those, within its 95% interval 60.0-98.0% (one image is 10.0 points). 10 images "
+        "cannot pin it closer"
+    ) in text
+    assert "`slimvit verify deploy/ DIR`" in text
     assert "removed 40% of the parameters and 36% of the MACs; eager FP32 latency fell to 0.75x" in text
     assert "FP16 on this CPU (this CPU has no AVX-512 FP16 arithmetic)" in text and "1.50x FP32 ONNX" in text
     assert "It saves disk, not time" in text
