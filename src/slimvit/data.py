@@ -424,8 +424,9 @@ class TrainDataset:
     """Augmented training samples from the in-memory uint8 array.
 
     Augmentations suit texture/defect images: flips, 90-degree rotations, pad-and-crop or
-    random resized crop, and optionally a TrivialAugment / RandAugment policy before them. Randomness comes from torch's global RNG, which the training loop
-    seeds per epoch, so a resumed run sees the same augmentations as an uninterrupted one.
+    random resized crop, and optionally a TrivialAugment / RandAugment policy before them.
+    Randomness comes from torch's global RNG, which the training loop seeds per epoch, so a
+    resumed run sees the same augmentations as an uninterrupted one.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std, train_cfg) -> None:
