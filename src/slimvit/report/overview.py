@@ -41,7 +41,8 @@ def conclusions(run: dict) -> list[str]:
             f"{dep['size_mb']:.2f} MB ({ref['size_mb'] / dep['size_mb']:.1f}x smaller), test accuracy "
             f"{pct_ci(dep['accuracy'], dep.get('accuracy_ci'))} (reference {pct_ci(ref['accuracy'], ref.get('accuracy_ci'))})."
         )
-        out += [line for line in (_coverage(dep),) if line]
+        if cover := _coverage(dep):
+            out.append(cover)
     else:
         out.append(f"- **Nothing was deployed**: {run['bench'].get('deploy_error')}.")
     out += budget_sentences(run)
