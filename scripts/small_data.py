@@ -296,6 +296,18 @@ def stated_vs_external(results: list[dict]) -> list[str]:
     ]
 
 
+def said_of_unlabeled(results: list[dict]) -> list[str]:
+    """Each run's Conclusions line on its `--unlabeled` images (report.overview._shift_line)."""
+    out = []
+    for r in results:
+        text = (Path(r["run"]) / "REPORT.md").read_text()
+        line = next((x for x in text.splitlines() if x.startswith(("- **Your ", "- On your "))), "- (none)")
+        c = np.array(r["steps"].get("deployed", {}).get("correct", []), bool)
+        got = f"{100 * c.mean():.2f}% on {len(c)} other check images" if len(c) else "nothing deployed"
+        out.append(f"- `{r['run']}` ({got}): {line[2:]}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="../shared/datasets/NEU-DET")
@@ -386,6 +398,11 @@ def main() -> int:
             "The same runs redone from the bench on, every run scored on the other check images (paired).",
             "",
             *per_seed(with_unlabeled),
+            "",
+            "What each run's REPORT.md says of its unlabeled images (the deployed model against the teacher, "
+            "label-free), beside what they scored:",
+            "",
+            *said_of_unlabeled(with_unlabeled),
             "",
             *table(with_unlabeled, "pooled, with --unlabeled"),
             "",

@@ -128,6 +128,71 @@ def test_a_candidate_that_disagrees_on_unlabeled_images_loses_at_equal_validatio
     assert choose(swapped, min_agreement=0)[0]["stage"] == "sweep/r0.5"
 
 
+def test_unlabeled_images_unlike_validation_are_reported_as_such(monkeypatch, tmp_path):
+    import dataclasses
+
+    from slimvit.report.overview import _shift_line
+
+    monkeypatch.setattr(bench, "read_spec", lambda _p: _Spec)
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=str(_unlabeled(tmp_path))))
+    variants = [
+        _variant("student", _red, reference=True),
+        _variant("teacher", _red),
+        _variant("pruned", _green_flips),  # right on validation, the other class on every green image
+    ]
+    _, source = fidelity(variants, _Data(), cfg, lambda x: bench.logits_by_variant(tmp_path, variants, x))
+    shift = source["unlabeled"]["shift"]
+    assert (shift["views"], shift["images"], shift["teacher"]) == (48, 10, "teacher/onnxruntime/fp32")
+    fig = shift["by_variant"]["pruned/onnxruntime/fp32"]
+    assert fig["teacher_views"] == 1.0 == fig["student_views"] and fig["teacher_unlabeled"] == 0.0
+    assert shift["by_variant"]["teacher/onnxruntime/fp32"]["teacher_unlabeled"] == 1.0
+    run = {"bench": {"fidelity": source}}
+    line = _shift_line(run, {"key": "pruned/onnxruntime/fp32"})
+    assert line.startswith("- **Your 10 unlabeled images are not like the test images**: the deployed model")
+    assert (
+        "names the teacher's class on 0.0% of them (0.0-27.8) against 100.0% of the 48 validation views"
+        in line
+    )
+    # the teacher deployed: compared with the student, which agrees with it everywhere
+    line = _shift_line(run, {"key": "teacher/onnxruntime/fp32"})
+    assert "names the student's class on 100.0%" in line and "nothing in them suggests" in line
+    assert _shift_line({"bench": {"fidelity": {"unlabeled": None}}}, {"key": "pruned/onnxruntime/fp32"}) == ""
+
+
+def test_agreement_counts_the_images_where_the_teacher_agrees_with_the_student(monkeypatch, tmp_path):
+    import dataclasses
+
+    monkeypatch.setattr(bench, "read_spec", lambda _p: _Spec)
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=str(_unlabeled(tmp_path))))
+    variants = [
+        _variant("student", _red, reference=True),
+        _variant("teacher", _green_flips),  # the teacher takes the other class on the 10 unlabeled images
+        _variant("pruned", _green_flips),  # as does this compression: no standard to hold it to there
+        _variant("sweep/r0.5", lambda x: -_red(x)),  # the other class everywhere
+    ]
+    fid, source = fidelity(variants, _Data(), cfg, lambda x: bench.logits_by_variant(tmp_path, variants, x))
+    assert source["consensus"] == {"teacher": "teacher/onnxruntime/fp32", "images": 48, "of": 58}
+    assert (
+        fid["pruned/onnxruntime/fp32"]["agreement"] == 1.0
+        and fid["pruned/onnxruntime/fp32"]["agreement_n"] == 48
+    )
+    assert fid["sweep/r0.5/onnxruntime/fp32"]["agreement"] == 0.0
+    teacher = fid["teacher/onnxruntime/fp32"]  # its own row: against the student on every image
+    assert teacher["agreement"] == pytest.approx(48 / 58) and teacher["agreement_n"] == 58
+    # without a teacher row every image counts (the unlabeled images' disagreement included)
+    fid, source = fidelity(
+        [variants[0], variants[2]],
+        _Data(),
+        cfg,
+        lambda x: bench.logits_by_variant(tmp_path, variants[::2], x),
+    )
+    assert source["consensus"]["teacher"] is None and fid["pruned/onnxruntime/fp32"][
+        "agreement"
+    ] == pytest.approx(48 / 58)
+
+
 def test_unlabeled_folder_must_hold_images(tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
         check_unlabeled(tmp_path / "nosuch")

@@ -75,6 +75,29 @@ def test_split_is_deterministic_stratified_and_keeps_duplicates_together(tmp_pat
     assert side["a/a_0.png"] == side["a/a_dup.png"]
 
 
+def test_sequence_split_keeps_runs_of_consecutive_files_on_one_side(tmp_path):
+    root = make_imagefolder(tmp_path / "d", classes=("a", "b"), per_class=40)
+    shutil.copy(root / "a" / "a_3.png", root / "a" / "a_dup.png")  # byte-identical pair
+    index = discover(root)
+    s = make_split(index, (0.7, 0.1, 0.2), seed=0, by="sequence")
+    assert s == make_split(index, (0.7, 0.1, 0.2), seed=0, by="sequence")
+    assert s != make_split(index, (0.7, 0.1, 0.2), seed=1, by="sequence")
+    assert s != make_split(index, (0.7, 0.1, 0.2), seed=0)  # not the file split
+    assert sorted(i for v in s.values() for i in v) == list(range(len(index.samples)))
+    side = {index.samples[i].path: name for name, idx in s.items() for i in idx}
+    assert side["a/a_3.png"] == side["a/a_dup.png"]
+    for c in ("a", "b"):
+        # b_0..b_39 in number order (b_10 after b_9): ten runs of four files, test two runs, val one
+        order = [side[f"{c}/{c}_{i}.png"] for i in range(40)]
+        if c == "b":
+            runs = [order[4 * k : 4 * k + 4] for k in range(10)]
+            assert all(len(set(r)) == 1 for r in runs)
+            assert [r[0] for r in runs].count("test") == 2 and [r[0] for r in runs].count("val") == 1
+        # few switches between sides along the sequence, where a file split has many
+        switches = sum(a != b for a, b in zip(order, order[1:], strict=False))
+        assert switches <= 6
+
+
 def test_a_larger_validation_split_keeps_the_test_images(tmp_path):
     # README: `data.split=[0.6,0.2,0.2]` takes validation from training, never from test
     root = make_imagefolder(tmp_path / "d", classes=("a", "b"), per_class=30)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from slimvit import deploy
+from slimvit.config import load_config
 from slimvit.labels import ratio_text, row_label, sweep_table
 from slimvit.report import SECTIONS, classes, compression, context, deployment, overview, render
 from slimvit.report.stats import front, verdict
@@ -167,6 +168,11 @@ def test_conclusions_are_computed_from_the_rows():
         "cannot pin it closer"
     ) in text
     assert "`slimvit verify deploy/ DIR`" in text
+    seq = {**_run(), "config": load_config(overrides=["data.split_by=sequence"])}
+    assert (
+        "the 10 test images were held out as runs of consecutive files (`data.split_by: sequence`)"
+        in "\n".join(overview.conclusions(seq))
+    )
     assert "removed 40% of the parameters and 36% of the MACs; eager FP32 latency fell to 0.75x" in text
     assert "FP16 on this CPU (this CPU has no AVX-512 FP16 arithmetic)" in text and "1.50x FP32 ONNX" in text
     assert "It saves disk, not time" in text

@@ -44,6 +44,10 @@ class DataConfig:
     """Train/val/test fractions of each class (stratified)."""
     seed: int = 0
     """Seed of the split."""
+    split_by: str = "file"
+    """`file`: each file goes to train, val or test on its own. `sequence`: each class's files, in name order,
+    are cut into ten runs of consecutive files and whole runs are assigned, so images taken one after another
+    do not sit on both sides and the test figure is not flattered by near-copies of training images."""
     cache: bool = True
     """Decode every image once and keep it in memory (NEU-DET is about 90 MB at 128 px)."""
 
@@ -54,6 +58,7 @@ class DataConfig:
             all(0 < f < 1 for f in self.split), f"data.split={self.split}: each fraction must be in (0, 1)"
         )
         _check(abs(sum(self.split) - 1) < 1e-6, f"data.split={self.split} must sum to 1")
+        _check_choice("data.split_by", self.split_by, ("file", "sequence"))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -199,19 +200,40 @@ def fingerprint(index: DatasetIndex) -> str:
     return h.hexdigest()
 
 
-def make_split(index: DatasetIndex, fractions: tuple[float, float, float], seed: int) -> dict[str, list[int]]:
-    """Stratified, seeded split into sample indices; byte-identical files stay on one side."""
+SEQUENCE_RUNS = 10
+"""`data.split_by: sequence` cuts each class's files, in name order, into this many runs of consecutive files (more
+where a split fraction is below a tenth), so the default 70/10/20 gives test two runs and validation one."""
+
+
+def _natural_key(path: str) -> list:
+    """`crazing_2.jpg` before `crazing_10.jpg`: digit runs compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def make_split(
+    index: DatasetIndex, fractions: tuple[float, float, float], seed: int, by: str = "file"
+) -> dict[str, list[int]]:
+    """Stratified, seeded split into sample indices; byte-identical files stay on one side. `by="sequence"`
+    keeps runs of consecutive files (name order) on one side, so images taken one after another (the same
+    strip, the same coil) are not split between training and test."""
     groups: dict[str, list[int]] = {}
     for i, fh in enumerate(index.hashes):
         groups.setdefault(fh, []).append(i)
     by_class: dict[int, list[list[int]]] = {}
     for members in groups.values():
         by_class.setdefault(index.samples[members[0]].label, []).append(members)
+    runs = max(SEQUENCE_RUNS, round(1 / min(fractions)))
     out: dict[str, list[int]] = {s: [] for s in SPLITS}
     for label in sorted(by_class):
         class_groups = sorted(by_class[label], key=lambda g: index.samples[g[0]].path)
-        random.Random(f"{seed}:{index.classes[label]}").shuffle(class_groups)
         n = sum(len(g) for g in class_groups)
+        if by == "sequence":  # a duplicate pair joins the run of its first file in name order
+            class_groups.sort(key=lambda g: _natural_key(index.samples[g[0]].path))
+            chunks: list[list[int]] = [[] for _ in range(min(runs, len(class_groups)))]
+            for j, g in enumerate(class_groups):
+                chunks[j * len(chunks) // len(class_groups)] += g
+            class_groups = chunks
+        random.Random(f"{seed}:{index.classes[label]}").shuffle(class_groups)
         n_test = round(fractions[2] * n)
         n_val = round(fractions[1] * n)
         targets = {"test": n_test, "val": n_val, "train": n - n_test - n_val}
@@ -244,7 +266,8 @@ def load_or_create_split(index: DatasetIndex, cfg: DataConfig, run_dir: Path | N
                 "use another --out or delete split.json to make a new split"
             )
         return split
-    split = make_split(index, cfg.split, cfg.seed)  # deterministic: every rank computes the same
+    # deterministic: every rank computes the same
+    split = make_split(index, cfg.split, cfg.seed, cfg.split_by)
     check_split_classes(index, split)  # before the write: a refused split must not be kept for later
     if path is not None and is_main_process():
         atomic_write_json(
@@ -252,6 +275,7 @@ def load_or_create_split(index: DatasetIndex, cfg: DataConfig, run_dir: Path | N
             {
                 "seed": cfg.seed,
                 "fractions": list(cfg.split),
+                "split_by": cfg.split_by,
                 "classes": index.classes,
                 "fingerprint": fp,
                 **{s: [index.samples[i].path for i in split[s]] for s in SPLITS},

@@ -94,7 +94,10 @@ def fidelity_source(rows: list[dict]) -> str:
     """What the agreement figures were measured on, in words."""
     n = max((r.get("agreement_n") or 0) for r in rows)
     n_val = _n_val(rows)
-    return f"{n} views ({n_val} validation images, their flips/rotations and any unlabeled images)"
+    return (
+        f"{n} views ({n_val} validation images, their flips/rotations and any unlabeled images; those where "
+        "the teacher names the student's class, when it was benched)"
+    )
 
 
 def saturated(cands: list[dict]) -> bool:

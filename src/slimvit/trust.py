@@ -242,7 +242,8 @@ LOCALISE_IMAGES = 120
 """Localisation is scored on at most this many test images with boxes, evenly spaced in the test list (which
 is in class order): an occlusion map costs 37 model calls an image, and on NEU-DET's 360 test images the four
 models took 1.3 of the pipeline's 18 minutes (AMD EPYC, 2 threads); 120 images keep the pointing game's
-interval near +-9 points and take a third of that."""
+interval near +-9 points and take a third of that. The student, the pruned model and the deployed one are scored
+(the compression steps); the teacher is drawn in the heatmap plot only."""
 
 
 def localised(t: dict, limit: int = LOCALISE_IMAGES) -> list[int]:
@@ -288,6 +289,8 @@ def localisation_scores(run: dict, threads: int = 2) -> dict[str, list]:
     idx = localised(t)
     out, changed = {}, False
     for name, path in _model_files(run):
+        if name == "teacher":  # not a compression step; its heatmaps are drawn (plot_heatmaps), not scored
+            continue
         st = path.stat()
         tag = f"{path.relative_to(run_dir)}|{st.st_size}|{st.st_mtime_ns}|{len(t['paths'])}|{len(idx)}"
         if cache.get(name, {}).get("tag") != tag:

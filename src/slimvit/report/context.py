@@ -46,9 +46,14 @@ def dataset(run: dict) -> list[str]:
     if d:
         counts = ", ".join(f"{k} {v}" for k, v in d["counts"].items())
         sp = d["split"]
+        how = (
+            "runs of consecutive files kept together, "
+            if c is not None and c.data.split_by == "sequence"
+            else ""
+        )
         out += [
             f"- `{d['root']}` ({d['layout']} layout): {d['images']} images, {len(d['classes'])} classes ({counts})",
-            f"- Split (stratified, seeded, duplicates kept together): {sp['train']} train / {sp['val']} val / "
+            f"- Split (stratified, seeded, {how}duplicates kept together): {sp['train']} train / {sp['val']} val / "
             f"{sp['test']} test. Model selection uses val only; every accuracy here is on the test split.",
         ]
     if c is not None:
