@@ -95,8 +95,8 @@ def fidelity_source(rows: list[dict]) -> str:
     n = max((r.get("agreement_n") or 0) for r in rows)
     n_val = _n_val(rows)
     return (
-        f"{n} views ({n_val} validation images, their flips/rotations and any unlabeled images; those where "
-        "the teacher names the student's class, when it was benched)"
+        f"{n} views where the teacher, when benched, names the student's class too ({n_val} validation images, "
+        "their flips/rotations and any unlabeled images)"
     )
 
 
