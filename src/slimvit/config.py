@@ -47,7 +47,8 @@ class DataConfig:
     split_by: str = "file"
     """`file`: each file goes to train, val or test on its own. `sequence`: each class's files, in name order,
     are cut into ten runs of consecutive files and whole runs are assigned, so images taken one after another
-    do not sit on both sides and the test figure is not flattered by near-copies of training images."""
+    do not sit on both sides (a guard for captures named in order; on NEU-DET subsets it did not bring the
+    test figure closer to the one on the folder's other files: docs/experiments/small-data.md)."""
     cache: bool = True
     """Decode every image once and keep it in memory (NEU-DET is about 90 MB at 128 px)."""
 

@@ -3,6 +3,7 @@ the later sections show."""
 
 from __future__ import annotations
 
+from slimvit.config import Config
 from slimvit.labels import pct, pct_ci, ratio_text, row_label
 from slimvit.report.classes import weakest_class
 from slimvit.report.deployment import budget_sentences
@@ -78,7 +79,7 @@ SMALL_TEST = 100
 """Below this many test images the report says plainly that the test figure cannot pin the accuracy."""
 
 
-def _coverage(dep: dict, cfg=None) -> str:
+def _coverage(dep: dict, cfg: Config | None = None) -> str:
     """What the deployed model's test figure vouches for: images like the training ones, to its interval.
     On NEU-DET's first 30 files of 6 classes a run stated 100% (36 of 36) for a model that scored 86% on the
     classes' other 1,620 files (docs/experiments/small-data.md): a random split of a folder says nothing of
