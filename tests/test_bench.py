@@ -60,7 +60,7 @@ def _unlabeled(tmp_path, n=10):
     return d
 
 
-def _fid(monkeypatch, tmp_path, unlabeled):
+def _fid(monkeypatch, tmp_path, unlabeled, variants=None):
     import dataclasses
 
     monkeypatch.setattr(
@@ -68,7 +68,7 @@ def _fid(monkeypatch, tmp_path, unlabeled):
     )  # no model.json here: every variant normalises alike
     cfg = Config()
     cfg = dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=unlabeled))
-    variants = [
+    variants = variants or [
         _variant("student", _red, reference=True),
         _variant("pruned", lambda x: 0.5 * _red(x)),
         _variant("sweep/r0.5", _green_flips),
@@ -129,19 +129,14 @@ def test_a_candidate_that_disagrees_on_unlabeled_images_loses_at_equal_validatio
 
 
 def test_unlabeled_images_unlike_validation_are_reported_as_such(monkeypatch, tmp_path):
-    import dataclasses
-
     from slimvit.report.overview import _shift_line
 
-    monkeypatch.setattr(bench, "read_spec", lambda _p: _Spec)
-    cfg = Config()
-    cfg = dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=str(_unlabeled(tmp_path))))
     variants = [
         _variant("student", _red, reference=True),
         _variant("teacher", _red),
         _variant("pruned", _green_flips),  # right on validation, the other class on every green image
     ]
-    _, source = fidelity(variants, _Data(), cfg, lambda x: bench.logits_by_variant(tmp_path, variants, x))
+    _, source = _fid(monkeypatch, tmp_path, str(_unlabeled(tmp_path)), variants)
     shift = source["unlabeled"]["shift"]
     assert (shift["views"], shift["images"], shift["teacher"]) == (48, 10, "teacher/onnxruntime/fp32")
     fig = shift["by_variant"]["pruned/onnxruntime/fp32"]
@@ -155,24 +150,20 @@ def test_unlabeled_images_unlike_validation_are_reported_as_such(monkeypatch, tm
         in line
     )
     # the teacher deployed: compared with the student, which agrees with it everywhere
-    line = _shift_line(run, {"key": "teacher/onnxruntime/fp32"})
+    line = _shift_line(run, {"key": "teacher/onnxruntime/fp32", "stage": "teacher"})
     assert "names the student's class on 100.0%" in line and "nothing in them suggests" in line
     assert _shift_line({"bench": {"fidelity": {"unlabeled": None}}}, {"key": "pruned/onnxruntime/fp32"}) == ""
 
 
 def test_agreement_counts_the_images_where_the_teacher_agrees_with_the_student(monkeypatch, tmp_path):
-    import dataclasses
-
-    monkeypatch.setattr(bench, "read_spec", lambda _p: _Spec)
-    cfg = Config()
-    cfg = dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, unlabeled=str(_unlabeled(tmp_path))))
+    unlabeled = str(_unlabeled(tmp_path))
     variants = [
         _variant("student", _red, reference=True),
         _variant("teacher", _green_flips),  # the teacher takes the other class on the 10 unlabeled images
         _variant("pruned", _green_flips),  # as does this compression: no standard to hold it to there
         _variant("sweep/r0.5", lambda x: -_red(x)),  # the other class everywhere
     ]
-    fid, source = fidelity(variants, _Data(), cfg, lambda x: bench.logits_by_variant(tmp_path, variants, x))
+    fid, source = _fid(monkeypatch, tmp_path, unlabeled, variants)
     assert source["consensus"] == {"teacher": "teacher/onnxruntime/fp32", "images": 48, "of": 58}
     assert (
         fid["pruned/onnxruntime/fp32"]["agreement"] == 1.0
@@ -182,12 +173,7 @@ def test_agreement_counts_the_images_where_the_teacher_agrees_with_the_student(m
     teacher = fid["teacher/onnxruntime/fp32"]  # its own row: against the student on every image
     assert teacher["agreement"] == pytest.approx(48 / 58) and teacher["agreement_n"] == 58
     # without a teacher row every image counts (the unlabeled images' disagreement included)
-    fid, source = fidelity(
-        [variants[0], variants[2]],
-        _Data(),
-        cfg,
-        lambda x: bench.logits_by_variant(tmp_path, variants[::2], x),
-    )
+    fid, source = _fid(monkeypatch, tmp_path, unlabeled, variants[::2])
     assert source["consensus"]["teacher"] is None and fid["pruned/onnxruntime/fp32"][
         "agreement"
     ] == pytest.approx(48 / 58)

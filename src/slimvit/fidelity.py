@@ -113,10 +113,11 @@ def fidelity(
     teacher = TEACHER_KEY if TEACHER_KEY in keys else None
     sure = logits[keys.index(teacher)].argmax(1) == ref_pred if teacher else np.ones(len(x), bool)
     source["consensus"] = {"teacher": teacher, "images": int(sure.sum()), "of": len(x)}
-    out = {}
+    out, preds, conf = {}, {}, {}
     for v, lg in zip(variants, logits, strict=True):
         logp = _log_softmax(lg)
-        pred = logp.argmax(1)
+        pred = preds[v.key] = logp.argmax(1)
+        conf[v.key] = np.exp(logp).max(1)
         m = np.ones(len(x), bool) if v.key == teacher or not sure.any() else sure
         out[v.key] = {
             "agreement": float((pred[m] == ref_pred[m]).mean()),
@@ -125,7 +126,7 @@ def fidelity(
             "view_accuracy": float((pred[: len(y)] == y).mean()),
         }
     if source["unlabeled"]:
-        source["unlabeled"]["shift"] = _shift(variants, logits, len(y))
+        source["unlabeled"]["shift"] = _shift(preds, conf, ref.key, teacher, len(y))
     log.info(
         "bench: agreement with the student measured on %d validation images x %d flips/rotations%s",
         len(images),
@@ -135,29 +136,24 @@ def fidelity(
     return out, source
 
 
-def _shift(variants: Sequence, logits: list[np.ndarray], n_views: int) -> dict:
-    """Each variant on the validation views (the first `n_views` rows) against the unlabeled images (the
-    rest): the share where it names the student's class, the teacher's (`teacher/onnxruntime/fp32`, a
-    model of another family trained apart; absent when not benched) and its mean top-class probability.
-    On images like the validation ones these stay near their validation figures; where they fall, the
-    unlabeled images differ, and on each image where two models disagree at least one of them is wrong
-    (`report.overview._shift_line`)."""
-    keys = [v.key for v in variants]
-    preds = {k: lg.argmax(1) for k, lg in zip(keys, logits, strict=True)}
-    ref = next(v.key for v in variants if v.reference)
-    teacher = TEACHER_KEY if TEACHER_KEY in preds else None
+def _shift(preds: dict, conf: dict, ref: str, teacher: str | None, n_views: int) -> dict:
+    """Each variant (`preds`: its classes, `conf`: its top-class probabilities, by key) on the validation views
+    (the first `n_views` rows) against the unlabeled images (the rest): the share where it names the student's
+    (`ref`) class, the teacher's (a model of another family trained apart; absent when not benched) and its
+    mean top-class probability. On images like the validation ones these stay near their validation figures;
+    where they fall, the unlabeled images differ, and on each image where two models disagree at least one of
+    them is wrong (`report.overview._shift_line`)."""
     parts = {"views": slice(0, n_views), "unlabeled": slice(n_views, None)}
     out = {}
-    for k, lg in zip(keys, logits, strict=True):
-        conf = np.exp(_log_softmax(lg)).max(1)
+    for k, pred in preds.items():
         fig = {}
         for part, sl in parts.items():
-            fig[f"student_{part}"] = float((preds[k][sl] == preds[ref][sl]).mean())
+            fig[f"student_{part}"] = float((pred[sl] == preds[ref][sl]).mean())
             if teacher:
-                fig[f"teacher_{part}"] = float((preds[k][sl] == preds[teacher][sl]).mean())
-            fig[f"confidence_{part}"] = float(conf[sl].mean())
+                fig[f"teacher_{part}"] = float((pred[sl] == preds[teacher][sl]).mean())
+            fig[f"confidence_{part}"] = float(conf[k][sl].mean())
         out[k] = fig
-    return {"views": n_views, "images": len(logits[0]) - n_views, "teacher": teacher, "by_variant": out}
+    return {"views": n_views, "images": len(preds[ref]) - n_views, "teacher": teacher, "by_variant": out}
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ the later sections show."""
 from __future__ import annotations
 
 from slimvit.config import Config
+from slimvit.deploy import is_teacher
 from slimvit.labels import pct, pct_ci, ratio_text, row_label
 from slimvit.report.classes import weakest_class
 from slimvit.report.deployment import budget_sentences
@@ -126,7 +127,7 @@ def _shift_line(run: dict, dep: dict) -> str:
     if not fig:
         return ""
     n = shift["images"]
-    other = "teacher" if "teacher_unlabeled" in fig and not dep["key"].startswith("teacher/") else "student"
+    other = "teacher" if "teacher_unlabeled" in fig and not is_teacher(dep) else "student"
     a_u, a_v = fig[f"{other}_unlabeled"], fig[f"{other}_views"]
     lo, hi = wilson(round(a_u * n), n)
     figures = (
