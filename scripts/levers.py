@@ -2,7 +2,7 @@
 each lever, over several training seeds; a lever is judged on pooled validation, test is reported.
 
     python scripts/levers.py --base runs/neu-det [--seeds 0,1,2] [--out runs/levers]
-                             [--lever NAME=KEY=VALUE[,KEY=VALUE...]] ... [--report-only]
+                             [--lever NAME=KEY=VALUE[,KEY=VALUE...]] ... [--pipeline] [--report-only]
 
 Each (lever, seed) trains in OUT/<lever>/s<seed>/: the base run's split.json and teacher/ are copied in
 (the teacher is held fixed, so the lever and the seed are all that change), then `train.run_distill` runs
@@ -12,6 +12,12 @@ Every folder resumes: one whose student/ holds eval.json and val.json is read, n
 Writes OUT/LEVERS.md: per lever, validation and test accuracy per seed; pooled over the seeds with Wilson
 95% intervals; the pooled paired McNemar test against the default recipe on the same (seed, image) pairs,
 on validation (what decides) and test (reported); the student against the teacher on test; training time.
+
+--pipeline runs the whole pipeline (`slimvit run`) for each (lever, seed) instead of the student alone, from
+the same split and teacher (OUT/<lever>/s<seed> is a run folder; the base run stands for the default recipe
+at its own seed), and LEVERS.md adds the deployed model: per seed and pooled, against the default recipe's
+deployed models and the teacher, what each compression step cost (pooled, against its input), and the
+pipeline's minutes from the student on.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,6 +51,39 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def seed_folder(base: Path, folder: Path) -> None:
+    """The base run's split and teacher in `folder`, with their times kept: a pipeline run there takes them
+    for finished (manifest.adopt) rather than newer than each other."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("split.json", "data.json"):
+        if not (folder / name).exists():
+            shutil.copy2(base / name, folder / f".{name}.tmp")
+            (folder / f".{name}.tmp").rename(folder / name)
+    if not (folder / "teacher").exists():
+        tmp = folder / ".teacher.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(base / "teacher", tmp, ignore=shutil.ignore_patterns("checkpoint.pt"))
+        tmp.rename(folder / "teacher")
+
+
+def run_pipeline(base: Path, folder: Path, overrides: list[str]) -> None:
+    """The whole pipeline of one (lever, seed) in `folder` (run_folder) from the base run's split and
+    teacher. Resumes: `slimvit run` only checks a finished folder."""
+    from slimvit.config import load_config, save_config
+
+    if folder == base:
+        return
+    seed_folder(base, folder)
+    save_config(load_config(config_file=base / "config.yaml", overrides=overrides), folder / "config.yaml")
+    print(f"+ {folder}: {' '.join(overrides)}", flush=True)
+    slimvit = str(Path(sys.executable).with_name("slimvit"))
+    rc = subprocess.run(
+        [slimvit, "run", "--config", str(folder / "config.yaml"), "--out", str(folder)]
+    ).returncode
+    if rc:
+        raise SystemExit(f"slimvit run --out {folder} exited {rc} (run the same command again to resume)")
+
+
 def train_one(base: Path, folder: Path, overrides: list[str]) -> None:
     """The student of one (lever, seed) in `folder`, from the base run's split and teacher."""
     from slimvit import models
@@ -56,13 +96,7 @@ def train_one(base: Path, folder: Path, overrides: list[str]) -> None:
     student = folder / "student"
     if (student / "eval.json").exists() and (student / "val.json").exists():
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(base / "split.json", folder / "split.json")
-    if not (folder / "teacher").exists():
-        tmp = folder / ".teacher.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(base / "teacher", tmp, ignore=shutil.ignore_patterns("checkpoint.pt"))
-        tmp.rename(folder / "teacher")
+    seed_folder(base, folder)
     cfg = load_config(config_file=base / "config.yaml", overrides=overrides)
     save_config(cfg, folder / "config.yaml")
     print(f"+ {folder}: {' '.join(overrides)}", flush=True)
@@ -80,10 +114,64 @@ def train_one(base: Path, folder: Path, overrides: list[str]) -> None:
 
 
 def outcome(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(correct per image, labels) of the student in `folder` on `split` (val or test)."""
+    """(correct per image, labels) of the student in `folder` on `split` (val or test); a pipeline run's
+    student on validation from its bench row (the reference), whose logits bench kept."""
+    if split == "val" and not (folder / "student" / "val.json").exists():
+        from slimvit import report
+
+        return row_outcome(folder, report.ref_row(report.load_run(folder))["key"], "val")
     ev = load(folder / "student" / ("val.json" if split == "val" else "eval.json"))
     pred, labels = np.array(ev["pred"]), np.array(ev["labels"])
     return pred == labels, labels
+
+
+def row_outcome(run: Path, key: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(correct per image, labels) of one bench row of a finished run on `split`, from bench's logits."""
+    from slimvit.layout import LOGITS, read_logits
+
+    bench = load(run / "bench.json")
+    logits = read_logits(run / LOGITS, split, key)
+    if logits is None:
+        raise SystemExit(f"{run}: bench kept no {split} logits of {key} (run `slimvit bench --out {run}`)")
+    if split == "val":
+        labels = np.array(bench["val_labels"])
+    else:
+        labels = np.array([bench["classes"].index(c) for c in bench["test_images"]["labels"]])
+    return logits.argmax(1) == labels, labels
+
+
+def run_folder(base: Path, out: Path, name: str, keys: list[str], seed: int) -> Path:
+    """Where the pipeline of (lever, seed) runs: the base run itself for its own recipe and seed."""
+    from slimvit.config import load_config
+
+    same = load_config(
+        config_file=base / "config.yaml", overrides=[*keys, f"train.seed={seed}"]
+    ) == load_config(config_file=base / "config.yaml")
+    return base if same else out / name / f"s{seed}"
+
+
+def deployed(run: Path) -> dict:
+    """The deployed model of a finished run: its label, validation and test outcomes, and the test
+    outcomes of each step it rests on (report.class_models: teacher, student, pruned, the deployed
+    model's FP32 file, the deployed model; the FP32 file stands for itself when it is the one deployed)."""
+    from slimvit import report
+
+    r = report.load_run(run)
+    dep = report.deployed_row(r)
+    if dep is None:
+        raise SystemExit(f"{run}: nothing deployed ({r['bench'].get('deploy_error')})")
+    steps = [p == y for _, p, y in report.class_models(r)]
+    if len(steps) == 4:
+        steps.insert(3, steps[3])
+    stages = r["manifest"].get("stages", {})
+    seconds = sum(e.get("seconds", 0.0) for n, e in stages.items() if n not in ("data", "teacher"))
+    return {
+        "label": f"{dep['stage']} {dep['runtime']} {dep['precision']}",
+        "val": row_outcome(run, dep["key"], "val")[0],
+        "test": row_outcome(run, dep["key"], "test")[0],
+        "steps": steps,
+        "minutes": seconds / 60,
+    }
 
 
 def pct_ci(correct: np.ndarray) -> str:
@@ -95,9 +183,17 @@ def paired(a: np.ndarray, b: np.ndarray) -> str:
     return f"{100 * (a.mean() - b.mean()):+.2f} ({t['a_only']}/{t['b_only']}, p={t['p']:.2g})"
 
 
-def table(out: Path, base: Path, levers: dict[str, list[str]], seeds: list[int]) -> list[str]:
-    folders = {n: [out / n / f"s{s}" for s in seeds] for n in levers}
-    done = {n: fs for n, fs in folders.items() if all((f / "student" / "val.json").exists() for f in fs)}
+def table(
+    out: Path, base: Path, levers: dict[str, list[str]], seeds: list[int], pipeline: bool = False
+) -> list[str]:
+    if pipeline:
+        folders = {n: [run_folder(base, out, n, k, s) for s in seeds] for n, k in levers.items()}
+        done = {
+            n: fs for n, fs in folders.items() if all((f / "deploy" / "deploy.json").exists() for f in fs)
+        }
+    else:
+        folders = {n: [out / n / f"s{s}" for s in seeds] for n in levers}
+        done = {n: fs for n, fs in folders.items() if all((f / "student" / "val.json").exists() for f in fs)}
     if "default" not in done:
         raise SystemExit(f"the default recipe has not finished every seed under {out}")
     pooled = {
@@ -110,6 +206,7 @@ def table(out: Path, base: Path, levers: dict[str, list[str]], seeds: list[int])
         f"# Student levers: {len(seeds)} training seeds ({', '.join(map(str, seeds))}), one teacher",
         "",
         f"`python scripts/levers.py --base {base} --seeds {','.join(map(str, seeds))} --out {out}"
+        + (" --pipeline" if pipeline else "")
         + "".join(
             f" --lever {n}={','.join(k)}"
             for n, k in levers.items()
@@ -137,10 +234,52 @@ def table(out: Path, base: Path, levers: dict[str, list[str]], seeds: list[int])
             f"| {n} | `{','.join(levers[n]) or '(base config)'}` | {per['val']} | {per['test']} | {pct_ci(p['val'])} | "
             f"{vs['val']} | {pct_ci(p['test'])} | {vs['test']} | {vs_teacher} | {minutes:.1f} |"
         )
+    if pipeline:
+        lines += deployed_table(done, t_right)
     missing = [n for n in folders if n not in done]
     if missing:
         lines += ["", f"Not finished: {', '.join(missing)} (run the same command again)."]
     return lines + [""]
+
+
+STEP_NAMES = ("pruned r=0.2 vs student", "deployed shape's FP32 file vs pruned", "deployed vs its FP32 file")
+
+
+def deployed_table(done: dict[str, list[Path]], t_right: np.ndarray) -> list[str]:
+    """The deployed model of every (lever, seed) pipeline: per seed, pooled, against the default recipe's
+    and the teacher; each compression step pooled against its input (test, paired)."""
+    runs = {n: [deployed(f) for f in fs] for n, fs in done.items()}
+    pooled = {
+        n: {sp: np.concatenate([d[sp] for d in ds]) for sp in ("val", "test")} for n, ds in runs.items()
+    }
+    lines = [
+        "",
+        "## The whole pipeline: the deployed model",
+        "",
+        "Chosen by the default deploy rule on validation. Steps: each compression step's test predictions "
+        "paired with its input's on the same (seed, image) pairs, pooled over the seeds. Minutes: the "
+        "pipeline's stages from the student on (the teacher is the base run's).",
+        "",
+        "| lever | deployed, per seed | val % per seed | test % per seed | pooled val % (95% CI) | vs default, val | "
+        "pooled test % (95% CI) | vs default, test | deployed vs teacher, test | "
+        + " | ".join(STEP_NAMES)
+        + " | minutes from the student on |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(STEP_NAMES) + "---:|",
+    ]
+    for n, ds in runs.items():
+        per = {sp: " / ".join(f"{100 * d[sp].mean():.2f}" for d in ds) for sp in ("val", "test")}
+        p = pooled[n]
+        vs = {sp: "" if n == "default" else paired(p[sp], pooled["default"][sp]) for sp in ("val", "test")}
+        steps = [
+            paired(*(np.concatenate([d["steps"][j] for d in ds]) for j in (i + 1, i)))
+            for i in range(1, 1 + len(STEP_NAMES))
+        ]
+        lines.append(
+            f"| {n} | {' / '.join(d['label'] for d in ds)} | {per['val']} | {per['test']} | {pct_ci(p['val'])} | "
+            f"{vs['val']} | {pct_ci(p['test'])} | {vs['test']} | {paired(p['test'], np.tile(t_right, len(ds)))} | "
+            f"{' | '.join(steps)} | {np.mean([d['minutes'] for d in ds]):.1f} |"
+        )
+    return lines
 
 
 def main() -> int:
@@ -154,6 +293,9 @@ def main() -> int:
         default=[],
         help="NAME=KEY=VALUE[,KEY=VALUE...]; default: " + "; ".join(f"{n}={k}" for n, k in LEVERS.items()),
     )
+    ap.add_argument(
+        "--pipeline", action="store_true", help="the whole pipeline per (lever, seed), not the student alone"
+    )
     ap.add_argument("--report-only", action="store_true", help="write LEVERS.md from finished folders")
     args = ap.parse_args()
     for need in ("config.yaml", "split.json", "teacher/model.safetensors", "teacher/eval.json"):
@@ -165,8 +307,14 @@ def main() -> int:
     if not args.report_only:
         for n, keys in levers.items():
             for s in seeds:
-                train_one(args.base, args.out / n / f"s{s}", [*keys, f"train.seed={s}"])
-    lines = table(args.out, args.base, levers, seeds)
+                overrides = [*keys, f"train.seed={s}"]
+                if args.pipeline:
+                    run_pipeline(args.base, run_folder(args.base, args.out, n, keys, s), overrides)
+                else:
+                    train_one(args.base, args.out / n / f"s{s}", overrides)
+    if args.pipeline and not (args.base / "deploy" / "deploy.json").exists():
+        raise SystemExit(f"--base {args.base}: nothing deployed yet (--pipeline compares finished runs)")
+    lines = table(args.out, args.base, levers, seeds, pipeline=args.pipeline)
     (args.out / "LEVERS.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -491,3 +491,30 @@ def test_lever_study_trains_each_lever_and_seed_from_one_teacher(smoke_run, tmp_
     # resumable: a second call trains nothing and writes the same table
     assert subprocess.run([*args, "--lever", "ema=train.ema=true"], capture_output=True).returncode == 0
     assert (levers / "LEVERS.md").read_text() == table
+
+
+def test_lever_study_pipeline_mode_compares_deployed_models_from_one_teacher(smoke_run, tmp_path):
+    """--pipeline runs `slimvit run` per (lever, seed) on the base run's split and teacher (taken for
+    finished, not retrained); the base run stands for the default recipe at its own seed; LEVERS.md adds
+    the deployed models, paired with the default recipe's and with each step's input."""
+    from pathlib import Path
+
+    out, _, _ = smoke_run
+    levers = tmp_path / "levers"
+    script = Path(__file__).parents[1] / "scripts" / "levers.py"
+    args = [sys.executable, str(script), "--base", str(out), "--out", str(levers), "--seeds", "0"]
+    args += ["--pipeline", "--lever", "long=train.epochs=2"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = levers / "long" / "s0"
+    assert load_config(config_file=run / "config.yaml").train.epochs == 2
+    for name in ("model.safetensors", "train.json"):  # copied with its time, never rewritten
+        assert (run / "teacher" / name).stat().st_mtime == (out / "teacher" / name).stat().st_mtime
+    assert (run / "deploy" / "model.onnx").exists() and not (levers / "default").exists()
+    table = (levers / "LEVERS.md").read_text()
+    assert "## The whole pipeline: the deployed model" in table
+    rows = [line for line in table.splitlines() if line.startswith("| long")]
+    assert len(rows) == 2 and rows[1].count("p=") == 6  # vs default (val, test), vs teacher, 3 steps
+    # resumable: the finished run is only checked
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    assert (levers / "LEVERS.md").read_text() == table
