@@ -113,31 +113,25 @@ def train_one(base: Path, folder: Path, overrides: list[str]) -> None:
     atomic_write_json(student / "val.json", evaluate_model(model.eval(), data, spec, "val"))
 
 
-def outcome(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(correct per image, labels) of the student in `folder` on `split` (val or test); a pipeline run's
-    student on validation from its bench row (the reference), whose logits bench kept."""
+def outcome(folder: Path, split: str) -> np.ndarray:
+    """Correct per image of the student in `folder` on `split` (val or test); a pipeline run's student on
+    validation from its bench row (the reference), whose logits bench kept."""
     if split == "val" and not (folder / "student" / "val.json").exists():
         from slimvit import report
 
-        return row_outcome(folder, report.ref_row(report.load_run(folder))["key"], "val")
+        r = report.load_run(folder)
+        return row_correct(folder, r["bench"], report.ref_row(r)["key"], "val")
     ev = load(folder / "student" / ("val.json" if split == "val" else "eval.json"))
-    pred, labels = np.array(ev["pred"]), np.array(ev["labels"])
-    return pred == labels, labels
+    return np.array(ev["pred"]) == np.array(ev["labels"])
 
 
-def row_outcome(run: Path, key: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(correct per image, labels) of one bench row of a finished run on `split`, from bench's logits."""
-    from slimvit.layout import LOGITS, read_logits
+def row_correct(run: Path, bench: dict, key: str, split: str) -> np.ndarray:
+    """Correct per image of one bench row of a finished run on `split`, from bench's logits."""
+    from slimvit.deploy import split_logits
 
-    bench = load(run / "bench.json")
-    logits = read_logits(run / LOGITS, split, key)
-    if logits is None:
+    if (got := split_logits(run, bench, key, split)) is None:
         raise SystemExit(f"{run}: bench kept no {split} logits of {key} (run `slimvit bench --out {run}`)")
-    if split == "val":
-        labels = np.array(bench["val_labels"])
-    else:
-        labels = np.array([bench["classes"].index(c) for c in bench["test_images"]["labels"]])
-    return logits.argmax(1) == labels, labels
+    return got[0].argmax(1) == got[1]
 
 
 def run_folder(base: Path, out: Path, name: str, keys: list[str], seed: int) -> Path:
@@ -151,8 +145,8 @@ def run_folder(base: Path, out: Path, name: str, keys: list[str], seed: int) -> 
 
 
 def deployed(run: Path) -> dict:
-    """The deployed model of a finished run: its label, validation and test outcomes, and the test
-    outcomes of each step it rests on (report.class_models: teacher, student, pruned, the deployed
+    """The deployed model of a finished run: its label, validation and test outcomes (the last step), and
+    the test outcomes of each step it rests on (report.class_models: teacher, student, pruned, the deployed
     model's FP32 file, the deployed model; the FP32 file stands for itself when it is the one deployed)."""
     from slimvit import report
 
@@ -167,8 +161,8 @@ def deployed(run: Path) -> dict:
     seconds = sum(e.get("seconds", 0.0) for n, e in stages.items() if n not in ("data", "teacher"))
     return {
         "label": f"{dep['stage']} {dep['runtime']} {dep['precision']}",
-        "val": row_outcome(run, dep["key"], "val")[0],
-        "test": row_outcome(run, dep["key"], "test")[0],
+        "val": row_correct(run, r["bench"], dep["key"], "val"),
+        "test": steps[-1],
         "steps": steps,
         "minutes": seconds / 60,
     }
@@ -196,9 +190,9 @@ def table(
         done = {n: fs for n, fs in folders.items() if all((f / "student" / "val.json").exists() for f in fs)}
     if "default" not in done:
         raise SystemExit(f"the default recipe has not finished every seed under {out}")
+    right = {n: [{sp: outcome(f, sp) for sp in ("val", "test")} for f in fs] for n, fs in done.items()}
     pooled = {
-        n: {sp: np.concatenate([outcome(f, sp)[0] for f in fs]) for sp in ("val", "test")}
-        for n, fs in done.items()
+        n: {sp: np.concatenate([o[sp] for o in os]) for sp in ("val", "test")} for n, os in right.items()
     }
     teacher = load(base / "teacher" / "eval.json")
     t_right = np.array(teacher["pred"]) == np.array(teacher["labels"])
@@ -225,7 +219,7 @@ def table(
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for n, fs in done.items():
-        per = {sp: " / ".join(f"{100 * outcome(f, sp)[0].mean():.2f}" for f in fs) for sp in ("val", "test")}
+        per = {sp: " / ".join(f"{100 * o[sp].mean():.2f}" for o in right[n]) for sp in ("val", "test")}
         p = pooled[n]
         vs = {sp: "" if n == "default" else paired(p[sp], pooled["default"][sp]) for sp in ("val", "test")}
         minutes = np.mean([load(f / "student" / "train.json")["seconds"] / 60 for f in fs])

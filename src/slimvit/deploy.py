@@ -381,10 +381,8 @@ def review_settings(cfg) -> dict:
     return {"review_rate": cfg.deploy.review_rate, "target_accuracy": cfg.deploy.target_accuracy}
 
 
-def _calibrated(run_dir: Path, bench: dict, key: str, split: str, temperature: float):
-    """(confidence, correct) of a variant's calibrated predictions on a split; None without its logits."""
-    from slimvit.calibrate import softmax
-
+def split_logits(run_dir: Path, bench: dict, key: str, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(logits, labels) of one bench row on a split (val or test); None where bench kept no logits of it."""
     logits = read_logits(Path(run_dir) / LOGITS, split, key)
     if split == "val":
         labels = bench.get("val_labels")
@@ -393,8 +391,17 @@ def _calibrated(run_dir: Path, bench: dict, key: str, split: str, temperature: f
         labels = [bench["classes"].index(c) for c in t.get("labels", [])]
     if logits is None or labels is None or len(labels) != len(logits):
         return None
-    p = softmax(logits, temperature)
-    return p.max(1), p.argmax(1) == np.asarray(labels)
+    return logits, np.asarray(labels)
+
+
+def _calibrated(run_dir: Path, bench: dict, key: str, split: str, temperature: float):
+    """(confidence, correct) of a variant's calibrated predictions on a split; None without its logits."""
+    from slimvit.calibrate import softmax
+
+    if (got := split_logits(run_dir, bench, key, split)) is None:
+        return None
+    p = softmax(got[0], temperature)
+    return p.max(1), p.argmax(1) == got[1]
 
 
 def review_plan(
