@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from slimvit.evaluate import mcnemar, wilson
+from slimvit.io import atomic_path, atomic_write_text
 from slimvit.labels import pct_ci as pct_interval
 
 LEVERS = {
@@ -57,8 +58,8 @@ def seed_folder(base: Path, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("split.json", "data.json"):
         if not (folder / name).exists():
-            shutil.copy2(base / name, folder / f".{name}.tmp")
-            (folder / f".{name}.tmp").rename(folder / name)
+            with atomic_path(folder / name) as tmp:
+                shutil.copy2(base / name, tmp)
     if not (folder / "teacher").exists():
         tmp = folder / ".teacher.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -295,6 +296,8 @@ def main() -> int:
     for need in ("config.yaml", "split.json", "teacher/model.safetensors", "teacher/eval.json"):
         if not (args.base / need).exists():
             raise SystemExit(f"--base {args.base}: no {need} (a run whose teacher stage finished)")
+    if args.pipeline and not (args.base / "deploy" / "deploy.json").exists():
+        raise SystemExit(f"--base {args.base}: nothing deployed yet (--pipeline compares finished runs)")
     seeds = [int(s) for s in args.seeds.split(",")]
     given = dict(map(parse_lever, args.lever)) if args.lever else {n: k.split(",") for n, k in LEVERS.items()}
     levers = {"default": [], **given}
@@ -306,10 +309,8 @@ def main() -> int:
                     run_pipeline(args.base, run_folder(args.base, args.out, n, keys, s), overrides)
                 else:
                     train_one(args.base, args.out / n / f"s{s}", overrides)
-    if args.pipeline and not (args.base / "deploy" / "deploy.json").exists():
-        raise SystemExit(f"--base {args.base}: nothing deployed yet (--pipeline compares finished runs)")
     lines = table(args.out, args.base, levers, seeds, pipeline=args.pipeline)
-    (args.out / "LEVERS.md").write_text("\n".join(lines))
+    atomic_write_text(args.out / "LEVERS.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
 
