@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slimvit.evaluate import mcnemar, wilson
 from slimvit.io import atomic_path, atomic_write_text
-from slimvit.labels import pct_ci as pct_interval
+from slimvit.report.stats import accuracy_text, paired_text
 
 LEVERS = {
     "ema": "train.ema=true",
@@ -169,15 +168,6 @@ def deployed(run: Path) -> dict:
     }
 
 
-def pct_ci(correct: np.ndarray) -> str:
-    return pct_interval(correct.mean(), wilson(int(correct.sum()), len(correct)), unit="")
-
-
-def paired(a: np.ndarray, b: np.ndarray) -> str:
-    t = mcnemar(a, b)
-    return f"{100 * (a.mean() - b.mean()):+.2f} ({t['a_only']}/{t['b_only']}, p={t['p']:.2g})"
-
-
 def table(
     out: Path, base: Path, levers: dict[str, list[str]], seeds: list[int], pipeline: bool = False
 ) -> list[str]:
@@ -209,7 +199,7 @@ def table(
         )
         + "`",
         "",
-        f"Teacher (`{base}/teacher`, fixed): test {pct_ci(t_right)}. Pooled: every seed's images (validation "
+        f"Teacher (`{base}/teacher`, fixed): test {accuracy_text(t_right)}. Pooled: every seed's images (validation "
         f"{len(pooled['default']['val'])}, test {len(pooled['default']['test'])}); vs default: points, "
         "(only this right / only default right, exact McNemar p) on the same (seed, image) pairs. "
         "Validation decides; test is reported. Student vs teacher: the one teacher's test predictions paired "
@@ -222,12 +212,14 @@ def table(
     for n, fs in done.items():
         per = {sp: " / ".join(f"{100 * o[sp].mean():.2f}" for o in right[n]) for sp in ("val", "test")}
         p = pooled[n]
-        vs = {sp: "" if n == "default" else paired(p[sp], pooled["default"][sp]) for sp in ("val", "test")}
+        vs = {
+            sp: "" if n == "default" else paired_text(p[sp], pooled["default"][sp]) for sp in ("val", "test")
+        }
         minutes = np.mean([load(f / "student" / "train.json")["seconds"] / 60 for f in fs])
-        vs_teacher = paired(p["test"], np.tile(t_right, len(fs)))
+        vs_teacher = paired_text(p["test"], np.tile(t_right, len(fs)))
         lines.append(
-            f"| {n} | `{','.join(levers[n]) or '(base config)'}` | {per['val']} | {per['test']} | {pct_ci(p['val'])} | "
-            f"{vs['val']} | {pct_ci(p['test'])} | {vs['test']} | {vs_teacher} | {minutes:.1f} |"
+            f"| {n} | `{','.join(levers[n]) or '(base config)'}` | {per['val']} | {per['test']} | {accuracy_text(p['val'])} | "
+            f"{vs['val']} | {accuracy_text(p['test'])} | {vs['test']} | {vs_teacher} | {minutes:.1f} |"
         )
     if pipeline:
         lines += deployed_table(done, t_right)
@@ -264,14 +256,16 @@ def deployed_table(done: dict[str, list[Path]], t_right: np.ndarray) -> list[str
     for n, ds in runs.items():
         per = {sp: " / ".join(f"{100 * d[sp].mean():.2f}" for d in ds) for sp in ("val", "test")}
         p = pooled[n]
-        vs = {sp: "" if n == "default" else paired(p[sp], pooled["default"][sp]) for sp in ("val", "test")}
+        vs = {
+            sp: "" if n == "default" else paired_text(p[sp], pooled["default"][sp]) for sp in ("val", "test")
+        }
         steps = [
-            paired(*(np.concatenate([d["steps"][j] for d in ds]) for j in (i + 1, i)))
+            paired_text(*(np.concatenate([d["steps"][j] for d in ds]) for j in (i + 1, i)))
             for i in range(1, 1 + len(STEP_NAMES))
         ]
         lines.append(
-            f"| {n} | {' / '.join(d['label'] for d in ds)} | {per['val']} | {per['test']} | {pct_ci(p['val'])} | "
-            f"{vs['val']} | {pct_ci(p['test'])} | {vs['test']} | {paired(p['test'], np.tile(t_right, len(ds)))} | "
+            f"| {n} | {' / '.join(d['label'] for d in ds)} | {per['val']} | {per['test']} | {accuracy_text(p['val'])} | "
+            f"{vs['val']} | {accuracy_text(p['test'])} | {vs['test']} | {paired_text(p['test'], np.tile(t_right, len(ds)))} | "
             f"{' | '.join(steps)} | {np.mean([d['minutes'] for d in ds]):.1f} |"
         )
     return lines

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from slimvit.data import discover
-from slimvit.evaluate import mcnemar, wilson
+from slimvit.evaluate import wilson
 from slimvit.predict import predict_files
+from slimvit.report.stats import accuracy_text, paired_text
 
 STEPS = ("teacher", "student", "pruned", "deployed FP32 file", "deployed")
 
@@ -211,19 +212,9 @@ def candidates_table(cands: dict, student: np.ndarray, title: str) -> list[str]:
         params = "-" if c["params"] is None else f"{c['params'] / 1e6:.2f}"
         lines.append(
             f"| {key} | {params} | {c['latency_ms_p50']:.2f} | {100 * c['val']:.1f} | {agree} | {kl} | "
-            f"{100 * right.mean():.2f} | {_vs(right, student)} |"
+            f"{100 * right.mean():.2f} | {paired_text(right, student)} |"
         )
     return lines
-
-
-def _acc(c: np.ndarray) -> str:
-    lo, hi = wilson(int(c.sum()), len(c))
-    return f"{100 * c.mean():.2f} ({100 * lo:.1f}-{100 * hi:.1f})"
-
-
-def _vs(a: np.ndarray, b: np.ndarray) -> str:
-    t = mcnemar(a, b)
-    return f"{100 * (a.mean() - b.mean()):+.2f} ({t['a_only']}/{t['b_only']}, p={t['p']:.2g})"
 
 
 def table(results: list[dict], title: str) -> list[str]:
@@ -243,10 +234,12 @@ def table(results: list[dict], title: str) -> list[str]:
     prev = None
     for name, c in pooled.items():
         vs_in = (
-            _vs(c, pooled[prev]) if prev in pooled and name not in ("student",) and prev != "teacher" else ""
+            paired_text(c, pooled[prev])
+            if prev in pooled and name not in ("student",) and prev != "teacher"
+            else ""
         )
-        vs_st = _vs(c, pooled["student"]) if name not in ("teacher", "student") else ""
-        lines.append(f"| {name} | {_acc(c)} | {vs_in} | {vs_st} |")
+        vs_st = paired_text(c, pooled["student"]) if name not in ("teacher", "student") else ""
+        lines.append(f"| {name} | {accuracy_text(c)} | {vs_in} | {vs_st} |")
         prev = name
     return lines
 
@@ -406,7 +399,7 @@ def main() -> int:
             "",
             *table(with_unlabeled, "pooled, with --unlabeled"),
             "",
-            f"Deployed with `--unlabeled` vs without, same images: {_vs(*deployed)} (points; only with / only "
+            f"Deployed with `--unlabeled` vs without, same images: {paired_text(*deployed)} (points; only with / only "
             "without right, McNemar p).",
             "",
         ]
