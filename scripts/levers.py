@@ -147,8 +147,10 @@ def run_folder(base: Path, out: Path, name: str, keys: list[str], seed: int) -> 
 def deployed(run: Path) -> dict:
     """The deployed model of a finished run: its label, validation and test outcomes (the last step), and
     the test outcomes of each step it rests on (report.class_models: teacher, student, pruned, the deployed
-    model's FP32 file, the deployed model; the FP32 file stands for itself when it is the one deployed)."""
+    model's FP32 file, the deployed model; the FP32 file stands for itself when it is the one deployed);
+    `compressed` is False where the run deployed its teacher, whose steps are then not its own."""
     from slimvit import report
+    from slimvit.deploy import is_teacher
 
     r = report.load_run(run)
     dep = report.deployed_row(r)
@@ -164,6 +166,7 @@ def deployed(run: Path) -> dict:
         "val": row_correct(run, r["bench"], dep["key"], "val"),
         "test": steps[-1],
         "steps": steps,
+        "compressed": not is_teacher(dep),  # a deployed teacher rests on no compression step
         "minutes": seconds / 60,
     }
 
@@ -259,8 +262,16 @@ def deployed_table(done: dict[str, list[Path]], t_right: np.ndarray) -> list[str
         vs = {
             sp: "" if n == "default" else paired_text(p[sp], pooled["default"][sp]) for sp in ("val", "test")
         }
+        kept = [d for d in ds if d["compressed"]]  # the steps of a deployed teacher are not its own
+        some = (
+            f" ({len(kept)} of {len(ds)} seeds; the others deployed the teacher)"
+            if len(kept) < len(ds)
+            else ""
+        )
         steps = [
-            paired_text(*(np.concatenate([d["steps"][j] for d in ds]) for j in (i + 1, i)))
+            paired_text(*(np.concatenate([d["steps"][j] for d in kept]) for j in (i + 1, i))) + some
+            if kept
+            else "- (the teacher deployed)"
             for i in range(1, 1 + len(STEP_NAMES))
         ]
         lines.append(

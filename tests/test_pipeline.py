@@ -518,3 +518,47 @@ def test_lever_study_pipeline_mode_compares_deployed_models_from_one_teacher(smo
     # resumable: the finished run is only checked
     assert subprocess.run(args, capture_output=True).returncode == 0
     assert (levers / "LEVERS.md").read_text() == table
+
+
+def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher(monkeypatch):
+    """A seed whose pipeline deployed the teacher has no compression steps of its own: the step columns pool
+    the other seeds and say so, instead of pairing the teacher's files with the pruned student's."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).parents[1] / "scripts" / "levers.py"
+    spec = importlib.util.spec_from_file_location("levers_script", path)
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    rng = np.random.default_rng(0)
+
+    def fake(compressed: bool) -> dict:
+        steps = [rng.random(40) < 0.9 for _ in range(5)]
+        val = rng.random(20) < 0.9
+        return {
+            "label": "x",
+            "val": val,
+            "test": steps[-1],
+            "steps": steps,
+            "compressed": compressed,
+            "minutes": 1.0,
+        }
+
+    runs = {Path("d0"): fake(True), Path("d1"): fake(True), Path("l0"): fake(True), Path("l1"): fake(False)}
+    monkeypatch.setattr(levers, "deployed", runs.__getitem__)
+    lines = levers.deployed_table(
+        {"default": [Path("d0"), Path("d1")], "long": [Path("l0"), Path("l1")]}, rng.random(40) < 0.9
+    )
+    default = next(line for line in lines if line.startswith("| default"))
+    long = next(line for line in lines if line.startswith("| long"))
+    assert "deployed the teacher" not in default
+    assert long.count("(1 of 2 seeds; the others deployed the teacher)") == len(levers.STEP_NAMES)
+    a, b = runs[Path("l0")]["steps"][2], runs[Path("l0")]["steps"][1]  # pruned r=0.2 vs student, seed l0 only
+    assert levers.paired_text(a, b) in long
+    runs[Path("l0")]["compressed"] = False
+    lines = levers.deployed_table(
+        {"default": [Path("d0"), Path("d1")], "long": [Path("l0"), Path("l1")]}, rng.random(40) < 0.9
+    )
+    assert next(line for line in lines if line.startswith("| long")).count("- (the teacher deployed)") == 3
