@@ -15,7 +15,8 @@ on validation (what decides) and test (reported); the student against the teache
 
 --pipeline runs the whole pipeline (`slimvit run`) for each (lever, seed) instead of the student alone, from
 the same split and teacher (OUT/<lever>/s<seed> is a run folder; the base run stands for the default recipe
-at its own seed), and LEVERS.md adds the deployed model: per seed and pooled, against the default recipe's
+at its own seed; a lever's folder starts as a copy of the default recipe's at its seed, so only the stages its
+keys make stale run), and LEVERS.md adds the deployed model: per seed and pooled, against the default recipe's
 deployed models and the teacher, what each compression step cost (pooled, against its input), and the
 pipeline's minutes from the student on.
 """
@@ -66,13 +67,22 @@ def seed_folder(base: Path, folder: Path) -> None:
         tmp.rename(folder / "teacher")
 
 
-def run_pipeline(base: Path, folder: Path, overrides: list[str]) -> None:
+def run_pipeline(base: Path, folder: Path, overrides: list[str], reuse: Path | None = None) -> None:
     """The whole pipeline of one (lever, seed) in `folder` (run_folder) from the base run's split and
-    teacher. Resumes: `slimvit run` only checks a finished folder."""
+    teacher. `reuse`, the default recipe's finished run at the same seed, is copied in first (its manifest
+    with it): `slimvit run` then redoes exactly the stages the lever's keys make stale, so a lever of the
+    pruning or the deploy choice does not train the same student again. Resumes: `slimvit run` only checks
+    a finished folder."""
     from slimvit.config import load_config, save_config
 
     if folder == base:
         return
+    if reuse is not None and not folder.exists() and (reuse / "deploy" / "deploy.json").exists():
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(reuse, tmp, ignore=shutil.ignore_patterns("checkpoint.pt", ".lock", "*.log"))
+        tmp.rename(folder)
     seed_folder(base, folder)
     save_config(load_config(config_file=base / "config.yaml", overrides=overrides), folder / "config.yaml")
     print(f"+ {folder}: {' '.join(overrides)}", flush=True)
@@ -225,7 +235,7 @@ def table(
             f"{vs['val']} | {accuracy_text(p['test'])} | {vs['test']} | {vs_teacher} | {minutes:.1f} |"
         )
     if pipeline:
-        lines += deployed_table(done, t_right)
+        lines += deployed_table(done, t_right) + shapes_table(done)
     missing = [n for n in folders if n not in done]
     if missing:
         lines += ["", f"Not finished: {', '.join(missing)} (run the same command again)."]
@@ -282,6 +292,56 @@ def deployed_table(done: dict[str, list[Path]], t_right: np.ndarray) -> list[str
     return lines
 
 
+def shapes(run: Path) -> dict[str, dict]:
+    """Every compressed shape of a finished run (the pruned model and each sweep point) in its FP32 ONNX
+    file: validation and test outcomes, the student's test outcomes on the same images, and the epochs
+    its fine-tune ran."""
+    from slimvit import report
+
+    r = report.load_run(run)
+    student = r["eval"]["student"]
+    student_right = np.array(student["pred"]) == np.array(student["labels"])
+    out = {}
+    for row in report.bench_rows(r):
+        fp32 = (row["runtime"], row["precision"]) == ("onnxruntime", "fp32")
+        if row["stage"] in ("teacher", "student") or not fp32:
+            continue
+        out[row["stage"]] = {
+            "val": row_correct(run, r["bench"], row["key"], "val"),
+            "test": row_correct(run, r["bench"], row["key"], "test"),
+            "student": student_right,
+            "epochs": load(run / row["stage"] / "prune.json").get("finetune", {}).get("epochs_run"),
+        }
+    return out
+
+
+def shapes_table(done: dict[str, list[Path]]) -> list[str]:
+    """Each compressed shape's FP32 file per lever, pooled over the seeds: what the cut and its fine-tune
+    cost against the student on the same (seed, image) pairs, whatever the deploy rule then chose."""
+    per = {n: [shapes(f) for f in fs] for n, fs in done.items()}
+    lines = [
+        "",
+        "## Every compressed shape (FP32 ONNX), against the student",
+        "",
+        "Pooled over the seeds; vs student: points on test, (only the shape right / only the student right, "
+        "exact McNemar p) on the same (seed, image) pairs. Fine-tune epochs: per seed, as run (the stop rule "
+        "may end a fine-tune before its cap).",
+        "",
+        "| lever | shape | pooled val % (95% CI) | pooled test % (95% CI) | vs student, test | fine-tune epochs per seed |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for n, runs in per.items():
+        names = sorted(set.intersection(*(set(s) for s in runs)), key=lambda k: (k != "pruned", k))
+        for name in names:
+            got = {k: np.concatenate([s[name][k] for s in runs]) for k in ("val", "test", "student")}
+            epochs = " / ".join("-" if s[name]["epochs"] is None else str(s[name]["epochs"]) for s in runs)
+            lines.append(
+                f"| {n} | {name} | {accuracy_text(got['val'])} | {accuracy_text(got['test'])} | "
+                f"{paired_text(got['test'], got['student'])} | {epochs} |"
+            )
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, required=True, help="a finished run: its split, teacher and config")
@@ -307,11 +367,14 @@ def main() -> int:
     given = dict(map(parse_lever, args.lever)) if args.lever else {n: k.split(",") for n, k in LEVERS.items()}
     levers = {"default": [], **given}
     if not args.report_only:
-        for n, keys in levers.items():
-            for s in seeds:
+        # seed by seed, every lever at a seed before the next seed: a study cut short has whole pairs
+        for s in seeds:
+            for n, keys in levers.items():
                 overrides = [*keys, f"train.seed={s}"]
                 if args.pipeline:
-                    run_pipeline(args.base, run_folder(args.base, args.out, n, keys, s), overrides)
+                    folder = run_folder(args.base, args.out, n, keys, s)
+                    reuse = run_folder(args.base, args.out, "default", [], s)
+                    run_pipeline(args.base, folder, overrides, reuse=reuse)
                 else:
                     train_one(args.base, args.out / n / f"s{s}", overrides)
     lines = table(args.out, args.base, levers, seeds, pipeline=args.pipeline)

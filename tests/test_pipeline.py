@@ -483,6 +483,9 @@ def test_lever_study_trains_each_lever_and_seed_from_one_teacher(smoke_run, tmp_
     assert (levers / "ema" / "s1" / "teacher" / "model.safetensors").read_bytes() == (
         out / "teacher" / "model.safetensors"
     ).read_bytes()  # one teacher for every lever
+    # seed by seed: every lever's seed 0 before any seed 1, so a study cut short has whole pairs
+    done = {f: (levers / f / "student" / "val.json").stat().st_mtime for f in ("ema/s0", "default/s1")}
+    assert done["ema/s0"] < done["default/s1"]
     table = (levers / "LEVERS.md").read_text()
     n_val = len(json.loads((out / "split.json").read_text())["val"])
     assert f"validation {2 * n_val}" in table  # pooled over both seeds
@@ -503,18 +506,32 @@ def test_lever_study_pipeline_mode_compares_deployed_models_from_one_teacher(smo
     levers = tmp_path / "levers"
     script = Path(__file__).parents[1] / "scripts" / "levers.py"
     args = [sys.executable, str(script), "--base", str(out), "--out", str(levers), "--seeds", "0"]
-    args += ["--pipeline", "--lever", "long=train.epochs=2"]
+    args += ["--pipeline", "--lever", "long=train.epochs=2,prune.sweep=[0.3]"]
+    args += ["--lever", "ft=prune.finetune_epochs=2"]
     r = subprocess.run(args, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     run = levers / "long" / "s0"
     assert load_config(config_file=run / "config.yaml").train.epochs == 2
     for name in ("model.safetensors", "train.json"):  # copied with its time, never rewritten
         assert (run / "teacher" / name).stat().st_mtime == (out / "teacher" / name).stat().st_mtime
+    # a lever of the fine-tune alone starts from the default recipe's run: the same student, not retrained
+    ft = levers / "ft" / "s0"
+    for name in ("teacher", "student"):
+        weights = Path(name) / "model.safetensors"
+        assert (ft / weights).stat().st_mtime == (out / weights).stat().st_mtime
+    epochs = [json.loads((r / "pruned" / "prune.json").read_text())["finetune"]["epochs"] for r in (ft, out)]
+    assert epochs[0] > epochs[1]  # its own fine-tune, redone
     assert (run / "deploy" / "model.onnx").exists() and not (levers / "default").exists()
     table = (levers / "LEVERS.md").read_text()
     assert "## The whole pipeline: the deployed model" in table
-    rows = [line for line in table.splitlines() if line.startswith("| long")]
+    # every compressed shape's FP32 file against the student, whatever was deployed, after the deployed ones
+    before, _, after = table.partition("## Every compressed shape (FP32 ONNX), against the student")
+    rows = [line for line in before.splitlines() if line.startswith("| long")]
     assert len(rows) == 2 and rows[1].count("p=") == 6  # vs default (val, test), vs teacher, 3 steps
+    shapes = [line.split(" | ")[1] for line in after.splitlines() if line.startswith("| long | ")]
+    sweep = run / "prune_sweep.json"
+    sweep = {p["model"] for p in json.loads(sweep.read_text())["points"]} if sweep.exists() else set()
+    assert shapes[0] == "pruned" and set(shapes) == {"pruned"} | sweep
     # resumable: the finished run is only checked
     assert subprocess.run(args, capture_output=True).returncode == 0
     assert (levers / "LEVERS.md").read_text() == table
