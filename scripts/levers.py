@@ -327,17 +327,25 @@ def shapes_table(done: dict[str, list[Path]]) -> list[str]:
         "exact McNemar p) on the same (seed, image) pairs. Fine-tune epochs: per seed, as run (the stop rule "
         "may end a fine-tune before its cap).",
         "",
-        "| lever | shape | pooled val % (95% CI) | pooled test % (95% CI) | vs student, test | fine-tune epochs per seed |",
-        "|---|---|---:|---:|---:|---|",
+        "| lever | shape | pooled val % (95% CI) | vs default's shape, val | pooled test % (95% CI) | "
+        "vs default's shape, test | vs student, test | fine-tune epochs per seed |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
+
+    def pooled(runs: list[dict], name: str) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([s[name][k] for s in runs]) for k in ("val", "test", "student")}
+
     for n, runs in per.items():
         names = sorted(set.intersection(*(set(s) for s in runs)), key=lambda k: (k != "pruned", k))
         for name in names:
-            got = {k: np.concatenate([s[name][k] for s in runs]) for k in ("val", "test", "student")}
+            got = pooled(runs, name)
+            shared = n != "default" and all(name in s for s in per["default"])
+            base = pooled(per["default"], name) if shared else None
+            vs = {sp: "" if base is None else paired_text(got[sp], base[sp]) for sp in ("val", "test")}
             epochs = " / ".join("-" if s[name]["epochs"] is None else str(s[name]["epochs"]) for s in runs)
             lines.append(
-                f"| {n} | {name} | {accuracy_text(got['val'])} | {accuracy_text(got['test'])} | "
-                f"{paired_text(got['test'], got['student'])} | {epochs} |"
+                f"| {n} | {name} | {accuracy_text(got['val'])} | {vs['val']} | {accuracy_text(got['test'])} | "
+                f"{vs['test']} | {paired_text(got['test'], got['student'])} | {epochs} |"
             )
     return lines
 
