@@ -306,11 +306,12 @@ def shapes(run: Path) -> dict[str, dict]:
         fp32 = (row["runtime"], row["precision"]) == ("onnxruntime", "fp32")
         if row["stage"] in ("teacher", "student") or not fp32:
             continue
+        record = run / row["stage"] / "prune.json"
         out[row["stage"]] = {
             "val": row_correct(run, r["bench"], row["key"], "val"),
             "test": row_correct(run, r["bench"], row["key"], "test"),
             "student": student_right,
-            "epochs": load(run / row["stage"] / "prune.json").get("finetune", {}).get("epochs_run"),
+            "epochs": load(record).get("finetune", {}).get("epochs_run") if record.exists() else None,
         }
     return out
 
