@@ -24,6 +24,7 @@ pipeline's minutes from the student on.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -52,6 +53,15 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@functools.cache
+def finished_run(folder: Path) -> dict:
+    """A finished run's records (report.load_run), read once for all the tables of one LEVERS.md (table()
+    clears it first)."""
+    from slimvit import report
+
+    return report.load_run(folder)
+
+
 def seed_folder(base: Path, folder: Path) -> None:
     """The base run's split and teacher in `folder`, with their times kept: a pipeline run there takes them
     for finished (manifest.adopt) rather than newer than each other."""
@@ -61,10 +71,17 @@ def seed_folder(base: Path, folder: Path) -> None:
             with atomic_path(folder / name) as tmp:
                 shutil.copy2(base / name, tmp)
     if not (folder / "teacher").exists():
-        tmp = folder / ".teacher.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(base / "teacher", tmp, ignore=shutil.ignore_patterns("checkpoint.pt"))
-        tmp.rename(folder / "teacher")
+        copy_folder(base / "teacher", folder / "teacher")
+
+
+def copy_folder(src: Path, dst: Path, skip: tuple[str, ...] = ("checkpoint.pt",)) -> None:
+    """`src` copied to `dst` whole or not at all (a .tmp sibling, then a rename), file times kept, without
+    the files matching `skip` (a training checkpoint is not part of a finished stage)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip))
+    tmp.rename(dst)
 
 
 def run_pipeline(base: Path, folder: Path, overrides: list[str], reuse: Path | None = None) -> None:
@@ -78,11 +95,7 @@ def run_pipeline(base: Path, folder: Path, overrides: list[str], reuse: Path | N
     if folder == base:
         return
     if reuse is not None and not folder.exists() and (reuse / "deploy" / "deploy.json").exists():
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(reuse, tmp, ignore=shutil.ignore_patterns("checkpoint.pt", ".lock", "*.log"))
-        tmp.rename(folder)
+        copy_folder(reuse, folder, skip=("checkpoint.pt", ".lock", "*.log"))
     seed_folder(base, folder)
     save_config(load_config(config_file=base / "config.yaml", overrides=overrides), folder / "config.yaml")
     print(f"+ {folder}: {' '.join(overrides)}", flush=True)
@@ -113,10 +126,7 @@ def train_one(base: Path, folder: Path, overrides: list[str]) -> None:
     data = load_data(cfg.data, folder)
     if cfg == load_config(config_file=base / "config.yaml") and (base / "student" / "eval.json").exists():
         if not (student / "eval.json").exists():  # the base run's own student: the same recipe and seed
-            tmp = folder / ".student.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(base / "student", tmp, ignore=shutil.ignore_patterns("checkpoint.pt"))
-            tmp.rename(student)
+            copy_folder(base / "student", student)
     else:
         run_distill(cfg, folder, data, resume="auto")
     model, spec = models.load(student)
@@ -129,7 +139,7 @@ def outcome(folder: Path, split: str) -> np.ndarray:
     if split == "val" and not (folder / "student" / "val.json").exists():
         from slimvit import report
 
-        r = report.load_run(folder)
+        r = finished_run(folder)
         return row_correct(folder, r["bench"], report.ref_row(r)["key"], "val")
     ev = load(folder / "student" / ("val.json" if split == "val" else "eval.json"))
     return np.array(ev["pred"]) == np.array(ev["labels"])
@@ -162,7 +172,7 @@ def deployed(run: Path) -> dict:
     from slimvit import report
     from slimvit.deploy import is_teacher
 
-    r = report.load_run(run)
+    r = finished_run(run)
     dep = report.deployed_row(r)
     if dep is None:
         raise SystemExit(f"{run}: nothing deployed ({r['bench'].get('deploy_error')})")
@@ -184,6 +194,7 @@ def deployed(run: Path) -> dict:
 def table(
     out: Path, base: Path, levers: dict[str, list[str]], seeds: list[int], pipeline: bool = False
 ) -> list[str]:
+    finished_run.cache_clear()  # folders finished since the last table are read anew
     if pipeline:
         folders = {n: [run_folder(base, out, n, k, s) for s in seeds] for n, k in levers.items()}
         done = {
@@ -298,7 +309,7 @@ def shapes(run: Path) -> dict[str, dict]:
     its fine-tune ran."""
     from slimvit import report
 
-    r = report.load_run(run)
+    r = finished_run(run)
     student = r["eval"]["student"]
     student_right = np.array(student["pred"]) == np.array(student["labels"])
     out = {}
