@@ -18,7 +18,8 @@ the same split and teacher (OUT/<lever>/s<seed> is a run folder; the base run st
 at its own seed; a lever's folder starts as a copy of the default recipe's at its seed, so only the stages its
 keys make stale run), and LEVERS.md adds the deployed model: per seed and pooled, against the default recipe's
 deployed models and the teacher, what each compression step cost (pooled, against its input), and the
-pipeline's minutes from the student on.
+pipeline's minutes from the student on. Last, the test images the most models (students, and deployed models
+with --pipeline) got wrong, with the teacher's verdict: the errors no lever here shakes.
 """
 
 from __future__ import annotations
@@ -245,8 +246,19 @@ def table(
             f"| {n} | `{','.join(levers[n]) or '(base config)'}` | {per['val']} | {per['test']} | {accuracy_text(p['val'])} | "
             f"{vs['val']} | {accuracy_text(p['test'])} | {vs['test']} | {vs_teacher} | {minutes:.1f} |"
         )
+    models = {
+        f"{n} student s{seed}": o["test"]
+        for n, os in right.items()
+        for seed, o in zip(seeds, os, strict=True)
+    }
     if pipeline:
         lines += deployed_table(done, t_right) + shapes_table(done)
+        models |= {
+            f"{n} deployed s{s}": deployed(f)["test"]
+            for n, fs in done.items()
+            for s, f in zip(seeds, fs, strict=True)
+        }
+    lines += hard_table(models, teacher, load(base / "split.json")["test"])
     missing = [n for n in folders if n not in done]
     if missing:
         lines += ["", f"Not finished: {', '.join(missing)} (run the same command again)."]
@@ -359,6 +371,35 @@ def shapes_table(done: dict[str, list[Path]]) -> list[str]:
                 f"| {n} | {name} | {accuracy_text(got['val'])} | {vs['val']} | {accuracy_text(got['test'])} | "
                 f"{vs['test']} | {paired_text(got['test'], got['student'])} | {epochs} |"
             )
+    return lines
+
+
+def hard_table(models: dict[str, np.ndarray], teacher: dict, files: list[str], most: int = 12) -> list[str]:
+    """The test images the most models got wrong (each model's correct-per-image array on the base run's
+    test split), with the teacher's verdict: where the errors a recipe cannot shake are, and how many test
+    points the images every model got wrong cost each seed."""
+    wrong = np.sum([~r for r in models.values()], axis=0)
+    order = [int(i) for i in np.argsort(-wrong, kind="stable") if wrong[i] > 0][:most]
+    classes, labels, pred = teacher["classes"], teacher["labels"], teacher["pred"]
+    always = int(np.sum(wrong == len(models)))
+    lines = [
+        "",
+        "## The test images most models got wrong",
+        "",
+        f"Every model above ({len(models)}: each lever's student and, with --pipeline, its deployed model, at "
+        f"every seed) on the base run's {len(files)} test images. {always} image(s) wrong in every model: "
+        f"{100 * always / len(files):.2f} points of each seed's test accuracy that no recipe here recovered.",
+        "",
+        "| test image | class | wrong in (of the models) | teacher |",
+        "|---|---|---:|---|",
+    ]
+    for i in order:
+        verdict = "right" if pred[i] == labels[i] else f"wrong ({classes[pred[i]]})"
+        lines.append(
+            f"| {Path(files[i]).name} | {classes[labels[i]]} | {wrong[i]} of {len(models)} | {verdict} |"
+        )
+    if not order:
+        lines.append("| (none) | | | |")
     return lines
 
 

@@ -579,3 +579,33 @@ def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher(monkeypatch):
         {"default": [Path("d0"), Path("d1")], "long": [Path("l0"), Path("l1")]}, rng.random(40) < 0.9
     )
     assert next(line for line in lines if line.startswith("| long")).count("- (the teacher deployed)") == 3
+
+
+def test_lever_study_lists_the_test_images_most_models_got_wrong():
+    """The hard-images table ranks test images by how many models got them wrong, counts the images every model
+    got wrong (the points no recipe recovered) and gives the teacher's verdict with the class it chose."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).parents[1] / "scripts" / "levers.py"
+    spec = importlib.util.spec_from_file_location("levers_script", path)
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    right = np.ones(5, dtype=bool)
+    models = {"a": right.copy(), "b": right.copy(), "c": right.copy()}
+    for m in models.values():
+        m[3] = False  # wrong in all three
+    models["a"][1] = models["b"][1] = False  # wrong in two
+    teacher = {"classes": ["cat", "dog"], "labels": [0, 0, 1, 1, 0], "pred": [0, 0, 1, 0, 0]}
+    files = [f"IMAGES/x_{i}.jpg" for i in range(5)]
+    lines = levers.hard_table(models, teacher, files)
+    rows = [line for line in lines if line.startswith("| x_")]
+    assert rows == [
+        "| x_3.jpg | dog | 3 of 3 | wrong (cat) |",
+        "| x_1.jpg | cat | 2 of 3 | right |",
+    ]  # images no model got wrong are not listed
+    assert "1 image(s) wrong in every model: 20.00 points" in "\n".join(lines)
+    none = levers.hard_table({"a": right}, teacher, files)
+    assert "0 image(s) wrong in every model" in "\n".join(none) and "| (none) | | | |" in none
