@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import shutil
 import subprocess
@@ -247,16 +248,14 @@ def table(
             f"{vs['val']} | {accuracy_text(p['test'])} | {vs['test']} | {vs_teacher} | {minutes:.1f} |"
         )
     models = {
-        f"{n} student s{seed}": o["test"]
-        for n, os in right.items()
-        for seed, o in zip(seeds, os, strict=True)
+        model_key(f / "student" / "model.safetensors"): o["test"]
+        for n, fs in done.items()
+        for f, o in zip(fs, right[n], strict=True)
     }
     if pipeline:
         lines += deployed_table(done, t_right) + shapes_table(done)
         models |= {
-            f"{n} deployed s{s}": deployed(f)["test"]
-            for n, fs in done.items()
-            for s, f in zip(seeds, fs, strict=True)
+            model_key(f / "deploy" / "model.onnx"): deployed(f)["test"] for fs in done.values() for f in fs
         }
     lines += hard_table(models, teacher, load(base / "split.json")["test"])
     missing = [n for n in folders if n not in done]
@@ -374,6 +373,12 @@ def shapes_table(done: dict[str, list[Path]]) -> list[str]:
     return lines
 
 
+def model_key(path: Path) -> str:
+    """A model file's content: the same model under two levers (a student that a sweep lever shares with
+    the default, a deploy lever's unchanged choice) counts once."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def hard_table(models: dict[str, np.ndarray], teacher: dict, files: list[str], most: int = 12) -> list[str]:
     """The test images the most models got wrong (each model's correct-per-image array on the base run's
     test split), with the teacher's verdict: where the errors a recipe cannot shake are, and how many test
@@ -386,8 +391,8 @@ def hard_table(models: dict[str, np.ndarray], teacher: dict, files: list[str], m
         "",
         "## The test images most models got wrong",
         "",
-        f"Every model above ({len(models)}: each lever's student and, with --pipeline, its deployed model, at "
-        f"every seed) on the base run's {len(files)} test images. {always} image(s) wrong in every model: "
+        f"Every distinct model above ({len(models)}: the students and, with --pipeline, the deployed models of "
+        f"every lever and seed, a file shared by levers counted once) on the base run's {len(files)} test images. {always} image(s) wrong in every model: "
         f"{100 * always / len(files):.2f} points of each seed's test accuracy that no recipe here recovered.",
         "",
         "| test image | class | wrong in (of the models) | teacher |",
