@@ -253,9 +253,12 @@ def table(
         for f, o in zip(fs, right[n], strict=True)
     }
     if pipeline:
-        lines += deployed_table(done, t_right) + shapes_table(done)
+        runs = {n: [deployed(f) for f in fs] for n, fs in done.items()}
+        lines += deployed_table(runs, t_right) + shapes_table(done)
         models |= {
-            model_key(f / "deploy" / "model.onnx"): deployed(f)["test"] for fs in done.values() for f in fs
+            model_key(f / "deploy" / "model.onnx"): d["test"]
+            for n, fs in done.items()
+            for f, d in zip(fs, runs[n], strict=True)
         }
     lines += hard_table(models, teacher, load(base / "split.json")["test"])
     missing = [n for n in folders if n not in done]
@@ -267,10 +270,10 @@ def table(
 STEP_NAMES = ("pruned r=0.2 vs student", "deployed shape's FP32 file vs pruned", "deployed vs its FP32 file")
 
 
-def deployed_table(done: dict[str, list[Path]], t_right: np.ndarray) -> list[str]:
-    """The deployed model of every (lever, seed) pipeline: per seed, pooled, against the default recipe's
-    and the teacher; each compression step pooled against its input (test, paired)."""
-    runs = {n: [deployed(f) for f in fs] for n, fs in done.items()}
+def deployed_table(runs: dict[str, list[dict]], t_right: np.ndarray) -> list[str]:
+    """The deployed model of every (lever, seed) pipeline (`deployed()` of each, per lever in seed order):
+    per seed, pooled, against the default recipe's and the teacher; each compression step pooled against its
+    input (test, paired)."""
     pooled = {
         n: {sp: np.concatenate([d[sp] for d in ds]) for sp in ("val", "test")} for n, ds in runs.items()
     }
@@ -392,8 +395,8 @@ def hard_table(models: dict[str, np.ndarray], teacher: dict, files: list[str], m
         "## The test images most models got wrong",
         "",
         f"Every distinct model above ({len(models)}: the students and, with --pipeline, the deployed models of "
-        f"every lever and seed, a file shared by levers counted once) on the base run's {len(files)} test images. {always} image(s) wrong in every model: "
-        f"{100 * always / len(files):.2f} points of each seed's test accuracy that no recipe here recovered.",
+        f"every lever and seed, a file shared by levers counted once) on the base run's {len(files)} test "
+        f"images. {always} image(s) wrong in every model: {100 * always / len(files):.2f} points of each seed's test accuracy that no recipe here recovered.",
         "",
         "| test image | class | wrong in (of the models) | teacher |",
         "|---|---|---:|---|",

@@ -537,18 +537,26 @@ def test_lever_study_pipeline_mode_compares_deployed_models_from_one_teacher(smo
     assert (levers / "LEVERS.md").read_text() == table
 
 
-def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher(monkeypatch):
-    """A seed whose pipeline deployed the teacher has no compression steps of its own: the step columns pool
-    the other seeds and say so, instead of pairing the teacher's files with the pruned student's."""
+def levers_script():
+    """scripts/levers.py as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
-
-    import numpy as np
 
     path = Path(__file__).parents[1] / "scripts" / "levers.py"
     spec = importlib.util.spec_from_file_location("levers_script", path)
     levers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(levers)
+    return levers
+
+
+def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher():
+    """A seed whose pipeline deployed the teacher has no compression steps of its own: the step columns pool
+    the other seeds and say so, instead of pairing the teacher's files with the pruned student's."""
+    from pathlib import Path
+
+    import numpy as np
+
+    levers = levers_script()
     rng = np.random.default_rng(0)
 
     def fake(compressed: bool) -> dict:
@@ -564,10 +572,8 @@ def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher(monkeypatch):
         }
 
     runs = {Path("d0"): fake(True), Path("d1"): fake(True), Path("l0"): fake(True), Path("l1"): fake(False)}
-    monkeypatch.setattr(levers, "deployed", runs.__getitem__)
-    lines = levers.deployed_table(
-        {"default": [Path("d0"), Path("d1")], "long": [Path("l0"), Path("l1")]}, rng.random(40) < 0.9
-    )
+    by_lever = {"default": [runs[Path("d0")], runs[Path("d1")]], "long": [runs[Path("l0")], runs[Path("l1")]]}
+    lines = levers.deployed_table(by_lever, rng.random(40) < 0.9)
     default = next(line for line in lines if line.startswith("| default"))
     long = next(line for line in lines if line.startswith("| long"))
     assert "deployed the teacher" not in default
@@ -575,24 +581,16 @@ def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher(monkeypatch):
     a, b = runs[Path("l0")]["steps"][2], runs[Path("l0")]["steps"][1]  # pruned r=0.2 vs student, seed l0 only
     assert levers.paired_text(a, b) in long
     runs[Path("l0")]["compressed"] = False
-    lines = levers.deployed_table(
-        {"default": [Path("d0"), Path("d1")], "long": [Path("l0"), Path("l1")]}, rng.random(40) < 0.9
-    )
+    lines = levers.deployed_table(by_lever, rng.random(40) < 0.9)
     assert next(line for line in lines if line.startswith("| long")).count("- (the teacher deployed)") == 3
 
 
 def test_lever_study_lists_the_test_images_most_models_got_wrong():
     """The hard-images table ranks test images by how many models got them wrong, counts the images every model
     got wrong (the points no recipe recovered) and gives the teacher's verdict with the class it chose."""
-    import importlib.util
-    from pathlib import Path
-
     import numpy as np
 
-    path = Path(__file__).parents[1] / "scripts" / "levers.py"
-    spec = importlib.util.spec_from_file_location("levers_script", path)
-    levers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(levers)
+    levers = levers_script()
     right = np.ones(5, dtype=bool)
     models = {"a": right.copy(), "b": right.copy(), "c": right.copy()}
     for m in models.values():
