@@ -14,6 +14,10 @@ gets a run folder of its own (`--out` for seed 0, `--out`-s<seed> for the others
 pools them: one test image of a class with 6 is 17 points of its recall, and three subsets triple the
 images each figure rests on. Pooled McNemar pairs each model with its input on the same (subset, image).
 
+--balanced names runs on the whole dataset (comma-separated: several, e.g. three training seeds, are pooled);
+IMBALANCED.md then sets every step of the subsets beside the same step there: what having only the subset's
+images costs (other test images, so a difference with its 95% interval, no paired test).
+
 --counts draws other class sizes. The control for the imbalance itself is a balanced subset of the same
 780 images, `--counts 130,130,130,130,130,130 --out runs/bal130`: against it, the imbalanced subsets
 show what the imbalance costs, apart from what having 43% of NEU-DET's images costs (README, "Imbalanced
@@ -32,6 +36,7 @@ import numpy as np
 
 from slimvit import report
 from slimvit.evaluate import balanced_accuracy, balanced_accuracy_diff, balanced_accuracy_se, mcnemar, wilson
+from slimvit.io import atomic_write_text
 
 COUNTS = "300,200,120,80,50,30"
 
@@ -147,17 +152,22 @@ def _diff(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) ->
     return f"{100 * d:+.2f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
 
 
-def control(runs: list[Path], ctrl: list[Path], classes: list[str], full: Path | None = None) -> list[str]:
-    """Every step of `runs` against the same step of `ctrl` (a balanced subset of the same size: what
-    having fewer images costs, without the imbalance), and of `ctrl` against `full` (the whole balanced
-    dataset) when given. Other images, so no paired test: each pooled balanced accuracy with its standard
-    error, each difference with a 95% interval. The intervals cover the sampling of test images only, the
-    trained models held fixed."""
-    for r in ctrl:
+def same_classes(flag: str, folders: list[Path], classes: list[str], first: Path) -> None:
+    for r in folders:
         if load(r / "bench.json")["classes"] != classes:
-            raise SystemExit(f"--control: {r} has other classes than {runs[0]}")
+            raise SystemExit(f"{flag}: {r} has other classes than {first}")
+
+
+def control(runs: list[Path], ctrl: list[Path], classes: list[str], fulls: list[Path] = ()) -> list[str]:
+    """Every step of `runs` against the same step of `ctrl` (a balanced subset of the same size: what
+    having fewer images costs, without the imbalance), and of `ctrl` against `fulls` (runs on the whole
+    balanced dataset, pooled) when given. Other images, so no paired test: each pooled balanced accuracy
+    with its standard error, each difference with a 95% interval. The intervals cover the sampling of
+    test images only, the trained models held fixed."""
+    same_classes("--control", ctrl, classes, runs[0])
     mine, theirs = [steps_by_role(r) for r in runs], [steps_by_role(r) for r in ctrl]
-    whole = steps_by_role(full) if full else None
+    whole = [_pool([steps_by_role(r) for r in fulls], i) for i in range(len(STEPS))] if fulls else None
+    full = ", ".join(f"`{r}`" for r in fulls)
     lines = [
         f"### Against a balanced subset of the same size ({', '.join(f'`{r}`' for r in ctrl)})",
         "",
@@ -168,7 +178,7 @@ def control(runs: list[Path], ctrl: list[Path], classes: list[str], full: Path |
     head = "| model | imbalanced % | balanced subset % | imbalanced - balanced subset (points) |"
     rule = "|---|---:|---:|---:|"
     if whole:
-        head += f" `{full}` % | balanced subset - `{full}` (points) |"
+        head += f" {full} % | balanced subset - full dataset (points) |"
         rule += "---:|---:|"
     lines += [head + " balanced subset per class |", rule + "---|"]
     for i, name in enumerate(STEPS):
@@ -178,6 +188,34 @@ def control(runs: list[Path], ctrl: list[Path], classes: list[str], full: Path |
             row += f" {_ba(*whole[i])} | {_diff(b, whole[i])} |"
         lines.append(row + f" {per_class(*b, classes)} |")
     return lines + [""]
+
+
+def against_full(
+    mine: list[list[tuple[np.ndarray, np.ndarray]]], whole: list[list[tuple[np.ndarray, np.ndarray]]]
+) -> list[tuple[str, str, str, str]]:
+    """(step, subsets pooled, full dataset pooled, subsets - full) for every step of STEPS: each pooled
+    balanced accuracy +- 1.96 standard errors, the difference with its 95% interval (other images)."""
+    rows = []
+    for i, name in enumerate(STEPS):
+        a, b = _pool(mine, i), _pool(whole, i)
+        rows.append((name, _ba(*a), _ba(*b), _diff(a, b)))
+    return rows
+
+
+def full_table(runs: list[Path], fulls: list[Path]) -> list[str]:
+    """The subsets' every step against the same step on the whole dataset (`fulls`, e.g. three training
+    seeds of `slimvit run` on NEU-DET, pooled): what having only the subset's images costs a user."""
+    rows = against_full([steps_by_role(r) for r in runs], [steps_by_role(r) for r in fulls])
+    lines = [
+        f"### Against the full dataset ({', '.join(f'`{r}`' for r in fulls)})",
+        "",
+        "Pooled test balanced accuracy +- 1.96 standard errors (per class Agresti-Caffo); the difference with "
+        "its 95% interval (other images: no paired test; test sampling only, the models held fixed).",
+        "",
+        "| model | subsets % | full dataset % | subsets - full dataset (points) |",
+        "|---|---:|---:|---:|",
+    ]
+    return lines + [f"| {' | '.join(row)} |" for row in rows] + [""]
 
 
 def twin(run: Path, nobal: Path) -> list[str]:
@@ -210,7 +248,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/datasets/NEU-DET", help="the full NEU-DET")
     ap.add_argument("--out", default="runs/neu-det-imbalanced", help="run folder")
-    ap.add_argument("--balanced", default=None, help="a finished balanced NEU-DET run to compare with")
+    ap.add_argument(
+        "--balanced",
+        default=None,
+        help="finished runs on the whole balanced dataset to compare with, comma-separated (several, e.g. "
+        "three training seeds, are pooled)",
+    )
     ap.add_argument(
         "--twin", action="store_true", help="also train teacher + student with train.balance=none"
     )
@@ -269,20 +312,29 @@ def main() -> int:
         lines += summary(run, f"{kind}, seed {seed}")
     if len(runs) > 1:
         lines += pooled(runs, load(runs[0] / "bench.json")["classes"])
-    full = Path(args.balanced) if args.balanced else None
-    if full and not (full / "deploy" / "deploy.json").exists():
-        print(f"note: no finished run in {full}; run `make run` first to compare with it")
-        full = None
+    classes = load(runs[0] / "bench.json")["classes"]
+    fulls = [Path(f) for f in args.balanced.split(",")] if args.balanced else []
+    if missing := [f for f in fulls if not (f / "deploy" / "deploy.json").exists()]:
+        print(
+            f"note: no finished run in {', '.join(map(str, missing))}; run `make run` first to compare with it"
+        )
+        fulls = []
+    same_classes("--balanced", fulls, classes, runs[0])
+    deployed = all((r / "deploy" / "deploy.json").exists() for r in runs)
+    if fulls and deployed:
+        lines += full_table(runs, fulls)
+    elif fulls:
+        print("note: not every subset run deployed a model; no comparison with --balanced")
     if args.control:
         ctrl = seed_runs(Path(args.control), seeds)
-        if all((r / "deploy" / "deploy.json").exists() for r in [*runs, *ctrl]):
-            lines += control(runs, ctrl, load(runs[0] / "bench.json")["classes"], full)
+        if deployed and all((r / "deploy" / "deploy.json").exists() for r in ctrl):
+            lines += control(runs, ctrl, classes, fulls)
         else:
             print(
                 f"note: --control {args.control}: not every run deployed a model ({', '.join(map(str, ctrl))}); "
                 "no comparison"
             )
-    if full:
+    for full in fulls:
         lines += summary(full, "Balanced NEU-DET")
     if args.twin:
         subset, out = subsets[0], runs[0]
@@ -302,7 +354,7 @@ def main() -> int:
                 "train.balance=none",
             )
         lines += twin(out, nobal)  # the first seed's subset
-    (runs[0] / "IMBALANCED.md").write_text("\n".join(lines))
+    atomic_write_text(runs[0] / "IMBALANCED.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
 

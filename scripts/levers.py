@@ -1,7 +1,7 @@
 """The student lever study: students distilled from one run's teacher under the default recipe and under
 each lever, over several training seeds; a lever is judged on pooled validation, test is reported.
 
-    python scripts/levers.py --base runs/neu-det [--seeds 0,1,2] [--out runs/levers]
+    python scripts/levers.py --base runs/neu-det [--seeds 0,1,2 | --folds K] [--out runs/levers]
                              [--lever NAME=KEY=VALUE[,KEY=VALUE...]] ... [--pipeline] [--report-only]
 
 Each (lever, seed) trains in OUT/<lever>/s<seed>/: the base run's split.json and teacher/ are copied in
@@ -20,6 +20,14 @@ keys make stale run), and LEVERS.md adds the deployed model: per seed and pooled
 deployed models and the teacher, what each compression step cost (pooled, against its input), and the
 pipeline's minutes from the student on. Last, the test images the most models (students, and deployed models
 with --pipeline) got wrong, with the teacher's verdict: the errors no lever here shakes.
+
+--folds K (with --pipeline) judges on cross-validation instead of seeds: the base run's train + val images are
+cut into K folds (stratified; test unchanged), and each fold is validation once, for every recipe, at the base
+config's training seed. 180 validation images decide little at 99%: K folds put all 1,440 of NEU-DET's train +
+val images under validation, once each. Every fold trains its own teacher (its validation images were in the
+base run's training split), in OUT/default/f<k>, a whole run of the default recipe on that fold; each lever's
+OUT/<lever>/f<k> starts as a copy of it, as with seeds. Training uses (K - 1) / K of train + val: with K = 4,
+1,080 images instead of 1,260.
 """
 
 from __future__ import annotations
@@ -100,6 +108,12 @@ def run_pipeline(base: Path, folder: Path, overrides: list[str], reuse: Path | N
         copy_folder(reuse, folder, skip=("checkpoint.pt", ".lock", "*.log"))
     seed_folder(base, folder)
     save_config(load_config(config_file=base / "config.yaml", overrides=overrides), folder / "config.yaml")
+    slimvit_run(folder, overrides)
+
+
+def slimvit_run(folder: Path, overrides: list[str]) -> None:
+    """`slimvit run` on the config.yaml already in `folder`: runs the stages not finished there, only checks
+    a finished folder."""
     print(f"+ {folder}: {' '.join(overrides)}", flush=True)
     slimvit = str(Path(sys.executable).with_name("slimvit"))
     rc = subprocess.run(
@@ -107,6 +121,61 @@ def run_pipeline(base: Path, folder: Path, overrides: list[str], reuse: Path | N
     ).returncode
     if rc:
         raise SystemExit(f"slimvit run --out {folder} exited {rc} (run the same command again to resume)")
+
+
+def fold_split(split: dict, index, k: int, fold: int) -> dict:
+    """The base run's split.json with its train + val images re-cut into `k` folds, stratified by class:
+    fold `fold` is validation, the other k - 1 are training; test is unchanged. Byte-identical files stay
+    in one fold (as data.make_split keeps them on one side); each class's groups are shuffled once (the
+    same for every fold) and dealt to the fold with the fewest of that class's images."""
+    import random
+
+    by_path = {s.path: i for i, s in enumerate(index.samples)}
+    try:
+        pool = [by_path[p] for p in (*split["train"], *split["val"])]
+    except KeyError as e:
+        raise SystemExit(f"split.json names {e}, which the dataset at {index.root} does not have") from None
+    groups: dict[str, list[int]] = {}
+    for i in pool:
+        groups.setdefault(index.hashes[i], []).append(i)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for label, name in enumerate(index.classes):
+        mine = sorted((g for g in groups.values() if index.samples[g[0]].label == label), key=lambda g: g[0])
+        random.Random(f"fold:{name}").shuffle(mine)
+        filled = [0] * k
+        for g in mine:
+            f = filled.index(min(filled))
+            folds[f] += g
+            filled[f] += len(g)
+    paths = {
+        "train": sorted(index.samples[i].path for f, ids in enumerate(folds) if f != fold for i in ids),
+        "val": sorted(index.samples[i].path for i in folds[fold]),
+    }
+    return {**split, **paths, "fold": {"k": k, "index": fold}}
+
+
+def run_fold(base: Path, folder: Path, k: int, fold: int) -> None:
+    """The default recipe's whole pipeline on fold `fold` of `k` (fold_split of the base run's split), its
+    own teacher included: the fold's validation images were in the base run's training split, so the base
+    run's teacher may not serve it. The config is the base run's. Resumes like run_pipeline."""
+    from slimvit.config import load_config, save_config
+    from slimvit.data import describe, discover, load_data
+    from slimvit.io import atomic_write_json
+
+    cfg = load_config(config_file=base / "config.yaml")
+    if (folder / "split.json").exists():
+        if load(folder / "split.json").get("fold") != {"k": k, "index": fold}:
+            raise SystemExit(f"{folder} holds another split than fold {fold} of {k}: use another --out")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        cut = fold_split(load(base / "split.json"), discover(cfg.data.path), k, fold)
+        atomic_write_json(folder / "split.json", cut)
+    if not (folder / "data.json").exists():
+        # the data stage's two outputs both present: `slimvit run` takes the stage for finished (as with a
+        # seed's copied split) instead of redoing it, which would make the config's split again
+        atomic_write_json(folder / "data.json", describe(load_data(cfg.data, folder, progress=False)))
+    save_config(cfg, folder / "config.yaml")
+    slimvit_run(folder, [f"fold {fold} of {k}"])
 
 
 def train_one(base: Path, folder: Path, overrides: list[str]) -> None:
@@ -194,29 +263,52 @@ def deployed(run: Path) -> dict:
 
 
 def table(
-    out: Path, base: Path, levers: dict[str, list[str]], seeds: list[int], pipeline: bool = False
+    out: Path,
+    base: Path,
+    levers: dict[str, list[str]],
+    seeds: list[int],
+    pipeline: bool = False,
+    folds: int = 0,
 ) -> list[str]:
     finished_run.cache_clear()  # folders finished since the last table are read anew
-    if pipeline:
+    unit = "fold" if folds else "seed"
+    if folds:  # every fold is a run of its own, its teacher and split in the default recipe's folder
+        folders = {n: [out / n / f"f{f}" for f in range(folds)] for n in levers}
+        homes = folders["default"]
+    elif pipeline:
         folders = {n: [run_folder(base, out, n, k, s) for s in seeds] for n, k in levers.items()}
+    else:
+        folders = {n: [out / n / f"s{s}" for s in seeds] for n in levers}
+    if not folds:
+        homes = [base] * len(seeds)  # one teacher and split for every seed
+    if pipeline:
         done = {
             n: fs for n, fs in folders.items() if all((f / "deploy" / "deploy.json").exists() for f in fs)
         }
     else:
-        folders = {n: [out / n / f"s{s}" for s in seeds] for n in levers}
         done = {n: fs for n, fs in folders.items() if all((f / "student" / "val.json").exists() for f in fs)}
     if "default" not in done:
-        raise SystemExit(f"the default recipe has not finished every seed under {out}")
+        raise SystemExit(f"the default recipe has not finished every {unit} under {out}")
     right = {n: [{sp: outcome(f, sp) for sp in ("val", "test")} for f in fs] for n, fs in done.items()}
     pooled = {
         n: {sp: np.concatenate([o[sp] for o in os]) for sp in ("val", "test")} for n, os in right.items()
     }
-    teacher = load(base / "teacher" / "eval.json")
-    t_right = np.array(teacher["pred"]) == np.array(teacher["labels"])
+    teachers = [load(h / "teacher" / "eval.json") for h in homes]
+    t_right = np.concatenate([np.array(t["pred"]) == np.array(t["labels"]) for t in teachers])
+    if folds:
+        title = f"{folds} folds of train + val, each fold its own teacher; one training seed"
+        teacher = f"Teachers (one per fold, `{out}/default/f*/teacher`): pooled test {accuracy_text(t_right)}"
+        replicates = f"--folds {folds}"
+    else:
+        title = f"{len(seeds)} training seeds ({', '.join(map(str, seeds))}), one teacher"
+        teacher = (
+            f"Teacher (`{base}/teacher`, fixed): test {accuracy_text(t_right[: len(t_right) // len(seeds)])}"
+        )
+        replicates = f"--seeds {','.join(map(str, seeds))}"
     lines = [
-        f"# Student levers: {len(seeds)} training seeds ({', '.join(map(str, seeds))}), one teacher",
+        f"# Student levers: {title}",
         "",
-        f"`python scripts/levers.py --base {base} --seeds {','.join(map(str, seeds))} --out {out}"
+        f"`python scripts/levers.py --base {base} {replicates} --out {out}"
         + (" --pipeline" if pipeline else "")
         + "".join(
             f" --lever {n}={','.join(k)}"
@@ -225,13 +317,18 @@ def table(
         )
         + "`",
         "",
-        f"Teacher (`{base}/teacher`, fixed): test {accuracy_text(t_right)}. Pooled: every seed's images (validation "
+        f"{teacher}. Pooled: every {unit}'s images (validation "
         f"{len(pooled['default']['val'])}, test {len(pooled['default']['test'])}); vs default: points, "
-        "(only this right / only default right, exact McNemar p) on the same (seed, image) pairs. "
-        "Validation decides; test is reported. Student vs teacher: the one teacher's test predictions paired "
-        "with each seed's student (the teacher's side repeats, so its p-value is optimistic).",
+        f"(only this right / only default right, exact McNemar p) on the same ({unit}, image) pairs. "
+        "Validation decides; test is reported. Student vs teacher: "
+        + (
+            "each fold's teacher paired with the fold's student."
+            if folds
+            else "the one teacher's test predictions paired with each seed's student (the teacher's side "
+            "repeats, so its p-value is optimistic)."
+        ),
         "",
-        "| lever | keys | val % per seed | test % per seed | pooled val % (95% CI) | vs default, val | "
+        f"| lever | keys | val % per {unit} | test % per {unit} | pooled val % (95% CI) | vs default, val | "
         "pooled test % (95% CI) | vs default, test | student vs teacher, test | minutes per student |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -242,7 +339,7 @@ def table(
             sp: "" if n == "default" else paired_text(p[sp], pooled["default"][sp]) for sp in ("val", "test")
         }
         minutes = np.mean([load(f / "student" / "train.json")["seconds"] / 60 for f in fs])
-        vs_teacher = paired_text(p["test"], np.tile(t_right, len(fs)))
+        vs_teacher = paired_text(p["test"], t_right)
         lines.append(
             f"| {n} | `{','.join(levers[n]) or '(base config)'}` | {per['val']} | {per['test']} | {accuracy_text(p['val'])} | "
             f"{vs['val']} | {accuracy_text(p['test'])} | {vs['test']} | {vs_teacher} | {minutes:.1f} |"
@@ -254,13 +351,13 @@ def table(
     }
     if pipeline:
         runs = {n: [deployed(f) for f in fs] for n, fs in done.items()}
-        lines += deployed_table(runs, t_right) + shapes_table(done)
+        lines += deployed_table(runs, t_right, unit) + shapes_table(done, unit)
         models |= {
             model_key(f / "deploy" / "model.onnx"): d["test"]
             for n, fs in done.items()
             for f, d in zip(fs, runs[n], strict=True)
         }
-    lines += hard_table(models, teacher, load(base / "split.json")["test"])
+    lines += hard_table(models, teachers if folds else teachers[:1], load(base / "split.json")["test"], unit)
     missing = [n for n in folders if n not in done]
     if missing:
         lines += ["", f"Not finished: {', '.join(missing)} (run the same command again)."]
@@ -270,10 +367,10 @@ def table(
 STEP_NAMES = ("pruned r=0.2 vs student", "deployed shape's FP32 file vs pruned", "deployed vs its FP32 file")
 
 
-def deployed_table(runs: dict[str, list[dict]], t_right: np.ndarray) -> list[str]:
-    """The deployed model of every (lever, seed) pipeline (`deployed()` of each, per lever in seed order):
-    per seed, pooled, against the default recipe's and the teacher; each compression step pooled against its
-    input (test, paired)."""
+def deployed_table(runs: dict[str, list[dict]], t_right: np.ndarray, unit: str = "seed") -> list[str]:
+    """The deployed model of every (lever, seed or fold) pipeline (`deployed()` of each, per lever in order):
+    per seed, pooled, against the default recipe's and the teacher (`t_right`: the teacher's test outcomes,
+    pooled the same way); each compression step pooled against its input (test, paired)."""
     pooled = {
         n: {sp: np.concatenate([d[sp] for d in ds]) for sp in ("val", "test")} for n, ds in runs.items()
     }
@@ -282,10 +379,15 @@ def deployed_table(runs: dict[str, list[dict]], t_right: np.ndarray) -> list[str
         "## The whole pipeline: the deployed model",
         "",
         "Chosen by the default deploy rule on validation. Steps: each compression step's test predictions "
-        "paired with its input's on the same (seed, image) pairs, pooled over the seeds. Minutes: the "
-        "pipeline's stages from the student on (the teacher is the base run's).",
+        f"paired with its input's on the same ({unit}, image) pairs, pooled over the {unit}s. Minutes: the "
+        "pipeline's stages from the student on"
+        + (
+            " (each fold trained its own teacher too)."
+            if unit == "fold"
+            else " (the teacher is the base run's)."
+        ),
         "",
-        "| lever | deployed, per seed | val % per seed | test % per seed | pooled val % (95% CI) | vs default, val | "
+        f"| lever | deployed, per {unit} | val % per {unit} | test % per {unit} | pooled val % (95% CI) | vs default, val | "
         "pooled test % (95% CI) | vs default, test | deployed vs teacher, test | "
         + " | ".join(STEP_NAMES)
         + " | minutes from the student on |",
@@ -299,7 +401,7 @@ def deployed_table(runs: dict[str, list[dict]], t_right: np.ndarray) -> list[str
         }
         kept = [d for d in ds if d["compressed"]]  # the steps of a deployed teacher are not its own
         some = (
-            f" ({len(kept)} of {len(ds)} seeds; the others deployed the teacher)"
+            f" ({len(kept)} of {len(ds)} {unit}s; the others deployed the teacher)"
             if len(kept) < len(ds)
             else ""
         )
@@ -311,7 +413,7 @@ def deployed_table(runs: dict[str, list[dict]], t_right: np.ndarray) -> list[str
         ]
         lines.append(
             f"| {n} | {' / '.join(d['label'] for d in ds)} | {per['val']} | {per['test']} | {accuracy_text(p['val'])} | "
-            f"{vs['val']} | {accuracy_text(p['test'])} | {vs['test']} | {paired_text(p['test'], np.tile(t_right, len(ds)))} | "
+            f"{vs['val']} | {accuracy_text(p['test'])} | {vs['test']} | {paired_text(p['test'], t_right)} | "
             f"{' | '.join(steps)} | {np.mean([d['minutes'] for d in ds]):.1f} |"
         )
     return lines
@@ -341,20 +443,20 @@ def shapes(run: Path) -> dict[str, dict]:
     return out
 
 
-def shapes_table(done: dict[str, list[Path]]) -> list[str]:
-    """Each compressed shape's FP32 file per lever, pooled over the seeds: what the cut and its fine-tune
-    cost against the student on the same (seed, image) pairs, whatever the deploy rule then chose."""
+def shapes_table(done: dict[str, list[Path]], unit: str = "seed") -> list[str]:
+    """Each compressed shape's FP32 file per lever, pooled over the seeds (or folds): what the cut and its
+    fine-tune cost against the student on the same (seed, image) pairs, whatever the deploy rule then chose."""
     per = {n: [shapes(f) for f in fs] for n, fs in done.items()}
     lines = [
         "",
         "## Every compressed shape (FP32 ONNX), against the student",
         "",
-        "Pooled over the seeds; vs student: points on test, (only the shape right / only the student right, "
-        "exact McNemar p) on the same (seed, image) pairs. Fine-tune epochs: per seed, as run (the stop rule "
+        f"Pooled over the {unit}s; vs student: points on test, (only the shape right / only the student right, "
+        f"exact McNemar p) on the same ({unit}, image) pairs. Fine-tune epochs: per {unit}, as run (the stop rule "
         "may end a fine-tune before its cap).",
         "",
         "| lever | shape | pooled val % (95% CI) | vs default's shape, val | pooled test % (95% CI) | "
-        "vs default's shape, test | vs student, test | fine-tune epochs per seed |",
+        f"vs default's shape, test | vs student, test | fine-tune epochs per {unit} |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
 
@@ -382,27 +484,32 @@ def model_key(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def hard_table(models: dict[str, np.ndarray], teacher: dict, files: list[str], most: int = 12) -> list[str]:
+def hard_table(
+    models: dict[str, np.ndarray], teachers: list[dict], files: list[str], unit: str = "seed", most: int = 12
+) -> list[str]:
     """The test images the most models got wrong (each model's correct-per-image array on the base run's
-    test split), with the teacher's verdict: where the errors a recipe cannot shake are, and how many test
-    points the images every model got wrong cost each seed."""
+    test split), with the verdict of the teachers (one for the seeds, one per fold): where the errors a
+    recipe cannot shake are, and how many test points the images every model got wrong cost each seed."""
     wrong = np.sum([~r for r in models.values()], axis=0)
     order = [int(i) for i in np.argsort(-wrong, kind="stable") if wrong[i] > 0][:most]
-    classes, labels, pred = teacher["classes"], teacher["labels"], teacher["pred"]
+    classes, labels = teachers[0]["classes"], teachers[0]["labels"]
     always = int(np.sum(wrong == len(models)))
     lines = [
         "",
         "## The test images most models got wrong",
         "",
         f"Every distinct model above ({len(models)}: the students and, with --pipeline, the deployed models of "
-        f"every lever and seed, a file shared by levers counted once) on the base run's {len(files)} test "
-        f"images. {always} image(s) wrong in every model: {100 * always / len(files):.2f} points of each seed's test accuracy that no recipe here recovered.",
+        f"every lever and {unit}, a file shared by levers counted once) on the base run's {len(files)} test "
+        f"images. {always} image(s) wrong in every model: {100 * always / len(files):.2f} points of each {unit}'s test accuracy that no recipe here recovered.",
         "",
         "| test image | class | wrong in (of the models) | teacher |",
         "|---|---|---:|---|",
     ]
     for i in order:
-        verdict = "right" if pred[i] == labels[i] else f"wrong ({classes[pred[i]]})"
+        said = [t["pred"][i] for t in teachers if t["pred"][i] != labels[i]]
+        verdict = "right" if not said else f"wrong ({', '.join(sorted({classes[c] for c in said}))})"
+        if len(teachers) > 1 and said:
+            verdict += f" in {len(said)} of {len(teachers)}"
         lines.append(
             f"| {Path(files[i]).name} | {classes[labels[i]]} | {wrong[i]} of {len(models)} | {verdict} |"
         )
@@ -414,7 +521,14 @@ def hard_table(models: dict[str, np.ndarray], teacher: dict, files: list[str], m
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, required=True, help="a finished run: its split, teacher and config")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default=None, help="training seeds, comma-separated (default 0,1,2)")
+    ap.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="K: cross-validation instead of seeds (with --pipeline): the base split's train + val cut into K "
+        "folds, each fold validation once, each with its own teacher; test unchanged",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/levers"))
     ap.add_argument(
         "--lever",
@@ -432,10 +546,23 @@ def main() -> int:
             raise SystemExit(f"--base {args.base}: no {need} (a run whose teacher stage finished)")
     if args.pipeline and not (args.base / "deploy" / "deploy.json").exists():
         raise SystemExit(f"--base {args.base}: nothing deployed yet (--pipeline compares finished runs)")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.folds and not args.pipeline:
+        raise SystemExit("--folds trains a teacher per fold: it needs --pipeline")
+    if args.folds == 1 or args.folds < 0:
+        raise SystemExit(f"--folds {args.folds}: give 2 or more (or leave it out for seeds)")
+    if args.folds and args.seeds:
+        raise SystemExit("--folds and --seeds: the folds run at the base config's seed; give one of the two")
+    seeds = [int(s) for s in (args.seeds or "0,1,2").split(",")]
     given = dict(map(parse_lever, args.lever)) if args.lever else {n: k.split(",") for n, k in LEVERS.items()}
     levers = {"default": [], **given}
-    if not args.report_only:
+    if not args.report_only and args.folds:
+        # fold by fold, every lever at a fold before the next: a study cut short has whole pairs
+        for f in range(args.folds):
+            home = args.out / "default" / f"f{f}"
+            run_fold(args.base, home, args.folds, f)
+            for n, keys in given.items():
+                run_pipeline(home, args.out / n / f"f{f}", keys, reuse=home)
+    elif not args.report_only:
         # seed by seed, every lever at a seed before the next seed: a study cut short has whole pairs
         for s in seeds:
             for n, keys in levers.items():
@@ -446,7 +573,7 @@ def main() -> int:
                     run_pipeline(args.base, folder, overrides, reuse=reuse)
                 else:
                     train_one(args.base, args.out / n / f"s{s}", overrides)
-    lines = table(args.out, args.base, levers, seeds, pipeline=args.pipeline)
+    lines = table(args.out, args.base, levers, seeds, pipeline=args.pipeline, folds=args.folds)
     atomic_write_text(args.out / "LEVERS.md", "\n".join(lines))
     print("\n".join(lines))
     return 0

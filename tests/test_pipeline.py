@@ -537,16 +537,16 @@ def test_lever_study_pipeline_mode_compares_deployed_models_from_one_teacher(smo
     assert (levers / "LEVERS.md").read_text() == table
 
 
-def levers_script():
-    """scripts/levers.py as a module (it is a script, not part of the package)."""
+def script(name: str):
+    """scripts/<name>.py as a module (the benchmarks are scripts, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "scripts" / "levers.py"
-    spec = importlib.util.spec_from_file_location("levers_script", path)
-    levers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(levers)
-    return levers
+    path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher():
@@ -556,7 +556,7 @@ def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher():
 
     import numpy as np
 
-    levers = levers_script()
+    levers = script("levers")
     rng = np.random.default_rng(0)
 
     def fake(compressed: bool) -> dict:
@@ -590,7 +590,7 @@ def test_lever_study_lists_the_test_images_most_models_got_wrong():
     got wrong (the points no recipe recovered) and gives the teacher's verdict with the class it chose."""
     import numpy as np
 
-    levers = levers_script()
+    levers = script("levers")
     right = np.ones(5, dtype=bool)
     models = {"a": right.copy(), "b": right.copy(), "c": right.copy()}
     for m in models.values():
@@ -607,3 +607,103 @@ def test_lever_study_lists_the_test_images_most_models_got_wrong():
     assert "1 image(s) wrong in every model: 20.00 points" in "\n".join(lines)
     none = levers.hard_table({"a": right}, teacher, files)
     assert "0 image(s) wrong in every model" in "\n".join(none) and "| (none) | | | |" in none
+
+
+def test_subset_benchmark_sets_every_step_beside_the_full_dataset():
+    """scripts/imbalanced.py --balanced A,B: every step of the subsets, pooled, beside the same step of the
+    full-dataset runs, pooled, with the difference and its interval (the small-data benchmark of issue 29)."""
+    import numpy as np
+
+    imbalanced = script("imbalanced")
+    y = np.repeat(np.arange(2), 50)  # 100 test images, 50 a class
+
+    def run(wrong: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        p = y.copy()
+        p[:wrong] = 1  # `wrong` images of class 0 called class 1
+        return [(p, y)] * len(imbalanced.STEPS)
+
+    rows = imbalanced.against_full([run(10), run(0)], [run(0), run(0), run(0)])
+    assert [r[0] for r in rows] == list(imbalanced.STEPS)
+    name, subsets, full, diff = rows[-1]
+    # subsets: 10 of 100 class-0 images wrong over two runs -> class 0 at 90%, balanced 95%; full: 100%
+    assert subsets.startswith("95.00 +- ") and full.startswith("100.00 +- ")
+    d, lo, hi = (float(x) for x in diff.replace("(", "").replace(")", "").replace(" to ", " ").split())
+    assert d == -5.0 and lo < -5.0 < hi < 0  # the interval is clear of zero: 10 of 100 images is a real loss
+    assert imbalanced.against_full([run(0)], [run(0)])[-1][3].startswith("+0.00")
+
+
+def test_fold_split_cuts_train_and_val_into_stratified_folds():
+    """levers.py --folds: every train + val image is validation in exactly one fold, each class spread
+    evenly over the folds, byte-identical files in one fold, test untouched."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    levers = script("levers")
+    classes = ["a", "b"]
+    samples = [
+        SimpleNamespace(path=f"{c}_{i}.jpg", label=j) for j, c in enumerate(classes) for i in range(20)
+    ]
+    hashes = [s.path for s in samples]
+    hashes[1] = hashes[0]  # a_0 and a_1 are the same bytes
+    index = SimpleNamespace(root=Path("x"), classes=classes, samples=samples, hashes=hashes)
+    paths = [s.path for s in samples]
+    split = {
+        "classes": classes,
+        "fingerprint": "f",
+        "train": paths[2:16] + paths[20:36],
+        "val": paths[16:18] + paths[36:38],
+    }
+    split["test"] = paths[:2] + paths[18:20] + paths[38:]
+    pool = set(split["train"]) | set(split["val"])
+    cuts = [levers.fold_split(split, index, 3, f) for f in range(3)]
+    vals = [set(c["val"]) for c in cuts]
+    assert set().union(*vals) == pool and sum(map(len, vals)) == len(pool)  # each image validation once
+    for c in cuts:
+        assert set(c["train"]) | set(c["val"]) == pool and not set(c["train"]) & set(c["val"])
+        assert c["test"] == split["test"] and c["fingerprint"] == "f"
+    for name, n in (("a", 16), ("b", 18)):  # each class dealt evenly: 6/5/5 and 6/6/6
+        counts = sorted(sum(Path(p).name.startswith(name) for p in c["val"]) for c in cuts)
+        assert sum(counts) == n and counts[-1] - counts[0] <= 1
+    assert cuts == [levers.fold_split(split, index, 3, f) for f in range(3)]  # deterministic
+    # a duplicate pair in the pool stays in one fold
+    split["train"][:0], split["test"] = ["a_0.jpg", "a_1.jpg"], paths[18:20] + paths[38:]
+    pool = set(split["train"]) | set(split["val"])
+    cuts = [levers.fold_split(split, index, 3, f) for f in range(3)]
+    assert sum({"a_0.jpg", "a_1.jpg"} <= set(c["val"]) for c in cuts) == 1
+
+
+def test_lever_study_cross_validation_gives_every_fold_its_own_teacher(smoke_run, tmp_path):
+    """--folds K --pipeline: the default recipe runs whole on each fold (its own split.json and teacher),
+    each lever starts from that fold's run, and LEVERS.md pools validation over every train + val image."""
+    from pathlib import Path
+
+    out, _, _ = smoke_run
+    levers = tmp_path / "cv"
+    script_path = Path(__file__).parents[1] / "scripts" / "levers.py"
+    args = [sys.executable, str(script_path), "--base", str(out), "--out", str(levers), "--folds", "2"]
+    refused = subprocess.run(args, capture_output=True, text=True)  # no --pipeline
+    assert refused.returncode != 0 and "--pipeline" in refused.stderr and not levers.exists()
+    refused = subprocess.run([*args, "--pipeline", "--seeds", "0"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "--seeds" in refused.stderr and not levers.exists()
+    args += ["--pipeline", "--lever", "ms3=deploy.min_speedup=3"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    base = json.loads((out / "split.json").read_text())
+    folds = [levers / "default" / f"f{f}" for f in range(2)]
+    cuts = [json.loads((f / "split.json").read_text()) for f in folds]
+    assert [c["fold"] for c in cuts] == [{"k": 2, "index": 0}, {"k": 2, "index": 1}]  # kept by slimvit run
+    assert cuts[0]["val"] == cuts[1]["train"] and cuts[1]["val"] == cuts[0]["train"]
+    assert sorted(cuts[0]["val"] + cuts[1]["val"]) == sorted(base["train"] + base["val"])
+    assert cuts[0]["test"] == base["test"]
+    described = json.loads((folds[0] / "data.json").read_text())["split"]
+    assert described["val"] == len(cuts[0]["val"]) and described["train"] == len(cuts[0]["train"])
+    teacher = Path("teacher") / "model.safetensors"
+    assert (folds[0] / teacher).read_bytes() != (out / teacher).read_bytes()  # trained on the fold
+    assert (levers / "ms3" / "f1" / teacher).read_bytes() == (folds[1] / teacher).read_bytes()
+    table = (levers / "LEVERS.md").read_text()
+    assert "--folds 2" in table and "each fold its own teacher" in table
+    assert f"validation {len(base['train']) + len(base['val'])}" in table  # every train + val image once
+    rows = [line for line in table.splitlines() if line.startswith("| ms3 |")]
+    assert len(rows) == 3 and "p=" in rows[1]  # student, deployed, shapes: paired with the default
+    assert subprocess.run(args, capture_output=True).returncode == 0  # resumable: only checks
+    assert (levers / "LEVERS.md").read_text() == table
