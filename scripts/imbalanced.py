@@ -310,9 +310,9 @@ def main() -> int:
     kind = "Imbalanced subset" if counts == COUNTS else "Subset"
     for seed, run in zip(seeds, runs, strict=True):
         lines += summary(run, f"{kind}, seed {seed}")
-    if len(runs) > 1:
-        lines += pooled(runs, load(runs[0] / "bench.json")["classes"])
     classes = load(runs[0] / "bench.json")["classes"]
+    if len(runs) > 1:
+        lines += pooled(runs, classes)
     fulls = [Path(f) for f in args.balanced.split(",")] if args.balanced else []
     if missing := [f for f in fulls if not (f / "deploy" / "deploy.json").exists()]:
         print(

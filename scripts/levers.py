@@ -119,8 +119,16 @@ def slimvit_run(folder: Path, overrides: list[str]) -> None:
     rc = subprocess.run(
         [slimvit, "run", "--config", str(folder / "config.yaml"), "--out", str(folder)]
     ).returncode
-    if rc:
+    if rc == 2 and nothing_deployed(folder):  # a finished run: the deploy rule's own verdict, kept as one
+        print(f"note: {folder}: no candidate met the deploy rule; the study goes on", flush=True)
+    elif rc:
         raise SystemExit(f"slimvit run --out {folder} exited {rc} (run the same command again to resume)")
+
+
+def nothing_deployed(folder: Path) -> bool:
+    """Whether `folder` is a finished run whose deploy rule found no candidate (deploy.json says so)."""
+    record = folder / "deploy" / "deploy.json"
+    return record.exists() and load(record).get("deployed") is False
 
 
 def fold_split(split: dict, index, k: int, fold: int) -> dict:
@@ -239,19 +247,23 @@ def deployed(run: Path) -> dict:
     """The deployed model of a finished run: its label, validation and test outcomes (the last step), and
     the test outcomes of each step it rests on (report.class_models: teacher, student, pruned, the deployed
     model's FP32 file, the deployed model; the FP32 file stands for itself when it is the one deployed);
-    `compressed` is False where the run deployed its teacher, whose steps are then not its own."""
+    `compressed` is False where the run deployed its teacher, whose steps are then not its own. A run
+    whose deploy rule found no candidate has no outcomes (None): its verdict is kept, not a stand-in."""
     from slimvit import report
     from slimvit.deploy import is_teacher
 
     r = finished_run(run)
+    stages = r["manifest"].get("stages", {})
+    seconds = sum(e.get("seconds", 0.0) for n, e in stages.items() if n not in ("data", "teacher"))
     dep = report.deployed_row(r)
+    if dep is None and nothing_deployed(run):
+        none = dict.fromkeys(("val", "test", "steps"))
+        return {"label": "nothing deployed", **none, "compressed": False, "minutes": seconds / 60}
     if dep is None:
         raise SystemExit(f"{run}: nothing deployed ({r['bench'].get('deploy_error')})")
     steps = [p == y for _, p, y in report.class_models(r)]
     if len(steps) == 4:
         steps.insert(3, steps[3])
-    stages = r["manifest"].get("stages", {})
-    seconds = sum(e.get("seconds", 0.0) for n, e in stages.items() if n not in ("data", "teacher"))
     return {
         "label": f"{dep['stage']} {dep['runtime']} {dep['precision']}",
         "val": row_correct(run, r["bench"], dep["key"], "val"),
@@ -273,7 +285,15 @@ def table(
     finished_run.cache_clear()  # folders finished since the last table are read anew
     unit = "fold" if folds else "seed"
     if folds:  # every fold is a run of its own, its teacher and split in the default recipe's folder
-        folders = {n: [out / n / f"f{f}" for f in range(folds)] for n in levers}
+        # the folds every recipe has finished, in order: a study cut short reports whole pairs so far
+        finished = 0
+        while finished < folds and all(
+            (out / n / f"f{finished}" / "deploy" / "deploy.json").exists() for n in levers
+        ):
+            finished += 1
+        if not finished:
+            raise SystemExit(f"no fold finished by every recipe under {out} (run the same command again)")
+        folders = {n: [out / n / f"f{f}" for f in range(finished)] for n in levers}
         homes = folders["default"]
     elif pipeline:
         folders = {n: [run_folder(base, out, n, k, s) for s in seeds] for n, k in levers.items()}
@@ -294,9 +314,12 @@ def table(
         n: {sp: np.concatenate([o[sp] for o in os]) for sp in ("val", "test")} for n, os in right.items()
     }
     teachers = [load(h / "teacher" / "eval.json") for h in homes]
-    t_right = np.concatenate([np.array(t["pred"]) == np.array(t["labels"]) for t in teachers])
+    t_rights = [np.array(t["pred"]) == np.array(t["labels"]) for t in teachers]
+    t_right = np.concatenate(t_rights)
     if folds:
         title = f"{folds} folds of train + val, each fold its own teacher; one training seed"
+        if finished < folds:
+            title += f" ({finished} of the {folds} folds finished so far: validation covers {finished}/{folds} of train + val)"
         teacher = f"Teachers (one per fold, `{out}/default/f*/teacher`): pooled test {accuracy_text(t_right)}"
         replicates = f"--folds {folds}"
     else:
@@ -351,11 +374,12 @@ def table(
     }
     if pipeline:
         runs = {n: [deployed(f) for f in fs] for n, fs in done.items()}
-        lines += deployed_table(runs, t_right, unit) + shapes_table(done, unit)
+        lines += deployed_table(runs, t_rights, unit) + shapes_table(done, unit)
         models |= {
             model_key(f / "deploy" / "model.onnx"): d["test"]
             for n, fs in done.items()
             for f, d in zip(fs, runs[n], strict=True)
+            if d["test"] is not None
         }
     lines += hard_table(models, teachers if folds else teachers[:1], load(base / "split.json")["test"], unit)
     missing = [n for n in folders if n not in done]
@@ -367,13 +391,18 @@ def table(
 STEP_NAMES = ("pruned r=0.2 vs student", "deployed shape's FP32 file vs pruned", "deployed vs its FP32 file")
 
 
-def deployed_table(runs: dict[str, list[dict]], t_right: np.ndarray, unit: str = "seed") -> list[str]:
+def deployed_table(runs: dict[str, list[dict]], t_rights: list[np.ndarray], unit: str = "seed") -> list[str]:
     """The deployed model of every (lever, seed or fold) pipeline (`deployed()` of each, per lever in order):
-    per seed, pooled, against the default recipe's and the teacher (`t_right`: the teacher's test outcomes,
-    pooled the same way); each compression step pooled against its input (test, paired)."""
+    per seed, pooled, against the default recipe's and the teacher (`t_rights`: the teacher's test outcomes
+    per seed or fold); each compression step pooled against its input (test, paired). Pooled and paired
+    over the seeds where every recipe deployed a model; where one deployed nothing, the table says so."""
+    reps = range(len(t_rights))
+    both = [i for i in reps if all(ds[i]["test"] is not None for ds in runs.values())]
     pooled = {
-        n: {sp: np.concatenate([d[sp] for d in ds]) for sp in ("val", "test")} for n, ds in runs.items()
+        n: {sp: np.concatenate([ds[i][sp] for i in both]) if both else None for sp in ("val", "test")}
+        for n, ds in runs.items()
     }
+    t_right = np.concatenate([t_rights[i] for i in both]) if both else None
     lines = [
         "",
         "## The whole pipeline: the deployed model",
@@ -394,29 +423,49 @@ def deployed_table(runs: dict[str, list[dict]], t_right: np.ndarray, unit: str =
         "|---|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(STEP_NAMES) + "---:|",
     ]
     for n, ds in runs.items():
-        per = {sp: " / ".join(f"{100 * d[sp].mean():.2f}" for d in ds) for sp in ("val", "test")}
+        per = {
+            sp: " / ".join("-" if d[sp] is None else f"{100 * d[sp].mean():.2f}" for d in ds)
+            for sp in ("val", "test")
+        }
         p = pooled[n]
         vs = {
-            sp: "" if n == "default" else paired_text(p[sp], pooled["default"][sp]) for sp in ("val", "test")
+            sp: "" if n == "default" or not both else paired_text(p[sp], pooled["default"][sp])
+            for sp in ("val", "test")
         }
         kept = [d for d in ds if d["compressed"]]  # the steps of a deployed teacher are not its own
         some = (
-            f" ({len(kept)} of {len(ds)} {unit}s; the others deployed the teacher)"
+            f" ({len(kept)} of {len(ds)} {unit}s; the others deployed the teacher or nothing)"
             if len(kept) < len(ds)
             else ""
         )
         steps = [
             paired_text(*(np.concatenate([d["steps"][j] for d in kept]) for j in (i + 1, i))) + some
             if kept
-            else "- (the teacher deployed)"
+            else "- (the teacher or nothing deployed)"
             for i in range(1, 1 + len(STEP_NAMES))
         ]
         lines.append(
-            f"| {n} | {' / '.join(d['label'] for d in ds)} | {per['val']} | {per['test']} | {accuracy_text(p['val'])} | "
-            f"{vs['val']} | {accuracy_text(p['test'])} | {vs['test']} | {paired_text(p['test'], t_right)} | "
+            f"| {n} | {' / '.join(d['label'] for d in ds)} | {per['val']} | {per['test']} | {text(p['val'])} | "
+            f"{vs['val']} | {text(p['test'])} | {vs['test']} | {'-' if not both else paired_text(p['test'], t_right)} | "
             f"{' | '.join(steps)} | {np.mean([d['minutes'] for d in ds]):.1f} |"
         )
+    if len(both) < len(reps):
+        none = "; ".join(
+            f"{n}: {unit} {', '.join(str(i) for i in reps if ds[i]['test'] is None)}"
+            for n, ds in runs.items()
+            if any(d["test"] is None for d in ds)
+        )
+        lines += [
+            "",
+            f"Nothing deployed (no candidate met the deploy rule) in {none}. The pooled columns and the "
+            f"paired tests cover the {unit}s where every recipe deployed a model"
+            + (f" ({', '.join(map(str, both))})." if both else ": none."),
+        ]
     return lines
+
+
+def text(right: np.ndarray | None) -> str:
+    return "-" if right is None else accuracy_text(right)
 
 
 def shapes(run: Path) -> dict[str, dict]:

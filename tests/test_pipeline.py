@@ -445,6 +445,21 @@ def test_refused_commands_leave_a_finished_run_as_it_was(smoke_run, tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["path"] == data_path
 
 
+def test_budgets_are_refused_up_front_only_on_a_bench_that_will_not_be_redone(smoke_run):
+    """`slimvit run` refuses an impossible budget before anything changes, on the finished bench; but where
+    a stage the bench is built from is stale (here the student's epochs changed), the bench will be redone
+    and its new candidates decide: refusing on the old ones would keep the run from ever retraining."""
+    from slimvit import pipeline
+    from slimvit.deploy import NothingFits
+
+    out, _, _ = smoke_run
+    impossible = ["deploy.budget_ms=0.0001"]
+    with pytest.raises(NothingFits):
+        pipeline.check_budgets(load_config(config_file=out / "config.yaml", overrides=impossible), out)
+    stale = load_config(config_file=out / "config.yaml", overrides=[*impossible, "train.epochs=7"])
+    assert pipeline.check_budgets(stale, out) is None
+
+
 def test_a_reset_keeps_the_deployed_model_serving_until_it_is_replaced(smoke_run, tmp_path):
     """Redoing the pipeline (here: from the teacher) resets the deploy and report stages, but their files
     stay in place, so `slimvit predict` keeps working during the rerun; the folder is not re-adopted as
@@ -707,3 +722,54 @@ def test_lever_study_cross_validation_gives_every_fold_its_own_teacher(smoke_run
     assert len(rows) == 3 and "p=" in rows[1]  # student, deployed, shapes: paired with the default
     assert subprocess.run(args, capture_output=True).returncode == 0  # resumable: only checks
     assert (levers / "LEVERS.md").read_text() == table
+    # a study cut short reports the folds every recipe finished, and says so
+    (levers / "ms3" / "f1" / "deploy" / "deploy.json").unlink()
+    r = subprocess.run([*args, "--report-only"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (levers / "LEVERS.md").read_text()
+    assert "1 of the 2 folds finished so far" in table and f"validation {len(cuts[0]['val'])}," in table
+
+
+def test_lever_table_keeps_a_run_that_deployed_nothing_out_of_the_pairs_and_says_so():
+    """A fold where the deploy rule found no candidate is the recipe's verdict there, not a model: the
+    deployed models are pooled and paired over the folds where every recipe deployed one, and the table
+    names the fold that deployed nothing."""
+    import numpy as np
+
+    levers = script("levers")
+    right = np.array([True] * 9 + [False])
+
+    def model(hits: np.ndarray) -> dict:
+        return {
+            "label": "r0.5-d6",
+            "val": hits,
+            "test": hits,
+            "steps": [hits] * 5,
+            "compressed": True,
+            "minutes": 1.0,
+        }
+
+    nothing = {
+        "label": "nothing deployed",
+        "val": None,
+        "test": None,
+        "steps": None,
+        "compressed": False,
+        "minutes": 1.0,
+    }
+    runs = {
+        "default": [model(right), nothing, model(right)],
+        "long": [model(right), model(~right), model(right)],
+    }
+    lines = levers.deployed_table(runs, [right] * 3, "fold")
+    rows = {
+        line.split(" | ")[0]: line
+        for line in lines
+        if line.startswith("| default") or line.startswith("| long")
+    }
+    assert "90.00 / - / 90.00" in rows["| default"] and "nothing deployed" in rows["| default"]
+    assert "90.00 / 10.00 / 90.00" in rows["| long"]
+    # pooled over folds 0 and 2 only: 18 of 20, and the same images as the default's (no discordant pair)
+    assert rows["| long"].count("90.00 (") == 2 and "+0.00 (0/0, p=1)" in rows["| long"]
+    assert lines[-1].startswith("Nothing deployed (no candidate met the deploy rule) in default: fold 1.")
+    assert "(0, 2)" in lines[-1]

@@ -325,8 +325,8 @@ def check_budgets(cfg, run_dir: Path) -> None:
         return
     try:
         manifest, fp = Manifest(run_dir), Fingerprints(run_dir, cfg)
-        if assess(get_stage("bench"), manifest, fp)[0] != DONE:
-            return  # the bench will be redone: its new candidates decide
+        if "bench" in _plan(enabled_stages(cfg), manifest, fp):
+            return  # the bench will be redone (it, or a stage it is built from, is stale): its new candidates decide
         rows = read_json(run_dir / BENCH)["rows"]
     except (SlimvitError, ValueError, KeyError, OSError):
         return  # the stages themselves say what is wrong
