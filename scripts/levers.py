@@ -374,7 +374,8 @@ def table(
     }
     if pipeline:
         runs = {n: [deployed(f) for f in fs] for n, fs in done.items()}
-        lines += deployed_table(runs, t_rights, unit) + shapes_table(done, unit)
+        names = list(range(len(homes))) if folds else seeds
+        lines += deployed_table(runs, t_rights, unit, names) + shapes_table(done, unit)
         models |= {
             model_key(f / "deploy" / "model.onnx"): d["test"]
             for n, fs in done.items()
@@ -391,12 +392,16 @@ def table(
 STEP_NAMES = ("pruned r=0.2 vs student", "deployed shape's FP32 file vs pruned", "deployed vs its FP32 file")
 
 
-def deployed_table(runs: dict[str, list[dict]], t_rights: list[np.ndarray], unit: str = "seed") -> list[str]:
+def deployed_table(
+    runs: dict[str, list[dict]], t_rights: list[np.ndarray], unit: str = "seed", names: list | None = None
+) -> list[str]:
     """The deployed model of every (lever, seed or fold) pipeline (`deployed()` of each, per lever in order):
     per seed, pooled, against the default recipe's and the teacher (`t_rights`: the teacher's test outcomes
     per seed or fold); each compression step pooled against its input (test, paired). Pooled and paired
-    over the seeds where every recipe deployed a model; where one deployed nothing, the table says so."""
+    over the seeds where every recipe deployed a model; where one deployed nothing, the table says so
+    (`names`: the seeds or folds, in order; their positions by default)."""
     reps = range(len(t_rights))
+    names = list(reps) if names is None else names
     both = [i for i in reps if all(ds[i]["test"] is not None for ds in runs.values())]
     pooled = {
         n: {sp: np.concatenate([ds[i][sp] for i in both]) if both else None for sp in ("val", "test")}
@@ -451,7 +456,7 @@ def deployed_table(runs: dict[str, list[dict]], t_rights: list[np.ndarray], unit
         )
     if len(both) < len(reps):
         none = "; ".join(
-            f"{n}: {unit} {', '.join(str(i) for i in reps if ds[i]['test'] is None)}"
+            f"{n}: {unit} {', '.join(str(names[i]) for i in reps if ds[i]['test'] is None)}"
             for n, ds in runs.items()
             if any(d["test"] is None for d in ds)
         )
@@ -459,7 +464,7 @@ def deployed_table(runs: dict[str, list[dict]], t_rights: list[np.ndarray], unit
             "",
             f"Nothing deployed (no candidate met the deploy rule) in {none}. The pooled columns and the "
             f"paired tests cover the {unit}s where every recipe deployed a model"
-            + (f" ({', '.join(map(str, both))})." if both else ": none."),
+            + (f" ({', '.join(str(names[i]) for i in both)})." if both else ": none."),
         ]
     return lines
 
