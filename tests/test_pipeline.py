@@ -588,16 +588,20 @@ def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher():
 
     runs = {Path("d0"): fake(True), Path("d1"): fake(True), Path("l0"): fake(True), Path("l1"): fake(False)}
     by_lever = {"default": [runs[Path("d0")], runs[Path("d1")]], "long": [runs[Path("l0")], runs[Path("l1")]]}
-    lines = levers.deployed_table(by_lever, rng.random(40) < 0.9)
+    teacher = rng.random(40) < 0.9
+    lines = levers.deployed_table(by_lever, [teacher, teacher])  # one teacher for both seeds
     default = next(line for line in lines if line.startswith("| default"))
     long = next(line for line in lines if line.startswith("| long"))
     assert "deployed the teacher" not in default
-    assert long.count("(1 of 2 seeds; the others deployed the teacher)") == len(levers.STEP_NAMES)
+    assert long.count("(1 of 2 seeds; the others deployed the teacher or nothing)") == len(levers.STEP_NAMES)
     a, b = runs[Path("l0")]["steps"][2], runs[Path("l0")]["steps"][1]  # pruned r=0.2 vs student, seed l0 only
     assert levers.paired_text(a, b) in long
     runs[Path("l0")]["compressed"] = False
-    lines = levers.deployed_table(by_lever, rng.random(40) < 0.9)
-    assert next(line for line in lines if line.startswith("| long")).count("- (the teacher deployed)") == 3
+    lines = levers.deployed_table(by_lever, [teacher, teacher])
+    assert (
+        next(line for line in lines if line.startswith("| long")).count("- (the teacher or nothing deployed)")
+        == 3
+    )
 
 
 def test_lever_study_lists_the_test_images_most_models_got_wrong():
@@ -613,15 +617,26 @@ def test_lever_study_lists_the_test_images_most_models_got_wrong():
     models["a"][1] = models["b"][1] = False  # wrong in two
     teacher = {"classes": ["cat", "dog"], "labels": [0, 0, 1, 1, 0], "pred": [0, 0, 1, 0, 0]}
     files = [f"IMAGES/x_{i}.jpg" for i in range(5)]
-    lines = levers.hard_table(models, teacher, files)
+    lines = levers.hard_table(models, [teacher], files)
     rows = [line for line in lines if line.startswith("| x_")]
     assert rows == [
         "| x_3.jpg | dog | 3 of 3 | wrong (cat) |",
         "| x_1.jpg | cat | 2 of 3 | right |",
     ]  # images no model got wrong are not listed
     assert "1 image(s) wrong in every model: 20.00 points" in "\n".join(lines)
-    none = levers.hard_table({"a": right}, teacher, files)
+    none = levers.hard_table({"a": right}, [teacher], files)
     assert "0 image(s) wrong in every model" in "\n".join(none) and "| (none) | | | |" in none
+    # cross-validation: a teacher per fold, each verdict counted
+    right_teacher = {**teacher, "pred": teacher["labels"]}
+    rows = [
+        line
+        for line in levers.hard_table(models, [teacher, right_teacher], files, "fold")
+        if line.startswith("| x_")
+    ]
+    assert rows == [
+        "| x_3.jpg | dog | 3 of 3 | wrong (cat) in 1 of 2 |",
+        "| x_1.jpg | cat | 2 of 3 | right |",
+    ]
 
 
 def test_subset_benchmark_sets_every_step_beside_the_full_dataset():
