@@ -158,15 +158,21 @@ def same_classes(flag: str, folders: list[Path], classes: list[str], first: Path
             raise SystemExit(f"{flag}: {r} has other classes than {first}")
 
 
-def control(runs: list[Path], ctrl: list[Path], classes: list[str], fulls: list[Path] = ()) -> list[str]:
+def control(
+    runs: list[Path],
+    ctrl: list[Path],
+    classes: list[str],
+    fulls: list[Path] = (),
+    whole_steps: list | None = None,
+) -> list[str]:
     """Every step of `runs` against the same step of `ctrl` (a balanced subset of the same size: what
     having fewer images costs, without the imbalance), and of `ctrl` against `fulls` (runs on the whole
-    balanced dataset, pooled) when given. Other images, so no paired test: each pooled balanced accuracy
+    balanced dataset, pooled; `whole_steps`: their steps_by_role) when given. Other images, so no paired test: each pooled balanced accuracy
     with its standard error, each difference with a 95% interval. The intervals cover the sampling of
     test images only, the trained models held fixed."""
     same_classes("--control", ctrl, classes, runs[0])
     mine, theirs = [steps_by_role(r) for r in runs], [steps_by_role(r) for r in ctrl]
-    whole = [_pool([steps_by_role(r) for r in fulls], i) for i in range(len(STEPS))] if fulls else None
+    whole = [_pool(whole_steps, i) for i in range(len(STEPS))] if fulls else None
     full = ", ".join(f"`{r}`" for r in fulls)
     lines = [
         f"### Against a balanced subset of the same size ({', '.join(f'`{r}`' for r in ctrl)})",
@@ -202,10 +208,11 @@ def against_full(
     return rows
 
 
-def full_table(runs: list[Path], fulls: list[Path]) -> list[str]:
+def full_table(runs: list[Path], fulls: list[Path], whole: list) -> list[str]:
     """The subsets' every step against the same step on the whole dataset (`fulls`, e.g. three training
-    seeds of `slimvit run` on NEU-DET, pooled): what having only the subset's images costs a user."""
-    rows = against_full([steps_by_role(r) for r in runs], [steps_by_role(r) for r in fulls])
+    seeds of `slimvit run` on NEU-DET, pooled; `whole`: their steps_by_role): what having only the
+    subset's images costs a user."""
+    rows = against_full([steps_by_role(r) for r in runs], whole)
     lines = [
         f"### Against the full dataset ({', '.join(f'`{r}`' for r in fulls)})",
         "",
@@ -321,14 +328,15 @@ def main() -> int:
         fulls = []
     same_classes("--balanced", fulls, classes, runs[0])
     deployed = all((r / "deploy" / "deploy.json").exists() for r in runs)
-    if fulls and deployed:
-        lines += full_table(runs, fulls)
+    whole = [steps_by_role(r) for r in fulls] if fulls and deployed else None  # read once for both tables
+    if whole:
+        lines += full_table(runs, fulls, whole)
     elif fulls:
         print("note: not every subset run deployed a model; no comparison with --balanced")
     if args.control:
         ctrl = seed_runs(Path(args.control), seeds)
         if deployed and all((r / "deploy" / "deploy.json").exists() for r in ctrl):
-            lines += control(runs, ctrl, classes, fulls)
+            lines += control(runs, ctrl, classes, fulls if whole else [], whole)
         else:
             print(
                 f"note: --control {args.control}: not every run deployed a model ({', '.join(map(str, ctrl))}); "

@@ -105,7 +105,8 @@ def run_pipeline(base: Path, folder: Path, overrides: list[str], reuse: Path | N
     if folder == base:
         return
     if reuse is not None and not folder.exists() and (reuse / "deploy" / "deploy.json").exists():
-        copy_folder(reuse, folder, skip=("checkpoint.pt", ".lock", "*.log"))
+        # without deploy/: a lever's folder counts as finished (deploy.json) only once its own run got there
+        copy_folder(reuse, folder, skip=("checkpoint.pt", ".lock", "*.log", "deploy"))
     seed_folder(base, folder)
     save_config(load_config(config_file=base / "config.yaml", overrides=overrides), folder / "config.yaml")
     slimvit_run(folder, overrides)
@@ -294,13 +295,12 @@ def table(
         if not finished:
             raise SystemExit(f"no fold finished by every recipe under {out} (run the same command again)")
         folders = {n: [out / n / f"f{f}" for f in range(finished)] for n in levers}
-        homes = folders["default"]
     elif pipeline:
         folders = {n: [run_folder(base, out, n, k, s) for s in seeds] for n, k in levers.items()}
     else:
         folders = {n: [out / n / f"s{s}" for s in seeds] for n in levers}
-    if not folds:
-        homes = [base] * len(seeds)  # one teacher and split for every seed
+    # where each seed's or fold's teacher and split are: one for every seed, a fold's own run
+    homes = folders["default"] if folds else [base] * len(seeds)
     if pipeline:
         done = {
             n: fs for n, fs in folders.items() if all((f / "deploy" / "deploy.json").exists() for f in fs)
