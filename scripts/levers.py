@@ -249,7 +249,9 @@ def deployed(run: Path) -> dict:
     the test outcomes of each step it rests on (report.class_models: teacher, student, pruned, the deployed
     model's FP32 file, the deployed model; the FP32 file stands for itself when it is the one deployed);
     `compressed` is False where the run deployed its teacher, whose steps are then not its own. A run
-    whose deploy rule found no candidate has no outcomes (None): its verdict is kept, not a stand-in."""
+    whose deploy rule found no candidate has no outcomes (None): its verdict is kept, not a stand-in; so has
+    one that deployed the student's own file because no compression fitted (deploy's fallback): a recipe is
+    compared on the compressions it delivers, as when such a run deployed nothing."""
     from slimvit import report
     from slimvit.deploy import is_teacher
 
@@ -257,9 +259,12 @@ def deployed(run: Path) -> dict:
     stages = r["manifest"].get("stages", {})
     seconds = sum(e.get("seconds", 0.0) for n, e in stages.items() if n not in ("data", "teacher"))
     dep = report.deployed_row(r)
-    if dep is None and nothing_deployed(run):
+    if (dep is None and nothing_deployed(run)) or (dep is not None and dep["stage"] == "student"):
         none = dict.fromkeys(("val", "test", "steps"))
-        return {"label": "nothing deployed", **none, "compressed": False, "minutes": seconds / 60}
+        label = (
+            "nothing deployed" if dep is None else "no compression fitted (the student's own file deployed)"
+        )
+        return {"label": label, **none, "compressed": False, "minutes": seconds / 60}
     if dep is None:
         raise SystemExit(f"{run}: nothing deployed ({r['bench'].get('deploy_error')})")
     steps = [p == y for _, p, y in report.class_models(r)]
@@ -462,8 +467,9 @@ def deployed_table(
         )
         lines += [
             "",
-            f"Nothing deployed (no candidate met the deploy rule) in {none}. The pooled columns and the "
-            f"paired tests cover the {unit}s where every recipe deployed a model"
+            f"Nothing compressed deployed (no compression met the deploy rule: nothing, or the student's own "
+            f"file, was deployed) in {none}. The pooled columns and the paired tests cover the {unit}s where every "
+            f"recipe deployed a compression or the teacher"
             + (f" ({', '.join(str(names[i]) for i in both)})." if both else ": none."),
         ]
     return lines

@@ -347,3 +347,38 @@ def test_the_teacher_is_a_candidate_judged_on_validation_alone():
             [{**STUDENT, "val_accuracy": 1.0}, *flat, {**teacher, "val_accuracy": val, "val_n": 18}]
         )
         assert best["validation_saturated"] and best["stage"] == "pruned" and "least compressed" in why
+
+
+def test_where_no_compression_fits_the_students_own_file_is_deployed():
+    # every compression loses more than the drop allows on validation: the student's ONNX FP32 file,
+    # uncompressed, is deployed rather than nothing, unless a budget rules it out too
+    own = {
+        **STUDENT,
+        "key": "student/onnxruntime/fp32",
+        "runtime": "onnxruntime",
+        "reference": False,
+        "file": "onnx/student_fp32.onnx",
+        "latency_ms_p50": 4.0,
+        "size_mb": 22.5,
+    }
+    lost = [{**r, "val_accuracy": 0.97} for r in rows()[1:]]
+    best, why = choose([STUDENT, own, *lost])
+    assert best["key"] == "student/onnxruntime/fp32" and not best["validation_saturated"]
+    assert "uncompressed" in why and "no compression of the student fits" in why and "98.44%" in why
+    assert choose([STUDENT, own, *lost], budget_mb=30.0)[0]["key"] == own["key"]
+    # the compressions' refusal names what failed
+    with pytest.raises(NothingFits, match="accuracy >= 98.44%"):
+        choose([STUDENT, own, *lost], budget_mb=5.0)
+    # a compression that fits is still preferred to the uncompressed file
+    assert choose([STUDENT, own, *rows()[1:]])[0]["key"] == "r0.2/int8-dynamic"
+    # the teacher competes with the student's file as with a compression: without budgets where faster
+    teacher = {
+        **own,
+        "key": "teacher/onnxruntime/fp32",
+        "stage": "teacher",
+        "candidate": True,
+        "val_accuracy": 0.99,
+    }
+    best, why = choose([STUDENT, own, *lost, {**teacher, "latency_ms_p50": 3.0}])
+    assert best["stage"] == "teacher" and "faster than the student's own file" in why
+    assert choose([STUDENT, own, *lost, {**teacher, "latency_ms_p50": 5.0}])[0]["key"] == own["key"]

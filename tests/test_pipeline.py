@@ -167,6 +167,41 @@ def test_verify_and_deploy_for_budgets(smoke_run, tmp_path):
     assert redone == {"deploy", "report"}, r.stderr[-3000:]
 
 
+def test_where_no_compression_fits_deploy_ships_the_students_own_file(smoke_run, tmp_path):
+    import shutil
+
+    out, _, _ = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    bench = json.loads((run / "bench.json").read_text())
+    for r in bench["rows"]:  # every compression far below the student on validation
+        if r["candidate"] and r["stage"] != "teacher":
+            r["val_accuracy"] = r["val_balanced_accuracy"] = 0.0
+        elif r["stage"] == "teacher":
+            r["latency_ms_p50"] = r["latency_ms_p90"] = 1e3  # and the teacher slower than the student's file
+    (run / "bench.json").write_text(json.dumps(bench))
+    import hashlib  # as if bench had measured these figures: its record names the file as written now
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    digest = hashlib.sha256((run / "bench.json").read_bytes()).hexdigest()[:32]
+    manifest["stages"]["bench"]["outputs"]["bench.json"] = digest
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    r = _cli("deploy", "--out", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((run / "deploy" / "deploy.json").read_text())
+    assert rec["key"] == "student/onnxruntime/fp32" and rec["source"] == "onnx/student_fp32.onnx"
+    assert "uncompressed" in rec["why"] and rec["predict_check"]["agrees"]
+    from test_edge import _blocked
+
+    v = _blocked(["verify", str(run / "deploy")])  # the edge box runs it like any deployed file
+    assert v.returncode == 0 and v.stdout.startswith("agrees: accuracy"), v.stderr[-2000:]
+    report = (run / "REPORT.md").read_text()
+    assert "Deployed: **student" in report and "No compression of the student fitted" in report
+    # a lever study compares recipes on the compressions they deliver: this run delivered none
+    d = script("levers").deployed(run)
+    assert d["test"] is None and d["val"] is None and "the student's own file deployed" in d["label"]
+
+
 def folder_digest(root) -> dict:
     """Every file under `root` (relative path -> sha256 of its bytes)."""
     import hashlib
@@ -786,5 +821,8 @@ def test_lever_table_keeps_a_run_that_deployed_nothing_out_of_the_pairs_and_says
     assert "90.00 / 10.00 / 90.00" in rows["| long"]
     # pooled over folds 0 and 2 only: 18 of 20, and the same images as the default's (no discordant pair)
     assert rows["| long"].count("90.00 (") == 2 and "+0.00 (0/0, p=1)" in rows["| long"]
-    assert lines[-1].startswith("Nothing deployed (no candidate met the deploy rule) in default: fold 1.")
+    assert lines[-1].startswith(
+        "Nothing compressed deployed (no compression met the deploy rule: nothing, or"
+    )
+    assert "in default: fold 1." in lines[-1]
     assert "(0, 2)" in lines[-1]

@@ -20,6 +20,9 @@ With 180 validation images one image is 0.56 points, so accuracies within one im
   compression fits, with budgets where it is more than one validation image more accurate, without
   where it is faster. A variant marked not portable (int8 weights that saturate x86's non-VNNI kernels)
   is never deployed.
+- Where no compression fits, the student's own ONNX FP32 file, uncompressed (it loses nothing against the
+  student), if it fits the budgets; the teacher competes with it as with a compression. Only where neither
+  fits is nothing deployed.
 """
 
 from __future__ import annotations
@@ -119,30 +122,49 @@ def choose(
 ) -> tuple[dict, str]:
     """The candidate to deploy and a sentence saying why; NothingFits when no candidate fits.
 
-    The student's compressions are chosen among first (`choose_compressed`); then the teacher's own
-    files compete on validation alone (`_teacher_instead`). Arguments as `choose_compressed`'s.
+    The student's compressions are chosen among first (`choose_compressed`), the student's own file where
+    none fits (`_student_itself`); then the teacher's own files compete on validation alone
+    (`_teacher_instead`). Arguments as `choose_compressed`'s.
     """
     vit = [r for r in rows if not (is_candidate(r) and is_teacher(r))]
     teachers = [r for r in rows if is_candidate(r) and is_teacher(r) and r.get("portable", True) is not False]
-    best, why, refusal = None, None, None
     try:
         best, why = choose_compressed(vit, max_drop, budget_ms, budget_mb, min_agreement, min_speedup)
-    except (NothingFits, ModelError) as e:  # no compression fits (or none was benchmarked): the teacher may
-        if not teachers:
+    except (NothingFits, ModelError) as e:  # no compression fits (or none was benchmarked)
+        own = _student_itself(rows, budget_ms, budget_mb, e)
+        won = _teacher_instead(teachers, own[0] if own else None, rows, max_drop, budget_ms, budget_mb)
+        if won is not None:
+            return won
+        if own is None:  # the compressions' own refusal says what failed
             raise
-        refusal = e
-    won = _teacher_instead(teachers, best, rows, max_drop, budget_ms, budget_mb)
-    if won is not None:
-        return won
-    if refusal is not None:  # the compressions' own refusal says what failed
-        raise refusal
-    return best, why
+        return own
+    return _teacher_instead(teachers, best, rows, max_drop, budget_ms, budget_mb) or (best, why)
+
+
+def _student_itself(rows: list[dict], budget_ms, budget_mb, refusal: Exception) -> tuple[dict, str] | None:
+    """The student's own ONNX FP32 file, uncompressed, and why, where no compression of it fits (`refusal`
+    says what they failed): it loses nothing against the student, so only the budgets can rule it out (None
+    where it does not fit them, or the bench has no such row). The teacher then competes with it as with a
+    compression (`_teacher_instead`)."""
+    s = student_onnx(rows)
+    if s is None or s.get("file") is None:
+        return None
+    if (budget_ms is not None and s["latency_ms_p50"] > budget_ms) or (
+        budget_mb is not None and s["size_mb"] > budget_mb
+    ):
+        return None
+    why = (
+        f"the student's own file, uncompressed: {describe(s)} (test {100 * s['accuracy']:.2f}%, reported "
+        f"only); no compression of the student fits: {str(refusal).removeprefix('no candidate fits ')}"
+    )
+    return {**s, "validation_saturated": False}, why
 
 
 def _teacher_instead(
     teachers: list[dict], best: dict | None, rows: list[dict], max_drop: float, budget_ms, budget_mb
 ) -> tuple[dict, str] | None:
-    """The teacher's file to deploy instead of the compressed `best`, and why; None to keep `best`.
+    """The teacher's file to deploy instead of `best` (the compression chosen, or the student's own file
+    where no compression fits), and why; None to keep `best`.
 
     A teacher file must fit the budgets and lie within `max_drop` of the student on validation (its
     agreement with the student is no test: it was never compressed from it). It wins where no compression
@@ -164,19 +186,23 @@ def _teacher_instead(
         return None
     budgeted = budget_ms is not None or budget_mb is not None
     t = max(fits, key=lambda r: (val_score(r), -r["latency_ms_p50"])) if budgeted else _fastest(fits)
+    own = best is not None and best.get("stage") == "student"  # no compression fits: the student's file does
+    rival = "the student's own file" if own else None
     if best is None:
-        reason = "no compression of the student fits"
-    elif budgeted and val_score(t) > val_score(best) + 1 / _n_val(rows) + 1e-9:
-        reason = (
-            f"it beats the best compression that fits ({describe(best)}) by more than one validation image"
+        reason = "no compression of the student fits" + (
+            ", nor does the student's own file" if student_onnx(rows) else ""
         )
+    elif budgeted and val_score(t) > val_score(best) + 1 / _n_val(rows) + 1e-9:
+        reason = f"it beats {rival or 'the best compression that fits'} ({describe(best)}) by more than one validation image"
     elif not budgeted and t["latency_ms_p50"] < best["latency_ms_p50"] * (1 - TIE):
-        reason = f"it is faster than the fastest compression within the drop ({describe(best)})"
+        reason = f"it is faster than {rival or 'the fastest compression within the drop'} ({describe(best)})"
     else:
         return None
     why = (
         f"the teacher's own file: {describe(t)} (test {100 * t['accuracy']:.2f}%, reported only), within the "
-        f"budgets and {max_drop:g} points of the student on validation; {reason}"
+        f"budgets and {max_drop:g} points of the student on validation; "
+        + ("no compression of the student fits, and " if own else "")
+        + reason
     )
     return {**t, "validation_saturated": False}, why
 

@@ -43,6 +43,12 @@ def conclusions(run: dict) -> list[str]:
             f"{dep['size_mb']:.2f} MB ({ref['size_mb'] / dep['size_mb']:.1f}x smaller), test accuracy "
             f"{pct_ci(dep['accuracy'], dep.get('accuracy_ci'))} (reference {pct_ci(ref['accuracy'], ref.get('accuracy_ci'))})."
         )
+        if dep["stage"] == "student":  # deploy's fallback: no compression fitted
+            out.append(
+                "- **No compression of the student fitted** (see Deployed model for what each failed): its own "
+                "file is deployed uncompressed. `slimvit deploy --max-drop N` re-chooses in seconds where a "
+                "larger loss is acceptable."
+            )
         if cover := _coverage(dep, run.get("config")):
             out.append(cover)
         if shift := _shift_line(run, dep):
