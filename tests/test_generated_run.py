@@ -90,9 +90,15 @@ def test_the_teacher_is_benched_as_a_candidate_and_deploys_like_one(run, tmp_pat
     report = (out / "REPORT.md").read_text()
     if json.loads((out / "deploy" / "deploy.json").read_text())["stage"] != "teacher":
         assert "Against deploying the teacher" in report  # what the compressed model buys over it
-    # a budget only the teacher meets, with every compression far from the student: the teacher deploys
+    # every compression far from the student, and the teacher faster than the student's own file (what
+    # deploy falls back to where no compression fits): the teacher deploys
     rows = [
-        {**r, "agreement": 0.0} if r["candidate"] and r["stage"] != "teacher" else r for r in bench["rows"]
+        {**r, "agreement": 0.0}
+        if r["candidate"] and r["stage"] != "teacher"
+        else {**r, "latency_ms_p50": 1e-3}
+        if r["stage"] == "teacher"
+        else r
+        for r in bench["rows"]
     ]
     best, why = choose(rows, max_drop=100.0)
     assert best["stage"] == "teacher" and "no compression of the student fits" in why
