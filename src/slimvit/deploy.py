@@ -16,9 +16,8 @@ With 180 validation images one image is 0.56 points, so accuracies within one im
   ONNX FP32 file and agrees best with the student, on its fastest file.
 - Candidates are the ONNX variants of the pruned model and of every pruning-sweep model, and the
   teacher's own ONNX files. The compressions are chosen among first, by the rules above; the teacher
-  then wins on validation accuracy alone (its agreement with the student measures no loss): where no
-  compression fits, with budgets where it is more than one validation image more accurate, without
-  where it is faster. A variant marked not portable (int8 weights that saturate x86's non-VNNI kernels)
+  then wins on validation accuracy alone (its agreement with the student measures no loss): with
+  budgets where it is more than one validation image more accurate, without where it is faster. A variant marked not portable (int8 weights that saturate x86's non-VNNI kernels)
   is never deployed.
 - Where no compression fits, the student's own ONNX FP32 file, uncompressed (it loses nothing against the
   student), if it fits the budgets; the teacher competes with it as with a compression. Only where neither
