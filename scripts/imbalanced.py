@@ -172,7 +172,7 @@ def control(
     test images only, the trained models held fixed."""
     same_classes("--control", ctrl, classes, runs[0])
     mine, theirs = [steps_by_role(r) for r in runs], [steps_by_role(r) for r in ctrl]
-    whole = [_pool(whole_steps, i) for i in range(len(STEPS))] if fulls else None
+    whole = [_pool(whole_steps, i) for i in range(len(STEPS))] if whole_steps else None
     full = ", ".join(f"`{r}`" for r in fulls)
     lines = [
         f"### Against a balanced subset of the same size ({', '.join(f'`{r}`' for r in ctrl)})",
@@ -336,7 +336,7 @@ def main() -> int:
     if args.control:
         ctrl = seed_runs(Path(args.control), seeds)
         if deployed and all((r / "deploy" / "deploy.json").exists() for r in ctrl):
-            lines += control(runs, ctrl, classes, fulls if whole else [], whole)
+            lines += control(runs, ctrl, classes, fulls, whole)
         else:
             print(
                 f"note: --control {args.control}: not every run deployed a model ({', '.join(map(str, ctrl))}); "

@@ -253,13 +253,13 @@ def deployed(run: Path) -> dict:
     one that deployed the student's own file because no compression fitted (deploy's fallback): a recipe is
     compared on the compressions it delivers, as when such a run deployed nothing."""
     from slimvit import report
-    from slimvit.deploy import is_teacher
+    from slimvit.deploy import is_student, is_teacher
 
     r = finished_run(run)
     stages = r["manifest"].get("stages", {})
     seconds = sum(e.get("seconds", 0.0) for n, e in stages.items() if n not in ("data", "teacher"))
     dep = report.deployed_row(r)
-    if (dep is None and nothing_deployed(run)) or (dep is not None and dep["stage"] == "student"):
+    if (dep is None and nothing_deployed(run)) or (dep is not None and is_student(dep)):
         none = dict.fromkeys(("val", "test", "steps"))
         label = (
             "nothing deployed" if dep is None else "no compression fitted (the student's own file deployed)"

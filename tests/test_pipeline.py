@@ -168,7 +168,10 @@ def test_verify_and_deploy_for_budgets(smoke_run, tmp_path):
 
 
 def test_where_no_compression_fits_deploy_ships_the_students_own_file(smoke_run, tmp_path):
+    import hashlib
     import shutil
+
+    from test_edge import _blocked
 
     out, _, _ = smoke_run
     run = tmp_path / "run"
@@ -180,8 +183,7 @@ def test_where_no_compression_fits_deploy_ships_the_students_own_file(smoke_run,
         elif r["stage"] == "teacher":
             r["latency_ms_p50"] = r["latency_ms_p90"] = 1e3  # and the teacher slower than the student's file
     (run / "bench.json").write_text(json.dumps(bench))
-    import hashlib  # as if bench had measured these figures: its record names the file as written now
-
+    # as if bench had measured these figures: its record names the file as written now
     manifest = json.loads((run / "manifest.json").read_text())
     digest = hashlib.sha256((run / "bench.json").read_bytes()).hexdigest()[:32]
     manifest["stages"]["bench"]["outputs"]["bench.json"] = digest
@@ -191,8 +193,6 @@ def test_where_no_compression_fits_deploy_ships_the_students_own_file(smoke_run,
     rec = json.loads((run / "deploy" / "deploy.json").read_text())
     assert rec["key"] == "student/onnxruntime/fp32" and rec["source"] == "onnx/student_fp32.onnx"
     assert "uncompressed" in rec["why"] and rec["predict_check"]["agrees"]
-    from test_edge import _blocked
-
     v = _blocked(["verify", str(run / "deploy")])  # the edge box runs it like any deployed file
     assert v.returncode == 0 and v.stdout.startswith("agrees: accuracy"), v.stderr[-2000:]
     report = (run / "REPORT.md").read_text()

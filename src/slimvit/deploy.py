@@ -17,8 +17,8 @@ With 180 validation images one image is 0.56 points, so accuracies within one im
 - Candidates are the ONNX variants of the pruned model and of every pruning-sweep model, and the
   teacher's own ONNX files. The compressions are chosen among first, by the rules above; the teacher
   then wins on validation accuracy alone (its agreement with the student measures no loss): with
-  budgets where it is more than one validation image more accurate, without where it is faster. A variant marked not portable (int8 weights that saturate x86's non-VNNI kernels)
-  is never deployed.
+  budgets where it is more than one validation image more accurate, without where it is faster. A
+  variant marked not portable (int8 weights that saturate x86's non-VNNI kernels) is never deployed.
 - Where no compression fits, the student's own ONNX FP32 file, uncompressed (it loses nothing against the
   student), if it fits the budgets; the teacher competes with it as with a compression. Only where neither
   fits is nothing deployed.
@@ -70,6 +70,11 @@ def _n_val(rows: list[dict]) -> int:
 
 def is_candidate(r: dict) -> bool:
     return bool(r.get("candidate")) and r["runtime"] != "pytorch"
+
+
+def is_student(r: dict) -> bool:
+    """A row of the student itself (uncompressed): deployed only where no compression fits (`_student_itself`)."""
+    return r.get("stage") == "student"
 
 
 def is_teacher(r: dict) -> bool:
@@ -185,7 +190,7 @@ def _teacher_instead(
         return None
     budgeted = budget_ms is not None or budget_mb is not None
     t = max(fits, key=lambda r: (val_score(r), -r["latency_ms_p50"])) if budgeted else _fastest(fits)
-    own = best is not None and best.get("stage") == "student"  # no compression fits: the student's file does
+    own = best is not None and is_student(best)  # no compression fits: the student's file does
     rival = "the student's own file" if own else None
     if best is None:
         reason = "no compression of the student fits" + (
@@ -308,9 +313,7 @@ def student_onnx(rows: list[dict]) -> dict | None:
         (
             r
             for r in rows
-            if r.get("stage") == "student"
-            and r.get("runtime") == "onnxruntime"
-            and r.get("precision") == "fp32"
+            if is_student(r) and r.get("runtime") == "onnxruntime" and r.get("precision") == "fp32"
         ),
         None,
     )

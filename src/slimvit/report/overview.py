@@ -4,7 +4,7 @@ the later sections show."""
 from __future__ import annotations
 
 from slimvit.config import Config
-from slimvit.deploy import is_teacher
+from slimvit.deploy import is_student, is_teacher
 from slimvit.labels import pct, pct_ci, ratio_text, row_label
 from slimvit.report.classes import weakest_class
 from slimvit.report.deployment import budget_sentences
@@ -43,7 +43,7 @@ def conclusions(run: dict) -> list[str]:
             f"{dep['size_mb']:.2f} MB ({ref['size_mb'] / dep['size_mb']:.1f}x smaller), test accuracy "
             f"{pct_ci(dep['accuracy'], dep.get('accuracy_ci'))} (reference {pct_ci(ref['accuracy'], ref.get('accuracy_ci'))})."
         )
-        if dep["stage"] == "student":  # deploy's fallback: no compression fitted
+        if is_student(dep):  # deploy's fallback: no compression fitted
             out.append(
                 "- **No compression of the student fitted** (see Deployed model for what each failed): its own "
                 "file is deployed uncompressed. `slimvit deploy --max-drop N` re-chooses in seconds where a "
