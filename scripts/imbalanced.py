@@ -34,18 +34,27 @@ from pathlib import Path
 
 import numpy as np
 
-from slimvit import report
+from slimvit import layout, report
 from slimvit.evaluate import balanced_accuracy, balanced_accuracy_diff, balanced_accuracy_se, mcnemar, wilson
 from slimvit.io import atomic_write_text
 
 COUNTS = "300,200,120,80,50,30"
 
 
-def sh(*args: str, ok: tuple[int, ...] = (0,)) -> None:
+def sh(*args: str, ok: tuple[int, ...] = (0,)) -> int:
     print("+", " ".join(args), flush=True)
     rc = subprocess.run(args).returncode
     if rc not in ok:
         raise SystemExit(f"{args[1]} exited {rc}")
+    return rc
+
+
+def finished(rc: int, run: Path) -> None:
+    """`slimvit run` exits 2 both for a finished run whose deploy rule found nothing and for a refusal (a
+    changed config, a bad dataset): only the first leaves a deploy record saying `deployed: false`."""
+    record = run / layout.DEPLOYED
+    if rc == 2 and not (record.exists() and json.loads(record.read_text()).get("deployed") is False):
+        raise SystemExit(f"slimvit run --out {run} refused (its error is above); nothing compared")
 
 
 def slimvit() -> str:
@@ -295,7 +304,7 @@ def main() -> int:
             sh(slimvit(), "subset", args.data, str(subset), "--counts", counts, "--seed", str(seed))
         (run,) = seed_runs(out, [seed])
         # exit 2 with a finished report: no candidate met the deploy rule (the summary says so)
-        sh(
+        rc = sh(
             slimvit(),
             "run",
             "--preset",
@@ -307,6 +316,7 @@ def main() -> int:
             *sets,
             ok=(0, 2),
         )
+        finished(rc, run)
         runs.append(run)
     lines = [
         "# Imbalanced NEU-DET benchmark" if counts == COUNTS else f"# NEU-DET subset benchmark ({counts})",

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slimvit import layout
 from slimvit.data import discover
 from slimvit.evaluate import wilson
 from slimvit.predict import predict_files
@@ -43,6 +44,14 @@ def sh(*args: str, ok: tuple[int, ...] = (0,)) -> int:
     if rc not in ok:
         raise SystemExit(f"{args[1]} exited {rc}")
     return rc
+
+
+def finished(rc: int, run: Path) -> None:
+    """`slimvit run` exits 2 both for a finished run whose deploy rule found nothing and for a refusal (a
+    changed config, a bad dataset): only the first leaves a deploy record saying `deployed: false`."""
+    record = run / layout.DEPLOYED
+    if rc == 2 and not (record.exists() and json.loads(record.read_text()).get("deployed") is False):
+        raise SystemExit(f"slimvit run --out {run} refused (its error is above); nothing evaluated")
 
 
 def _number(path: str) -> int:
@@ -336,7 +345,7 @@ def main() -> int:
         sub, check = make_folders(Path(args.data), classes, args.per_class, seed, Path("runs/data"))
         run = out / f"s{seed}"
         if not args.report_only:
-            sh(slimvit, "run", "--data", str(sub), "--out", str(run), *extra, ok=(0, 2))
+            finished(sh(slimvit, "run", "--data", str(sub), "--out", str(run), *extra, ok=(0, 2)), run)
         results.append(evaluate_run(run, check))
         if args.candidates:
             results[-1]["candidates"] = score_candidates(run, check)
@@ -357,7 +366,7 @@ def main() -> int:
                     "--force",
                     "bench",
                 ]
-                sh(slimvit, *cmd, *extra, ok=(0, 2))
+                finished(sh(slimvit, *cmd, *extra, ok=(0, 2)), run_u)
             without_unlabeled.append(evaluate_run(run, rest))
             with_unlabeled.append(evaluate_run(run_u, rest))
     lines = [

@@ -697,6 +697,27 @@ def test_subset_benchmark_sets_every_step_beside_the_full_dataset():
     assert imbalanced.against_full([run(0)], [run(0)])[-1][3].startswith("+0.00")
 
 
+def test_subset_benchmarks_stop_on_a_refused_run_and_go_on_past_a_deploy_verdict(tmp_path):
+    """`slimvit run` exits 2 for a refusal (a changed config) and for a finished run that deployed nothing:
+    the subset benchmarks go on only past the second (a refused folder once passed as a finished run)."""
+    import json
+
+    import pytest
+
+    for name in ("imbalanced", "small_data"):
+        finished = script(name).finished
+        run = tmp_path / name
+        (run / "deploy").mkdir(parents=True)
+        finished(0, run)
+        with pytest.raises(SystemExit, match="refused"):  # no deploy record: the command refused
+            finished(2, run)
+        (run / "deploy" / "deploy.json").write_text(json.dumps({"deployed": True}))
+        with pytest.raises(SystemExit, match="refused"):  # a model deployed before: exit 2 was this command's
+            finished(2, run)
+        (run / "deploy" / "deploy.json").write_text(json.dumps({"deployed": False, "error": "no candidate"}))
+        finished(2, run)
+
+
 def test_fold_split_cuts_train_and_val_into_stratified_folds():
     """levers.py --folds: every train + val image is validation in exactly one fold, each class spread
     evenly over the folds, byte-identical files in one fold, test untouched."""
