@@ -371,6 +371,9 @@ def test_where_no_compression_fits_the_students_own_file_is_deployed():
         choose([STUDENT, own, *lost], budget_mb=5.0)
     # a compression that fits is still preferred to the uncompressed file
     assert choose([STUDENT, own, *rows()[1:]])[0]["key"] == "r0.2/int8-dynamic"
+    # a bench with no compression at all (pruning off): the student's file, saying so, not "run bench"
+    best, why = choose([STUDENT, own])
+    assert best["key"] == own["key"] and why.endswith("the bench holds no compression of the student")
     # the teacher competes with the student's file as with a compression: without budgets where faster
     teacher = {
         **own,
