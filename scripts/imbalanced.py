@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slimvit import layout, report
+from slimvit import report
+from slimvit.deploy import nothing_deployed
 from slimvit.evaluate import balanced_accuracy, balanced_accuracy_diff, balanced_accuracy_se, mcnemar, wilson
 from slimvit.io import atomic_write_text
 
@@ -50,11 +51,10 @@ def sh(*args: str, ok: tuple[int, ...] = (0,)) -> int:
 
 
 def finished(rc: int, run: Path) -> None:
-    """`slimvit run` exits 2 both for a finished run whose deploy rule found nothing and for a refusal (a
-    changed config, a bad dataset): only the first leaves a deploy record saying `deployed: false`."""
-    record = run / layout.DEPLOYED
-    if rc == 2 and not (record.exists() and json.loads(record.read_text()).get("deployed") is False):
-        raise SystemExit(f"slimvit run --out {run} refused (its error is above); nothing compared")
+    """`slimvit run` exits 2 both for a finished run whose deploy rule found nothing (`nothing_deployed`)
+    and for a refusal (a changed config, a bad dataset): stop at the second."""
+    if rc == 2 and not nothing_deployed(run):
+        raise SystemExit(f"slimvit run --out {run} refused (its error is above); nothing is compared")
 
 
 def slimvit() -> str:

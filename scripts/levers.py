@@ -115,6 +115,8 @@ def run_pipeline(base: Path, folder: Path, overrides: list[str], reuse: Path | N
 def slimvit_run(folder: Path, overrides: list[str]) -> None:
     """`slimvit run` on the config.yaml already in `folder`: runs the stages not finished there, only checks
     a finished folder."""
+    from slimvit.deploy import nothing_deployed
+
     print(f"+ {folder}: {' '.join(overrides)}", flush=True)
     slimvit = str(Path(sys.executable).with_name("slimvit"))
     rc = subprocess.run(
@@ -124,12 +126,6 @@ def slimvit_run(folder: Path, overrides: list[str]) -> None:
         print(f"note: {folder}: no candidate met the deploy rule; the study goes on", flush=True)
     elif rc:
         raise SystemExit(f"slimvit run --out {folder} exited {rc} (run the same command again to resume)")
-
-
-def nothing_deployed(folder: Path) -> bool:
-    """Whether `folder` is a finished run whose deploy rule found no candidate (deploy.json says so)."""
-    record = folder / "deploy" / "deploy.json"
-    return record.exists() and load(record).get("deployed") is False
 
 
 def fold_split(split: dict, index, k: int, fold: int) -> dict:
@@ -253,7 +249,7 @@ def deployed(run: Path) -> dict:
     one that deployed the student's own file because no compression fitted (deploy's fallback): a recipe is
     compared on the compressions it delivers, as when such a run deployed nothing."""
     from slimvit import report
-    from slimvit.deploy import is_student, is_teacher
+    from slimvit.deploy import is_student, is_teacher, nothing_deployed
 
     r = finished_run(run)
     stages = r["manifest"].get("stages", {})

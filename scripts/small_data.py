@@ -23,35 +23,20 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from slimvit import layout
-from slimvit.data import discover
-from slimvit.evaluate import wilson
-from slimvit.predict import predict_files
-from slimvit.report.stats import accuracy_text, paired_text
+sys.path.insert(0, str(Path(__file__).parent))
+from imbalanced import finished, sh  # noqa: E402
+
+from slimvit.data import discover  # noqa: E402
+from slimvit.evaluate import wilson  # noqa: E402
+from slimvit.predict import predict_files  # noqa: E402
+from slimvit.report.stats import accuracy_text, paired_text  # noqa: E402
 
 STEPS = ("teacher", "student", "pruned", "deployed FP32 file", "deployed")
-
-
-def sh(*args: str, ok: tuple[int, ...] = (0,)) -> int:
-    print("+", " ".join(args), flush=True)
-    rc = subprocess.run(args).returncode
-    if rc not in ok:
-        raise SystemExit(f"{args[1]} exited {rc}")
-    return rc
-
-
-def finished(rc: int, run: Path) -> None:
-    """`slimvit run` exits 2 both for a finished run whose deploy rule found nothing and for a refusal (a
-    changed config, a bad dataset): only the first leaves a deploy record saying `deployed: false`."""
-    record = run / layout.DEPLOYED
-    if rc == 2 and not (record.exists() and json.loads(record.read_text()).get("deployed") is False):
-        raise SystemExit(f"slimvit run --out {run} refused (its error is above); nothing evaluated")
 
 
 def _number(path: str) -> int:

@@ -197,6 +197,7 @@ def test_where_no_compression_fits_deploy_ships_the_students_own_file(smoke_run,
     assert v.returncode == 0 and v.stdout.startswith("agrees: accuracy"), v.stderr[-2000:]
     report = (run / "REPORT.md").read_text()
     assert "Deployed: **student" in report and "No compression of the student fitted" in report
+    assert "**Deployed: none of these** but the student's own file" in report  # under the candidate table
     # a lever study compares recipes on the compressions they deliver: this run delivered none
     d = script("levers").deployed(run)
     assert d["test"] is None and d["val"] is None and "the student's own file deployed" in d["label"]
@@ -699,23 +700,24 @@ def test_subset_benchmark_sets_every_step_beside_the_full_dataset():
 
 def test_subset_benchmarks_stop_on_a_refused_run_and_go_on_past_a_deploy_verdict(tmp_path):
     """`slimvit run` exits 2 for a refusal (a changed config) and for a finished run that deployed nothing:
-    the subset benchmarks go on only past the second (a refused folder once passed as a finished run)."""
+    the subset benchmarks (imbalanced.py, and small_data.py through it) go on only past the second (a
+    refused folder was once compared as a finished run)."""
     import json
 
     import pytest
 
-    for name in ("imbalanced", "small_data"):
-        finished = script(name).finished
-        run = tmp_path / name
-        (run / "deploy").mkdir(parents=True)
-        finished(0, run)
-        with pytest.raises(SystemExit, match="refused"):  # no deploy record: the command refused
-            finished(2, run)
-        (run / "deploy" / "deploy.json").write_text(json.dumps({"deployed": True}))
-        with pytest.raises(SystemExit, match="refused"):  # a model deployed before: exit 2 was this command's
-            finished(2, run)
-        (run / "deploy" / "deploy.json").write_text(json.dumps({"deployed": False, "error": "no candidate"}))
+    assert script("small_data").finished.__module__ == "imbalanced"  # one function for both
+    finished = script("imbalanced").finished
+    run = tmp_path / "run"
+    (run / "deploy").mkdir(parents=True)
+    finished(0, run)
+    with pytest.raises(SystemExit, match="refused"):  # no deploy record: the command refused
         finished(2, run)
+    (run / "deploy" / "deploy.json").write_text(json.dumps({"deployed": True}))
+    with pytest.raises(SystemExit, match="refused"):  # a model deployed before: exit 2 was this command's
+        finished(2, run)
+    (run / "deploy" / "deploy.json").write_text(json.dumps({"deployed": False, "error": "no candidate"}))
+    finished(2, run)
 
 
 def test_fold_split_cuts_train_and_val_into_stratified_folds():

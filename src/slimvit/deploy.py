@@ -77,6 +77,13 @@ def is_student(r: dict) -> bool:
     return r.get("stage") == "student"
 
 
+def nothing_deployed(run_dir: str | Path) -> bool:
+    """Whether `run_dir` is a finished run whose deploy rule found nothing to deploy (its deploy.json says
+    so): `slimvit run` then exits 2, as it does for a refusal that leaves no such record."""
+    record = Path(run_dir) / DEPLOYED
+    return record.exists() and read_json(record).get("deployed") is False
+
+
 def is_teacher(r: dict) -> bool:
     """The teacher's own ONNX file: a candidate judged on its validation accuracy alone (it was never
     compressed from the student, so agreement with the student says nothing of what it lost)."""

@@ -5,7 +5,7 @@ Every choice named here reads what `slimvit.deploy.choose` reads: `deploy.val_sc
 
 from __future__ import annotations
 
-from slimvit.deploy import VAL_METRIC, is_teacher, val_score
+from slimvit.deploy import VAL_METRIC, is_student, is_teacher, val_score
 from slimvit.labels import pct, pct_ci, ratio_text, row_label, shape_label
 from slimvit.report.load import bench_rows, deployed_row, find_row, ref_row
 from slimvit.report.stats import front, paired, verdict
@@ -73,7 +73,14 @@ def candidates(run: dict) -> list[str]:
             f"{pct_ci(r['accuracy'], r.get('accuracy_ci'))} | {vs} | "
             f"{'yes' if r.get('portable', True) else 'VNNI only'} |"
         )
-    out += ["", "![deployment candidates](plots/pareto.png)", "", *_runtimes(run), *_teacher(run, rows)]
+    out += ["", "![deployment candidates](plots/pareto.png)", ""]
+    if (dep := deployed_row(run)) is not None and is_student(dep):  # deploy's fallback: in no table above
+        out.append(
+            f"- **Deployed: none of these** but the student's own file, uncompressed ({row_label(dep)}): "
+            f"{dep['size_mb']:.2f} MB, {dep['latency_ms_p50']:.2f} ms, {VAL_METRIC} {pct(val_score(dep))}, test "
+            f"{pct_ci(dep['accuracy'], dep.get('accuracy_ci'))}; no compression fitted (Deployed model says why)."
+        )
+    out += [*_runtimes(run), *_teacher(run, rows)]
     ref = ref_row(run)
     small = [r for r in rows if r["size_mb"] <= 2.5]
     fast = [r for r in rows if r["latency_ms_p50"] <= ref["latency_ms_p50"] / 8]
