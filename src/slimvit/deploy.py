@@ -168,7 +168,10 @@ def _student_itself(rows: list[dict], budget_ms, budget_mb, refusal: Exception) 
         reason = f"no compression of the student fits: {str(refusal).removeprefix('no candidate fits ')}"
     else:  # ModelError: the bench has no compression at all (pruning off, or none exported)
         reason = "the bench holds no compression of the student"
-    why = f"the student's own file, uncompressed: {describe(s)} (test {100 * s['accuracy']:.2f}%, reported only); {reason}"
+    why = (
+        f"the student's own file, uncompressed: {describe(s)} (test {100 * s['accuracy']:.2f}%, reported "
+        f"only); {reason}"
+    )
     return {**s, "validation_saturated": False}, why
 
 
