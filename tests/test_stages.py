@@ -180,6 +180,27 @@ def test_each_change_redoes_exactly_the_stages_that_read_it(stand_ins, caplog):
     assert _redone(caplog)["teacher"] == "split.json changed"
 
 
+def test_the_estimate_counts_old_work_only_of_stages_that_keep_it(stand_ins):
+    """A stage resumed keeps its epochs (the estimate counts the rest); a stage redone, or one whose input an
+    earlier stage of this run rewrites, starts over however much of its old work lies in the folder (a
+    lever's copied run: the estimate had found the old sweep's points and left the sweep out)."""
+    s = stand_ins
+    s.run()
+
+    def keeps(cfg):
+        manifest, fp = Manifest(s.run_dir), Fingerprints(s.run_dir, cfg)
+        return pipeline._keeps(
+            stages.enabled_stages(cfg), manifest, fp, pipeline._plan(stages.enabled_stages(cfg), manifest, fp)
+        )
+
+    more_epochs = dataclasses.replace(s.cfg, train=dataclasses.replace(s.cfg.train, epochs=3))
+    assert keeps(more_epochs) == set()  # distill redone: nothing downstream keeps its old work either
+    manifest = Manifest(s.run_dir)
+    manifest.entry("distill")["status"] = "interrupted"
+    manifest.save()
+    assert keeps(s.cfg) == {"distill"}  # resumed; prune reads the student it will rewrite
+
+
 def test_new_budgets_redo_only_the_deploy_stage_and_the_report(stand_ins):
     """`slimvit deploy --budget-ms ...` re-chooses from bench.json: nothing is re-timed or retrained."""
     s = stand_ins
@@ -260,7 +281,14 @@ def test_time_estimate_from_step_times_corrected_as_stages_finish(monkeypatch):
     est = eta.Estimate(cfg, data, ["teacher", "distill", "ablation", "export"], {"export": 30.0})
     val = 256 / 8  # validation runs 256 images at a time, at a third of a step each
     assert est.seconds["teacher"] == pytest.approx(3 * (4 * 2.0 + val * 2.0 / 3))
-    assert est.seconds["distill"] == pytest.approx(4 * (4 * (2.0 + 0.5) + val * 2.0 / 3))
+    # the teacher's logits cached once over the 8 flips/rotations of the 36 images (forwards at 0.5 a batch),
+    # no teacher in the steps; live logits run the teacher in every step instead
+    assert est.seconds["distill"] == pytest.approx(4 * (4 * 2.0 + val * 2.0 / 3) + 8 * 36 / 8 * 0.5)
+    live = load_config(
+        "smoke", overrides=["train.epochs=4", "train.batch_size=8", "distill.teacher_logits=live"]
+    )
+    est_live = eta.Estimate(live, data, ["distill"], {})
+    assert est_live.seconds["distill"] == pytest.approx(4 * (4 * (2.0 + 0.5) + val * 2.0 / 3))
     assert est.seconds["ablation"] == pytest.approx(4 * (4 * 2.0 + val * 2.0 / 3))
     assert est.seconds["export"] == 30.0  # from its last run in this folder
     est.finished("teacher", est.seconds["teacher"] / 2)  # this machine is twice as fast as measured
@@ -333,10 +361,12 @@ def test_time_estimate_of_a_resumed_stage_counts_the_epochs_already_done(monkeyp
     resumed = eta.Estimate(cfg, data, ["teacher"], {}, tmp_path)
     assert resumed.seconds["teacher"] == pytest.approx(fresh.seconds["teacher"] / 2)
     assert "teacher" in resumed.line() and "from epoch 3" in resumed.line()
-    # a fine-tune: training, validation, and the validation views against the student (4 x 12 = 48 images)
+    # a fine-tune: training, validation, and the validation views against the student (4 x 12 = 48 images);
+    # the pruned model (r=0.2 of both sides of each matrix: 0.64 of the student's work) trains and validates,
+    # the student it distils from runs a whole forward each step
     ft = eta.Estimate(cfg, data, ["prune"], {}, None)
     val, fid = 256 / 8, 256 / 8 + 1
-    assert ft.seconds["prune"] == pytest.approx(4 * (2.0 + 2.0 / 3) + (val + fid) * 2.0 / 3)  # 1 epoch
+    assert ft.seconds["prune"] == pytest.approx(4 * (2.0 * 0.64 + 2.0 / 3) + (val + fid) * 0.64 * 2.0 / 3)
     sweep_cfg = load_config(
         "smoke", overrides=["prune.sweep=[0.2,0.3]", "prune.depths=[1]", "train.batch_size=8"]
     )
@@ -345,7 +375,29 @@ def test_time_estimate_of_a_resumed_stage_counts_the_epochs_already_done(monkeyp
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "prune.json").write_text("{}")
         (tmp_path / name / "eval.json").write_text("{}")
-    # 3 points (r0.2 is the main pruned model; r0.2-d1, r0.3, r0.3-d1), 2 of them done
-    assert eta.Estimate(sweep_cfg, data, ["sweep"], {}, tmp_path).seconds["sweep"] == pytest.approx(
-        all_points / 3
+    left = eta.Estimate(sweep_cfg, data, ["sweep"], {}, tmp_path).seconds["sweep"]
+
+    def epoch(share: float) -> float:
+        return 4 * (2.0 * share + 2.0 / 3) + (val + fid) * share * 2.0 / 3
+
+    # 3 points (r0.2 is the main pruned model), each at its share of the student's work with the student's
+    # whole forward: r0.2 cut to 1 of the smoke student's 2 blocks 0.32, r0.3 0.49, r0.3-d1 0.245; 2 done
+    epochs = sweep_cfg.prune.sweep_epochs
+    assert all_points == pytest.approx(epochs * (epoch(0.32) + epoch(0.49) + epoch(0.245)))
+    assert left == pytest.approx(epochs * epoch(0.32))
+    # a stage that starts over (not in `keeps`) counts all of its work, whatever the folder holds
+    assert eta.Estimate(sweep_cfg, data, ["sweep"], {}, tmp_path, set()).seconds["sweep"] == all_points
+    assert (
+        eta.Estimate(cfg, data, ["teacher"], {}, tmp_path, set()).seconds["teacher"]
+        == fresh.seconds["teacher"]
     )
+
+
+def test_compute_share_of_a_pruned_model():
+    """Widths pruned on both sides of each matrix scale the work by (1 - r)^2, on one side by (1 - r); a cut
+    to d of D blocks by d / D; a model without blocks (a CNN student) by width alone."""
+    assert eta.compute_share(0.0, None, 12) == 1.0
+    assert eta.compute_share(0.5, None, 12) == pytest.approx(0.25)
+    assert eta.compute_share(0.5, 6, 12) == pytest.approx(0.125)
+    assert eta.compute_share(0.5, None, 12, prune_embed=False) == pytest.approx(0.5)
+    assert eta.compute_share(0.2, 6, None) == pytest.approx(0.64)

@@ -4,10 +4,10 @@ Before the first stage, training steps of each model to be trained (and teacher 
 distilling stages) are timed here at the run's batch size, image size and precision (the median of
 three, after one untimed: single steps of one model varied up to 2x between runs here); each
 training stage's estimate is then epochs x steps per epoch x that time (an epoch on smaller images,
-`train.resize_from`, at its share of a full one). As stages finish, the
-ratio of measured to estimated time corrects the estimates of the training stages still to come.
-The other stages (export, quantize, bench, report) are estimated from their last run in this
-folder, when there was one.
+`train.resize_from`, at its share of a full one; a pruning fine-tune's own model at its share of the
+student's computation, `compute_share`). As stages finish, the ratio of measured to estimated time
+corrects the estimates of the training stages still to come. The other stages (export, quantize,
+bench, report) are estimated from their last run in this folder, when there was one.
 """
 
 from __future__ import annotations
@@ -73,6 +73,27 @@ def measure_step(spec: ModelSpec, tcfg, batch: int, train: bool = True, steps: i
         return _time_steps(model, x, y, resolve_precision(tcfg.precision, device), train, steps)
 
 
+def model_depth(spec: ModelSpec) -> int | None:
+    """Transformer blocks of the model `spec` describes (None for a model without `blocks`)."""
+    from slimvit import models
+
+    blocks = getattr(models.build(spec), "blocks", None)
+    return len(blocks) if blocks is not None else None
+
+
+def compute_share(ratio: float, depth: int | None, full_depth: int | None, prune_embed: bool = True) -> float:
+    """A pruned model's training step as a share of its unpruned student's: pruning `ratio` of the channels
+    on both sides of each matrix (`prune_embed`) leaves (1 - ratio)^2 of its multiply-adds, on one side
+    (1 - ratio); a cut to `depth` of `full_depth` blocks leaves depth / full_depth of what remains. With
+    the student's own forward added (a fine-tune distils from it), NEU-DET's five sweep fine-tunes come
+    to 3.1 student epochs a sweep epoch against 2.5 measured (AVX2 EPYC; 6.7 when each was priced as the
+    student)."""
+    share = (1 - ratio) ** 2 if prune_embed else 1 - ratio
+    if depth is not None and full_depth:
+        share *= min(depth, full_depth) / full_depth
+    return share
+
+
 class Estimate:
     """Seconds each stage still to run should take; `line()` says it in one line."""
 
@@ -81,7 +102,17 @@ class Estimate:
     FOLDERS = {"teacher": TEACHER, "distill": STUDENT, "ablation": ABLATION, "prune": PRUNED}
     """The folder each training stage checkpoints into: a resumed stage counts the epochs already done."""
 
-    def __init__(self, cfg, data, to_run: list[str], previous: dict[str, float], run_dir=None) -> None:
+    def __init__(
+        self,
+        cfg,
+        data,
+        to_run: list[str],
+        previous: dict[str, float],
+        run_dir=None,
+        keeps: set[str] | None = None,
+    ) -> None:
+        """`run_dir`: where a stage of `keeps` (all, where None) left work it resumes from (a training's epoch
+        checkpoint, the sweep's finished points); a stage that starts over is counted whole."""
         from slimvit.recipe import floor_epochs, full_size_epochs, n_views
         from slimvit.selection import FIDELITY_VIEWS
 
@@ -113,8 +144,13 @@ class Estimate:
 
         t_fwd = rates.get("teacher_fwd", 0.0) if d.loss != "none" else 0.0
         ft_fwd = rates.get("student_fwd", 0.0) if d.loss != "none" and p.teacher == "student" else t_fwd
+        # cached logits (train._teacher_targets): the teacher runs once over every view of every training
+        # image before the student trains, not in its steps
+        cached = d.teacher_logits == "cached" and not (t.mixup > 0 or t.cutmix > 0)
+        cache_pass = n_views(t.flips, t.rot90) * n_train / batch if cached else 0.0
         for s in to_run:
-            done = self._epochs_done(run_dir, s)
+            kept = run_dir if keeps is None or s in keeps else None
+            done = self._epochs_done(kept, s)
             if done:
                 self.resumed[s] = done
             if s == "teacher":
@@ -123,17 +159,41 @@ class Estimate:
                 )
             elif s in ("distill", "ablation"):
                 teacher = t_fwd if s == "distill" else 0.0
-                est = epochs_of(
-                    t.epochs, rates["student"] + teacher, rates["student_fwd"], resize=True, done=done
+                est = (
+                    epochs_of(
+                        t.epochs,
+                        rates["student"] + (0.0 if cached else teacher),
+                        rates["student_fwd"],
+                        resize=True,
+                        done=done,
+                    )
+                    + cache_pass * teacher
                 )
             elif s == "prune":
+                share = compute_share(p.ratio, None, rates["depth"], p.prune_embed)
+                # a fine-tune's step: its own model's share of the student's, plus the forward of the model it
+                # distils from; with cached logits that forward does not run, but it stands for what a small
+                # model's step costs beyond its share (NEU-DET's sweep: an epoch took 0.2 of a student epoch
+                # more than its share, a third of a step is about that)
                 est = epochs_of(
-                    p.finetune_epochs, rates["student"] + ft_fwd, rates["student_fwd"], done=done, fid=True
+                    p.finetune_epochs,
+                    rates["student"] * share + ft_fwd,
+                    rates["student_fwd"] * share,
+                    done=done,
+                    fid=True,
                 )
             elif s == "sweep":
-                points = self._sweep_points(run_dir, cfg)
-                est = points * epochs_of(
-                    p.sweep_epochs, rates["student"] + ft_fwd, rates["student_fwd"], fid=True
+                est = sum(
+                    epochs_of(
+                        p.sweep_epochs,
+                        rates["student"] * share + ft_fwd,
+                        rates["student_fwd"] * share,
+                        fid=True,
+                    )
+                    for share in (
+                        compute_share(ratio, depth, rates["depth"], p.prune_embed)
+                        for ratio, depth in self._sweep_points(kept, cfg)
+                    )
                 )
             else:
                 est = previous.get(s)
@@ -154,23 +214,27 @@ class Estimate:
         return sum(1 for line in lines if line.strip())
 
     @staticmethod
-    def _sweep_points(run_dir, cfg) -> int:
-        """Sweep points still to fine-tune: each ratio and each ratio cut to each depth, less the main pruned
-        model (it stands for its own ratio) and the points a previous run finished (kept, not redone)."""
+    def _sweep_points(run_dir, cfg) -> list[tuple[float, int | None]]:
+        """Sweep points still to fine-tune, (ratio, depth or None): each ratio and each ratio cut to each
+        depth, less the main pruned model (it stands for its own ratio) and the points a previous run
+        finished (kept, not redone)."""
         from pathlib import Path
 
         p = cfg.prune
         chain = p.sweep_from == "previous"
-        names = [
-            sweep_dir(r, d)
-            for r in set(p.sweep)
-            for d in (None, *set(p.depths))
+        points = [
+            (r, d)
+            for r in sorted(set(p.sweep))
+            for d in (None, *sorted(set(p.depths)))
             if not (d is None and chain and abs(r - p.ratio) < 1e-9)
         ]
         if run_dir is None:
-            return len(names)
-        done = [n for n in names if all((Path(run_dir) / n / f).exists() for f in (PRUNE, EVAL))]
-        return len(names) - len(done)
+            return points
+        return [
+            (r, d)
+            for r, d in points
+            if not all((Path(run_dir) / sweep_dir(r, d) / f).exists() for f in (PRUNE, EVAL))
+        ]
 
     @staticmethod
     def _measure(cfg, data, trains: list[str], batch: int) -> dict[str, float]:
@@ -185,7 +249,9 @@ class Estimate:
             rates["teacher"] = measure_step(teacher_spec, cfg.train, batch)
             rates["teacher_fwd"] = rates["teacher"] / 3
         if set(trains) - {"teacher"}:
-            rates["student"] = measure_step(role_spec(cfg, "student", data)[0], cfg.train, batch)
+            student_spec = role_spec(cfg, "student", data)[0]
+            rates["student"] = measure_step(student_spec, cfg.train, batch)
+            rates["depth"] = model_depth(student_spec)
             rates["student_fwd"] = rates["student"] / 3
             fine_tunes_from_teacher = cfg.prune.teacher == "teacher" and set(trains) & {"prune", "sweep"}
             if cfg.distill.loss != "none" and ("distill" in trains or fine_tunes_from_teacher):

@@ -188,7 +188,10 @@ def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
         resume = _start(stage, verdict, why, manifest, tag)
         loaded = data.get(stage.name) if stage.needs_data else None
         if eta is None and is_main_process() and loaded is not None:
-            eta = _estimate(cfg, loaded, [s.name for s in stages if s.name in to_run], previous, run_dir)
+            keeps = _keeps(stages, manifest, fp, to_run)
+            eta = _estimate(
+                cfg, loaded, [s.name for s in stages if s.name in to_run], previous, run_dir, keeps
+            )
         elapsed = _format_seconds(time.perf_counter() - t_start)
         log.info("%s%s: running (elapsed %s; %s)", tag, stage.name, elapsed, eta.line(False) if eta else "")
         t0 = time.perf_counter()
@@ -213,15 +216,30 @@ def _previous_seconds(manifest: Manifest) -> dict[str, float]:
     }
 
 
-def _estimate(cfg, data, to_run: list[str], previous: dict, run_dir: Path | None = None) -> Estimate | None:
+def _estimate(
+    cfg, data, to_run: list[str], previous: dict, run_dir: Path | None = None, keeps: set[str] | None = None
+) -> Estimate | None:
     """The time estimate, logged; a failure to make one never stops the pipeline."""
     try:
-        eta = Estimate(cfg, data, to_run, previous, run_dir)
+        eta = Estimate(cfg, data, to_run, previous, run_dir, keeps)
     except Exception as e:
         log.warning("no time estimate: %s", first_line(e))
         return None
     log.info("estimate on this machine: %s", eta.line())
     return eta
+
+
+def _keeps(stages: list[Stage], manifest: Manifest, fp: Fingerprints, to_run: set[str]) -> set[str]:
+    """The stages to run that keep what they finished before (a training's epochs, the sweep's points): those
+    resumed or rerun, on inputs no earlier stage of this run will rewrite. The others start over (`_start`
+    resets them), however much of their old work lies in the folder."""
+    return {
+        s.name
+        for s in stages
+        if s.name in to_run
+        and assess(s, manifest, fp)[0] in (RESUME, RERUN)
+        and not any(p.name in to_run for p in producers(s))
+    }
 
 
 def _plan(stages: list[Stage], manifest: Manifest, fp: Fingerprints) -> set[str]:
