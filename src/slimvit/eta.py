@@ -173,8 +173,8 @@ class Estimate:
                 share = compute_share(p.ratio, None, rates["depth"], p.prune_embed)
                 # a fine-tune's step: its own model's share of the student's, plus the forward of the model it
                 # distils from; with cached logits that forward does not run, but it stands for what a small
-                # model's step costs beyond its share (NEU-DET's sweep: an epoch took 0.2 of a student epoch
-                # more than its share, a third of a step is about that)
+                # model's step costs beyond its share (NEU-DET's fine-tunes: 0.2 of a student epoch an epoch;
+                # the forward adds 0.3, so the estimate errs long)
                 est = epochs_of(
                     p.finetune_epochs,
                     rates["student"] * share + ft_fwd,
