@@ -9,6 +9,11 @@ Each (lever, seed) trains in OUT/<lever>/s<seed>/: the base run's split.json and
 with the base run's config.yaml, the lever's keys and `train.seed`. `default` is the base config itself.
 Every folder resumes: one whose student/ holds eval.json and val.json is read, not retrained.
 
+A lever of the teacher (a key `model.teacher` or `train.teacher_*`) trains its own teacher once, in
+OUT/<lever>/teacher-run (the base run's split, the base config's seed, the lever's keys), and its seeds'
+students distil from that one: the recipe is the teacher and its students. LEVERS.md pairs each lever's
+students with their own teacher.
+
 Writes OUT/LEVERS.md: per lever, validation and test accuracy per seed; pooled over the seeds with Wilson
 95% intervals; the pooled paired McNemar test against the default recipe on the same (seed, image) pairs,
 on validation (what decides) and test (reported); the student against the teacher on test; training time.
@@ -46,6 +51,8 @@ import numpy as np
 from slimvit.io import atomic_path, atomic_write_text
 from slimvit.report.stats import accuracy_text, paired_text
 
+TEACHER_KEYS = ("model.teacher=", "train.teacher_")  # the keys that make a lever train its own teacher
+
 LEVERS = {
     "ema": "train.ema=true",
     "consistent": "train.mixup=0.8,train.cutmix=1.0",  # the teacher sees the same mixed view (live logits)
@@ -72,16 +79,43 @@ def finished_run(folder: Path) -> dict:
     return report.load_run(folder)
 
 
-def seed_folder(base: Path, folder: Path) -> None:
-    """The base run's split and teacher in `folder`, with their times kept: a pipeline run there takes them
-    for finished (manifest.adopt) rather than newer than each other."""
+def seed_folder(base: Path, folder: Path, teacher: Path | None = None) -> None:
+    """The base run's split and the teacher of `teacher` (a folder holding teacher/; the base run by
+    default) in `folder`, with their times kept: a pipeline run there takes them for finished
+    (manifest.adopt) rather than newer than each other."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("split.json", "data.json"):
         if not (folder / name).exists():
             with atomic_path(folder / name) as tmp:
                 shutil.copy2(base / name, tmp)
-    if not (folder / "teacher").exists():
-        copy_folder(base / "teacher", folder / "teacher")
+    if teacher != folder and not (folder / "teacher").exists():
+        copy_folder((teacher or base) / "teacher", folder / "teacher")
+
+
+def own_teacher(keys: list[str]) -> bool:
+    """Whether a lever's keys change the teacher: then it trains its own (teacher_home)."""
+    return any(k.startswith(TEACHER_KEYS) for k in keys)
+
+
+def teacher_home(base: Path, out: Path, name: str, keys: list[str]) -> Path:
+    """The folder whose teacher/ the lever's students distil from: the base run's, or the lever's own."""
+    return out / name / "teacher-run" if own_teacher(keys) else base
+
+
+def train_teacher(base: Path, home: Path, keys: list[str]) -> None:
+    """A teacher lever's teacher in `home`/teacher: the base run's split and config, the lever's keys, the
+    base config's seed. Resumes; a finished one (teacher/eval.json) is only read."""
+    from slimvit.config import load_config, save_config
+    from slimvit.data import load_data
+    from slimvit.train import run_teacher
+
+    if (home / "teacher" / "eval.json").exists():
+        return
+    seed_folder(base, home, teacher=home)
+    cfg = load_config(config_file=base / "config.yaml", overrides=keys)
+    save_config(cfg, home / "config.yaml")
+    print(f"+ {home}: the teacher of {' '.join(keys)}", flush=True)
+    run_teacher(cfg, home, load_data(cfg.data, home), resume="auto")
 
 
 def copy_folder(src: Path, dst: Path, skip: tuple[str, ...] = ("checkpoint.pt",)) -> None:
@@ -94,20 +128,29 @@ def copy_folder(src: Path, dst: Path, skip: tuple[str, ...] = ("checkpoint.pt",)
     tmp.rename(dst)
 
 
-def run_pipeline(base: Path, folder: Path, overrides: list[str], reuse: Path | None = None) -> None:
-    """The whole pipeline of one (lever, seed) in `folder` (run_folder) from the base run's split and
-    teacher. `reuse`, the default recipe's finished run at the same seed, is copied in first (its manifest
-    with it): `slimvit run` then redoes exactly the stages the lever's keys make stale, so a lever of the
-    pruning or the deploy choice does not train the same student again. Resumes: `slimvit run` only checks
-    a finished folder."""
+def run_pipeline(
+    base: Path, folder: Path, overrides: list[str], reuse: Path | None = None, teacher: Path | None = None
+) -> None:
+    """The whole pipeline of one (lever, seed) in `folder` (run_folder) from the base run's split and the
+    teacher of `teacher` (teacher_home; the base run's by default). `reuse`, the default recipe's finished
+    run at the same seed, is copied in first (its manifest with it) where the teacher is the same:
+    `slimvit run` then redoes exactly the stages the lever's keys make stale, so a lever of the pruning or
+    the deploy choice does not train the same student again. Resumes: `slimvit run` only checks a finished
+    folder."""
     from slimvit.config import load_config, save_config
 
     if folder == base:
         return
-    if reuse is not None and not folder.exists() and (reuse / "deploy" / "deploy.json").exists():
+    same_teacher = teacher in (None, base)
+    if (
+        same_teacher
+        and reuse is not None
+        and not folder.exists()
+        and (reuse / "deploy" / "deploy.json").exists()
+    ):
         # without deploy/: a lever's folder counts as finished (deploy.json) only once its own run got there
         copy_folder(reuse, folder, skip=("checkpoint.pt", ".lock", "*.log", "deploy"))
-    seed_folder(base, folder)
+    seed_folder(base, folder, teacher)
     save_config(load_config(config_file=base / "config.yaml", overrides=overrides), folder / "config.yaml")
     slimvit_run(folder, overrides)
 
@@ -183,8 +226,9 @@ def run_fold(base: Path, folder: Path, k: int, fold: int) -> None:
     slimvit_run(folder, [f"fold {fold} of {k}"])
 
 
-def train_one(base: Path, folder: Path, overrides: list[str]) -> None:
-    """The student of one (lever, seed) in `folder`, from the base run's split and teacher."""
+def train_one(base: Path, folder: Path, overrides: list[str], teacher: Path | None = None) -> None:
+    """The student of one (lever, seed) in `folder`, from the base run's split and the teacher of
+    `teacher` (teacher_home; the base run's by default)."""
     from slimvit import models
     from slimvit.config import load_config, save_config
     from slimvit.data import load_data
@@ -195,7 +239,7 @@ def train_one(base: Path, folder: Path, overrides: list[str]) -> None:
     student = folder / "student"
     if (student / "eval.json").exists() and (student / "val.json").exists():
         return
-    seed_folder(base, folder)
+    seed_folder(base, folder, teacher)
     cfg = load_config(config_file=base / "config.yaml", overrides=overrides)
     save_config(cfg, folder / "config.yaml")
     print(f"+ {folder}: {' '.join(overrides)}", flush=True)
@@ -317,6 +361,14 @@ def table(
     teachers = [load(h / "teacher" / "eval.json") for h in homes]
     t_rights = [np.array(t["pred"]) == np.array(t["labels"]) for t in teachers]
     t_right = np.concatenate(t_rights)
+    # a teacher lever's students are paired with their own teacher (one for every seed)
+    own = {
+        n: load(teacher_home(base, out, n, k) / "teacher" / "eval.json")
+        for n, k in levers.items()
+        if n in done and own_teacher(k) and not folds
+    }
+    own_rights = {n: np.array(t["pred"]) == np.array(t["labels"]) for n, t in own.items()}
+    t_rights_of = {n: [own_rights[n]] * len(seeds) if n in own else t_rights for n in done}
     if folds:
         title = f"{folds} folds of train + val, each fold its own teacher; one training seed"
         if finished < folds:
@@ -324,9 +376,16 @@ def table(
         teacher = f"Teachers (one per fold, `{out}/default/f*/teacher`): pooled test {accuracy_text(t_right)}"
         replicates = f"--folds {folds}"
     else:
-        title = f"{len(seeds)} training seeds ({', '.join(map(str, seeds))}), one teacher"
+        title = f"{len(seeds)} training seeds ({', '.join(map(str, seeds))}), one teacher" + (
+            " (a lever of the teacher: its own)" if own else ""
+        )
         teacher = (
             f"Teacher (`{base}/teacher`, fixed): test {accuracy_text(t_right[: len(t_right) // len(seeds)])}"
+        ) + "".join(
+            f"; {n}'s own (`{home}/teacher`, {load(home / 'teacher' / 'train.json')['seconds'] / 60:.1f} "
+            f"minutes to train): test {accuracy_text(r)}"
+            for n, r in own_rights.items()
+            for home in [teacher_home(base, out, n, levers[n])]
         )
         replicates = f"--seeds {','.join(map(str, seeds))}"
     lines = [
@@ -348,8 +407,8 @@ def table(
         + (
             "each fold's teacher paired with the fold's student."
             if folds
-            else "the one teacher's test predictions paired with each seed's student (the teacher's side "
-            "repeats, so its p-value is optimistic)."
+            else "the recipe's one teacher's test predictions paired with each seed's student (the teacher's "
+            "side repeats, so its p-value is optimistic)."
         ),
         "",
         f"| lever | keys | val % per {unit} | test % per {unit} | pooled val % (95% CI) | vs default, val | "
@@ -363,7 +422,7 @@ def table(
             sp: "" if n == "default" else paired_text(p[sp], pooled["default"][sp]) for sp in ("val", "test")
         }
         minutes = np.mean([load(f / "student" / "train.json")["seconds"] / 60 for f in fs])
-        vs_teacher = paired_text(p["test"], t_right)
+        vs_teacher = paired_text(p["test"], np.concatenate(t_rights_of[n]))
         lines.append(
             f"| {n} | `{','.join(levers[n]) or '(base config)'}` | {per['val']} | {per['test']} | {accuracy_text(p['val'])} | "
             f"{vs['val']} | {accuracy_text(p['test'])} | {vs['test']} | {vs_teacher} | {minutes:.1f} |"
@@ -376,14 +435,15 @@ def table(
     if pipeline:
         runs = {n: [deployed(f) for f in fs] for n, fs in done.items()}
         names = list(range(len(homes))) if folds else seeds
-        lines += deployed_table(runs, t_rights, unit, names) + shapes_table(done, unit)
+        lines += deployed_table(runs, t_rights_of, unit, names) + shapes_table(done, unit)
         models |= {
             model_key(f / "deploy" / "model.onnx"): d["test"]
             for n, fs in done.items()
             for f, d in zip(fs, runs[n], strict=True)
             if d["test"] is not None
         }
-    lines += hard_table(models, teachers if folds else teachers[:1], load(base / "split.json")["test"], unit)
+    verdicts = teachers if folds else [teachers[0], *own.values()]
+    lines += hard_table(models, verdicts, load(base / "split.json")["test"], unit)
     missing = [n for n in folders if n not in done]
     if missing:
         lines += ["", f"Not finished: {', '.join(missing)} (run the same command again)."]
@@ -394,21 +454,24 @@ STEP_NAMES = ("pruned r=0.2 vs student", "deployed shape's FP32 file vs pruned",
 
 
 def deployed_table(
-    runs: dict[str, list[dict]], t_rights: list[np.ndarray], unit: str = "seed", names: list | None = None
+    runs: dict[str, list[dict]],
+    t_rights: dict[str, list[np.ndarray]],
+    unit: str = "seed",
+    names: list | None = None,
 ) -> list[str]:
     """The deployed model of every (lever, seed or fold) pipeline (`deployed()` of each, per lever in order):
-    per seed, pooled, against the default recipe's and the teacher (`t_rights`: the teacher's test outcomes
-    per seed or fold); each compression step pooled against its input (test, paired). Pooled and paired
-    over the seeds where every recipe deployed a model; where one deployed nothing, the table says so
-    (`names`: the seeds or folds, in order; their positions by default)."""
-    reps = range(len(t_rights))
+    per seed, pooled, against the default recipe's and its teacher (`t_rights`: per lever, its teacher's
+    test outcomes per seed or fold); each compression step pooled against its input (test, paired). Pooled
+    and paired over the seeds where every recipe deployed a model; where one deployed nothing, the table
+    says so (`names`: the seeds or folds, in order; their positions by default)."""
+    reps = range(len(t_rights["default"]))
     names = list(reps) if names is None else names
     both = [i for i in reps if all(ds[i]["test"] is not None for ds in runs.values())]
     pooled = {
         n: {sp: np.concatenate([ds[i][sp] for i in both]) if both else None for sp in ("val", "test")}
         for n, ds in runs.items()
     }
-    t_right = np.concatenate([t_rights[i] for i in both]) if both else None
+    t_right = {n: np.concatenate([ts[i] for i in both]) if both else None for n, ts in t_rights.items()}
     lines = [
         "",
         "## The whole pipeline: the deployed model",
@@ -419,7 +482,7 @@ def deployed_table(
         + (
             " (each fold trained its own teacher too)."
             if unit == "fold"
-            else " (the teacher is the base run's)."
+            else " (the teacher is the recipe's one, trained once)."
         ),
         "",
         f"| lever | deployed, per {unit} | val % per {unit} | test % per {unit} | pooled val % (95% CI) | vs default, val | "
@@ -452,7 +515,7 @@ def deployed_table(
         ]
         lines.append(
             f"| {n} | {' / '.join(d['label'] for d in ds)} | {per['val']} | {per['test']} | {text(p['val'])} | "
-            f"{vs['val']} | {text(p['test'])} | {vs['test']} | {'-' if not both else paired_text(p['test'], t_right)} | "
+            f"{vs['val']} | {text(p['test'])} | {vs['test']} | {'-' if not both else paired_text(p['test'], t_right[n])} | "
             f"{' | '.join(steps)} | {np.mean([d['minutes'] for d in ds]):.1f} |"
         )
     if len(both) < len(reps):
@@ -611,6 +674,12 @@ def main() -> int:
     seeds = [int(s) for s in (args.seeds or "0,1,2").split(",")]
     given = dict(map(parse_lever, args.lever)) if args.lever else {n: k.split(",") for n, k in LEVERS.items()}
     levers = {"default": [], **given}
+    homes = {n: teacher_home(args.base, args.out, n, keys) for n, keys in levers.items()}
+    if args.folds and any(h != args.base for h in homes.values()):
+        raise SystemExit(
+            "a lever of the teacher (model.teacher, train.teacher_*) with --folds: each fold trains "
+            "its own teacher already; measure it with --seeds"
+        )
     if not args.report_only and args.folds:
         # fold by fold, every lever at a fold before the next: a study cut short has whole pairs
         for f in range(args.folds):
@@ -619,6 +688,9 @@ def main() -> int:
             for n, keys in given.items():
                 run_pipeline(home, args.out / n / f"f{f}", keys, reuse=home)
     elif not args.report_only:
+        for n, keys in levers.items():  # a teacher lever's teacher, once, before its students
+            if homes[n] != args.base:
+                train_teacher(args.base, homes[n], keys)
         # seed by seed, every lever at a seed before the next seed: a study cut short has whole pairs
         for s in seeds:
             for n, keys in levers.items():
@@ -626,9 +698,9 @@ def main() -> int:
                 if args.pipeline:
                     folder = run_folder(args.base, args.out, n, keys, s)
                     reuse = run_folder(args.base, args.out, "default", [], s)
-                    run_pipeline(args.base, folder, overrides, reuse=reuse)
+                    run_pipeline(args.base, folder, overrides, reuse=reuse, teacher=homes[n])
                 else:
-                    train_one(args.base, args.out / n / f"s{s}", overrides)
+                    train_one(args.base, args.out / n / f"s{s}", overrides, teacher=homes[n])
     lines = table(args.out, args.base, levers, seeds, pipeline=args.pipeline, folds=args.folds)
     atomic_write_text(args.out / "LEVERS.md", "\n".join(lines))
     print("\n".join(lines))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import make_imagefolder
 
@@ -547,6 +548,45 @@ def test_lever_study_trains_each_lever_and_seed_from_one_teacher(smoke_run, tmp_
     assert (levers / "LEVERS.md").read_text() == table
 
 
+def test_a_teacher_lever_trains_its_own_teacher_once_and_pairs_its_students_with_it(smoke_run, tmp_path):
+    """A lever of the teacher (train.teacher_*, model.teacher) is the teacher and its students: one teacher
+    trained for it (base split and seed), every seed's student distilled from that one, paired with it."""
+    from pathlib import Path
+
+    from slimvit.report.stats import paired_text
+
+    out, _, _ = smoke_run
+    levers = tmp_path / "levers"
+    script_path = Path(__file__).parents[1] / "scripts" / "levers.py"
+    lever = ["--lever", "t2=train.teacher_epochs=2"]
+    args = [sys.executable, str(script_path), "--base", str(out), "--out", str(levers), *lever]
+    r = subprocess.run([*args, "--seeds", "0,1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    home = levers / "t2" / "teacher-run"
+    own = (home / "teacher" / "model.safetensors").read_bytes()
+    base = (out / "teacher" / "model.safetensors").read_bytes()
+    assert own != base and json.loads((home / "teacher" / "train.json").read_text())["epochs"] == 2
+    assert load_config(config_file=home / "config.yaml").train.seed == load_config("smoke").train.seed
+    for s in ("s0", "s1"):
+        assert (levers / "t2" / s / "teacher" / "model.safetensors").read_bytes() == own
+        assert (levers / "default" / s / "teacher" / "model.safetensors").read_bytes() == base
+    # the lever's students are paired with their own teacher (its one test verdict repeated per seed)
+    t_own = json.loads((home / "teacher" / "eval.json").read_text())
+    t_right = np.array(t_own["pred"]) == np.array(t_own["labels"])
+    right = np.concatenate([script("levers").outcome(levers / "t2" / s, "test") for s in ("s0", "s1")])
+    table = (levers / "LEVERS.md").read_text()
+    assert "t2's own" in table and "a lever of the teacher: its own" in table
+    row = next(line for line in table.splitlines() if line.startswith("| t2 "))
+    assert row.split(" | ")[8] == paired_text(right, np.concatenate([t_right, t_right]))
+    # resumable: the teacher is not trained again
+    mtime = (home / "teacher" / "model.safetensors").stat().st_mtime_ns
+    assert subprocess.run([*args, "--seeds", "0,1"], capture_output=True).returncode == 0
+    assert (home / "teacher" / "model.safetensors").stat().st_mtime_ns == mtime
+    # cross-validation trains a teacher per fold already: a teacher lever there is refused, before any work
+    r = subprocess.run([*args, "--folds", "2", "--pipeline"], capture_output=True, text=True)
+    assert r.returncode != 0 and "--seeds" in r.stderr and not (levers / "default" / "f0").exists()
+
+
 def test_lever_study_pipeline_mode_compares_deployed_models_from_one_teacher(smoke_run, tmp_path):
     """--pipeline runs `slimvit run` per (lever, seed) on the base run's split and teacher (taken for
     finished, not retrained); the base run stands for the default recipe at its own seed; LEVERS.md adds
@@ -625,7 +665,8 @@ def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher():
     runs = {Path("d0"): fake(True), Path("d1"): fake(True), Path("l0"): fake(True), Path("l1"): fake(False)}
     by_lever = {"default": [runs[Path("d0")], runs[Path("d1")]], "long": [runs[Path("l0")], runs[Path("l1")]]}
     teacher = rng.random(40) < 0.9
-    lines = levers.deployed_table(by_lever, [teacher, teacher])  # one teacher for both seeds
+    one = {n: [teacher, teacher] for n in by_lever}  # one teacher for both seeds and both recipes
+    lines = levers.deployed_table(by_lever, one)
     default = next(line for line in lines if line.startswith("| default"))
     long = next(line for line in lines if line.startswith("| long"))
     assert "deployed the teacher" not in default
@@ -633,7 +674,7 @@ def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher():
     a, b = runs[Path("l0")]["steps"][2], runs[Path("l0")]["steps"][1]  # pruned r=0.2 vs student, seed l0 only
     assert levers.paired_text(a, b) in long
     runs[Path("l0")]["compressed"] = False
-    lines = levers.deployed_table(by_lever, [teacher, teacher])
+    lines = levers.deployed_table(by_lever, one)
     assert (
         next(line for line in lines if line.startswith("| long")).count("- (the teacher or nothing deployed)")
         == 3
@@ -834,7 +875,7 @@ def test_lever_table_keeps_a_run_that_deployed_nothing_out_of_the_pairs_and_says
         "default": [model(right), nothing, model(right)],
         "long": [model(right), model(~right), model(right)],
     }
-    lines = levers.deployed_table(runs, [right] * 3, "fold")
+    lines = levers.deployed_table(runs, {n: [right] * 3 for n in runs}, "fold")
     rows = {
         line.split(" | ")[0]: line
         for line in lines
