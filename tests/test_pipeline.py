@@ -623,6 +623,11 @@ def test_lever_study_pipeline_mode_compares_deployed_models_from_one_teacher(smo
     sweep = run / "prune_sweep.json"
     sweep = {p["model"] for p in json.loads(sweep.read_text())["points"]} if sweep.exists() else set()
     assert shapes[0] == "pruned" and set(shapes) == {"pruned"} | sweep
+    # the sweep's fine-tunes distilled from the student's logits the prune stage kept, not computed again
+    assert (run / "pruned" / "teacher_logits.safetensors").exists() and sweep - {"pruned"}
+    for m in sweep - {"pruned"}:
+        ft = json.loads((run / m / "train.json").read_text())
+        assert ft["teacher_logits"] == "cached" and ft["teacher_logits_seconds"] == 0, m
     # resumable: the finished run is only checked
     assert subprocess.run(args, capture_output=True).returncode == 0
     assert (levers / "LEVERS.md").read_text() == table

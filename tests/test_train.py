@@ -713,13 +713,18 @@ def test_scale_epochs_keeps_the_optimizer_steps_of_the_floor():
     assert scale_epochs(30, FAST, 100) == 30  # 0: off
 
 
-def test_a_logits_memo_computes_the_teacher_once_across_fits(tmp_path):
+def test_a_logits_memo_computes_the_teacher_once_across_fits_and_stages(tmp_path, caplog):
     """The sweep's fine-tunes share one memo: the second fit with the same teacher and images reuses the
-    logits; another teacher's weights are computed anew."""
+    logits; another teacher's weights are computed anew. The prune stage's memo writes its file, and a new
+    memo reading it (the sweep, in another process) reuses them; a file of another key, or a corrupt one,
+    is not used."""
+    from slimvit.distill import LogitsMemo
+
     data = synthetic_data(n_per_class=8)
     n_train = len(data.split["train"])
     base = _teacher()
-    memo: dict = {}
+    path = tmp_path / "pruned" / "teacher_logits.safetensors"
+    memo = LogitsMemo(path, write=True)
     seen = []
     for i, weights_from in enumerate(("base", "base", "changed")):
         if weights_from == "changed":
@@ -731,7 +736,24 @@ def test_a_logits_memo_computes_the_teacher_once_across_fits(tmp_path):
         seen.append(images)
         assert summary["teacher_logits"] == "cached"
     assert seen == [8 * n_train, 0, 8 * n_train]
-    assert len(memo) == 1  # only the last teacher's logits are kept
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # one file: the last teacher's
+    # a later stage's memo (read only) finds them on disk: the same teacher computes nothing
+    reader = LogitsMemo(path)
+    images, _ = _fit_counting(base, data, tmp_path / "3", 1, DistillConfig(loss="soft"), logits_memo=reader)
+    assert images == 0 and torch.equal(reader.logits, memo.logits)
+    written = path.stat().st_mtime_ns
+    with torch.no_grad():
+        base.fc.bias.add_(1.0)  # another teacher: the file is of another key
+    images, _ = _fit_counting(
+        base, data, tmp_path / "4", 1, DistillConfig(loss="soft"), logits_memo=LogitsMemo(path)
+    )
+    assert images == 8 * n_train and path.stat().st_mtime_ns == written  # computed; a reader writes nothing
+    path.write_bytes(b"not a safetensors file")
+    with caplog.at_level("WARNING"):
+        images, _ = _fit_counting(
+            base, data, tmp_path / "5", 1, DistillConfig(loss="soft"), logits_memo=LogitsMemo(path)
+        )
+    assert images == 8 * n_train and "not read" in caplog.text
 
 
 def test_progressive_resizing_schedule_and_config():

@@ -28,6 +28,7 @@ from slimvit import models
 from slimvit.config import DistillConfig, TrainConfig
 from slimvit.data import EvalDataset
 from slimvit.errors import ConfigError, ModelError
+from slimvit.io import atomic_path, is_main_process
 from slimvit.layout import TRAIN
 from slimvit.recipe import autocast_context, views
 from slimvit.spec import ModelSpec
@@ -225,6 +226,40 @@ def _memo_key(teacher: nn.Module, train: EvalDataset, tcfg: TrainConfig, precisi
     return h.hexdigest()
 
 
+class LogitsMemo:
+    """The last teacher logits `cache_teacher_logits` computed, by key (`_memo_key`: the teacher's weights,
+    the images, the views, the precision, the device), kept across fits that distil from one teacher on one
+    training set: the sweep's fine-tunes, and the prune stage's before them. With a `path` (safetensors, the
+    key in its metadata) they outlive the process: the prune stage writes them (`write=True`), the sweep
+    reads them, so `slimvit run` computes the student's logits once, not once per stage. A file of another
+    key, or one that cannot be read, is not used."""
+
+    def __init__(self, path: Path | None = None, write: bool = False) -> None:
+        self.path, self.write = path, write
+        self.key: str | None = None
+        self.logits: torch.Tensor | None = None
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key != self.key and self.path is not None and self.path.exists():
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(self.path), framework="pt") as f:
+                    if (f.metadata() or {}).get("key") == key:
+                        self.key, self.logits = key, f.get_tensor("logits")
+            except (SafetensorError, OSError, KeyError) as e:
+                log.warning("teacher logits in '%s' not read (%s); computing them", self.path, e)
+        return self.logits if key == self.key else None
+
+    def put(self, key: str, logits: torch.Tensor) -> None:
+        self.key, self.logits = key, logits
+        if self.write and self.path is not None and is_main_process():
+            from safetensors.torch import save_file
+
+            with atomic_path(self.path) as tmp:
+                save_file({"logits": logits.contiguous()}, str(tmp), metadata={"key": key})
+
+
 def cache_teacher_logits(
     teacher,
     train: EvalDataset,
@@ -232,23 +267,19 @@ def cache_teacher_logits(
     precision: str,
     device,
     desc: str,
-    memo: dict | None = None,
+    memo: LogitsMemo | None = None,
 ):
-    """The teacher's view-averaged logits of every training image, and the seconds they took.
-
-    `memo` (a dict the caller keeps across fits) holds the last logits computed, by teacher weights, images
-    and views: the sweep's fine-tunes all distil from one model on one training set.
-    """
+    """The teacher's view-averaged logits of every training image, and the seconds they took; `memo`
+    keeps them for the next fit from the same teacher on the same images (the sweep's fine-tunes)."""
     key = _memo_key(teacher, train, tcfg, precision, device) if memo is not None else None
-    if key is not None and key in memo:
-        log.info("%s: teacher logits reused from the previous fine-tune (same teacher, same images)", desc)
-        return memo[key], 0.0
+    if key is not None and (got := memo.get(key)) is not None:
+        log.info("%s: teacher logits reused (the same teacher on the same images: %s)", desc, key[:8])
+        return got, 0.0
     t0 = time.perf_counter()
     cached = teacher_logits(teacher, train, tcfg, precision, device)
     seconds = time.perf_counter() - t0
     if key is not None:
-        memo.clear()
-        memo[key] = cached
+        memo.put(key, cached)
     agree = float((cached.argmax(1) == train.labels).float().mean())
     log.info(
         "%s: teacher logits of %d training images x %d flips/rotations in %.0fs (averaged, they name "

@@ -53,6 +53,9 @@ PRUNING = "pruning.json"
 """The pruned, not yet fine-tuned model's record, in the `init/` folder of a pruned or sweep model."""
 PRUNE_INIT = "init"
 """Sub-folder of a pruned or sweep model: the pruned model before fine-tuning (a resume starts there)."""
+TEACHER_LOGITS = "teacher_logits.safetensors"
+"""In pruned/: the view-averaged logits its fine-tune distilled from, with their key (distill.LogitsMemo):
+the sweep's fine-tunes distil from the same model on the same images and read them."""
 CHECKPOINT = "checkpoint.pt"
 """A training stage's resumable state."""
 

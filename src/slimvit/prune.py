@@ -20,7 +20,7 @@ from torch import nn
 
 from slimvit import models
 from slimvit.config import PruneConfig
-from slimvit.distill import load_teacher
+from slimvit.distill import LogitsMemo, load_teacher
 from slimvit.errors import ConfigError, ModelError
 from slimvit.io import atomic_write_json, atomic_write_text, is_main_process, read_json
 from slimvit.labels import sweep_table
@@ -34,6 +34,7 @@ from slimvit.layout import (
     STUDENT,
     SWEEP_SUMMARY,
     SWEEP_TABLE,
+    TEACHER_LOGITS,
     TRAIN,
     sweep_dir,
 )
@@ -194,7 +195,7 @@ def run_prune(
     epochs: int | None = None,
     source: str = STUDENT,
     depth: int | None = None,
-    logits_memo: dict | None = None,
+    logits_memo: LogitsMemo | None = None,
 ) -> dict:
     """Prune the distilled student, fine-tune it with distillation, evaluate, and write prune.json.
 
@@ -208,7 +209,8 @@ def run_prune(
             pruning: it is pruned by the step to `ratio` of the student's widths, then fine-tuned).
         depth: remove whole blocks of `source` (a pruned model of ratio `ratio`) down to this many, instead
             of pruning widths.
-        logits_memo: passed to `train.fit`: a sweep's fine-tunes reuse one computation of the teacher's logits.
+        logits_memo: passed to `train.fit`: a sweep's fine-tunes reuse one computation of the teacher's
+            logits. The prune stage's own (out_name pruned/) keeps them in pruned/ for the sweep.
 
     Returns:
         A compact summary (ratio, params/MACs/latency before and after, val/test accuracy).
@@ -227,6 +229,8 @@ def run_prune(
             f"no distilled student in '{student_dir}'; run `slimvit distill` (or `slimvit run`) first"
         )
     data = data or load_data(cfg.data, run_dir)
+    if logits_memo is None and out_name == PRUNED:
+        logits_memo = LogitsMemo(run_dir / PRUNED / TEACHER_LOGITS, write=True)
     epochs = scale_epochs(epochs, cfg.train, len(data.split["train"]), f"finetune r={ratio:g}")
     student, spec = load_student(run_dir, data.classes)
     widths_before = read_widths(student)
@@ -434,7 +438,9 @@ def run_sweep(cfg, run_dir: str | Path, ratios: Sequence[float], data=None) -> l
     rows = []
     chain = cfg.prune.sweep_from == "previous"
     main = run_dir / PRUNED / PRUNE
-    memo: dict = {}
+    memo = LogitsMemo(
+        run_dir / PRUNED / TEACHER_LOGITS
+    )  # the prune stage's, where it distilled from the same
     source = STUDENT
     for r in sorted(set(ratios)):
         points = [(r, None, source)]

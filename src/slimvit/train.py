@@ -34,7 +34,7 @@ from slimvit import models, vit
 from slimvit.checkpoint import save_epoch, start_or_resume
 from slimvit.config import DistillConfig, TrainConfig
 from slimvit.data import Data, EvalDataset, TrainDataset
-from slimvit.distill import cache_teacher_logits, load_teacher, logit_offset, make_loss
+from slimvit.distill import LogitsMemo, cache_teacher_logits, load_teacher, logit_offset, make_loss
 from slimvit.errors import ConfigError, ModelError
 from slimvit.io import atomic_write_json, is_main_process
 from slimvit.layout import ABLATION, EVAL, STUDENT, TEACHER, TRAIN, WEIGHTS
@@ -143,7 +143,7 @@ def fit(
     *,
     teacher: nn.Module | None = None,
     reference: nn.Module | None = None,
-    logits_memo: dict | None = None,
+    logits_memo: LogitsMemo | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train `model` and keep the best epoch by validation balanced accuracy (mean per-class recall;
     ties: accuracy, then lower val loss). On a split with as many validation images per class this is
@@ -156,7 +156,7 @@ def fit(
         reference: the model whose function a fine-tune recovers (the unpruned student): each epoch's
             KL divergence from it and agreement with it on the validation views (`Fidelity`) break ties
             of validation accuracy, and `opts.stop_agreement` reads the agreement.
-        logits_memo: a dict kept across several fits that distil from one teacher on one training set (the
+        logits_memo: kept across several fits that distil from one teacher on one training set (the
             sweep's fine-tunes): the cached teacher logits are computed once and reused.
 
     Returns:
@@ -287,7 +287,7 @@ def _initial_weights_compete(run: _Run) -> None:
     )
 
 
-def _teacher_targets(run: _Run, teacher: nn.Module, logits_memo: dict | None) -> None:
+def _teacher_targets(run: _Run, teacher: nn.Module, logits_memo: LogitsMemo | None) -> None:
     """The teacher on the device; its logits cached once where no mixup/cutmix mixes the images."""
     tcfg, device = run.tcfg, run.acc.device
     run.teacher = teacher.to(device, memory_format=run.mem_format).eval()
