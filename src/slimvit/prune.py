@@ -438,9 +438,8 @@ def run_sweep(cfg, run_dir: str | Path, ratios: Sequence[float], data=None) -> l
     rows = []
     chain = cfg.prune.sweep_from == "previous"
     main = run_dir / PRUNED / PRUNE
-    memo = LogitsMemo(
-        run_dir / PRUNED / TEACHER_LOGITS
-    )  # the prune stage's, where it distilled from the same
+    # the prune stage's logits, where it distilled from the same model on the same images
+    memo = LogitsMemo(run_dir / PRUNED / TEACHER_LOGITS)
     source = STUDENT
     for r in sorted(set(ratios)):
         points = [(r, None, source)]
