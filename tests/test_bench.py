@@ -121,6 +121,9 @@ def test_a_candidate_that_disagrees_on_unlabeled_images_loses_at_equal_validatio
     chosen, why = choose(rows)
     assert chosen["stage"] == "pruned" and chosen["validation_saturated"] and saturated(rows[1:])
     assert "cannot tell them apart" in why and "agreement with the student" in why
+    # the views the agreement was measured on are named once, and the saturation said once
+    assert why.count("names the student's class too") == 1 and why.count("cannot tell") == 1
+    assert why.endswith("deploy the least compressed candidate that meets them")
     # a budgeted choice with no agreement floor: both fit and tie on validation; agreement breaks the tie
     assert choose(rows, budget_ms=5.0, min_agreement=0)[0]["stage"] == "pruned"
     # the same disagreement on the less compressed candidate: agreement comes before compression

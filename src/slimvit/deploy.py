@@ -289,8 +289,7 @@ def choose_compressed(
         rule = (
             f"of the candidates that fit {', '.join(n for n, _ in checks)}{speed_rule} and agree best with the "
             f"student (within {100 * AGREE_TIE:g} point), the least compressed (the most parameters) on its fastest "
-            f"file (the smallest among those within {TIE:.0%} of its p50): validation cannot tell the candidates "
-            "apart, so nothing shows what a deeper cut would cost"
+            f"file (the smallest among those within {TIE:.0%} of its p50)"
         )
     elif budget_ms is None and budget_mb is None:
         best = _fastest(ok)
@@ -373,7 +372,8 @@ def _fastest(rows: list[dict]) -> dict:
 
 def saturation_note(cands: list[dict], best: dict) -> str:
     """The sentence saying that validation could not vouch for the choice among `cands` (those its floor
-    let through), what it rested on instead, and what the user can do."""
+    let through), what it rested on instead, and what the user can do. It follows the rule, which names the
+    views the agreement was measured on (fidelity_source)."""
     lo, hi = min(map(val_score, cands)), max(map(val_score, cands))
     scored = f"{100 * hi:.2f}%" if hi - lo < 1e-9 else f"{100 * lo:.2f}-{100 * hi:.2f}%"
     agree = _agree(best)
@@ -382,7 +382,7 @@ def saturation_note(cands: list[dict], best: dict) -> str:
         "on it, within one image: it cannot tell them apart, so the choice compressed no further than the "
         "budgets and the speed floor (`--min-speedup`) ask"
         + (
-            f" (agreement with the student on {fidelity_source(cands)}: {100 * agree:.2f}%)"
+            f" (its agreement with the student on the views above: {100 * agree:.2f}%)"
             if agree is not None
             else ""
         )
