@@ -89,6 +89,33 @@ def test_views_match_the_training_views():
     assert np.array_equal(four, np.concatenate([ours[i * 3 : (i + 1) * 3] for i in (0, 2, 4, 6)]))
 
 
+def test_fidelity_reuses_the_validation_logits_for_the_views_first_view(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "read_spec", lambda _p: _Spec)
+
+    def corner(x):  # a model that sees the orientation: the red of the top-left pixel against the mean
+        z = x[:, 0, 0, 0] - x[:, 0].mean((1, 2))
+        return np.stack([-z, z], 1)
+
+    variants = [
+        _variant("student", _red, reference=True),
+        _variant("pruned", corner),
+        _variant("sweep/r0.5", _green_flips),
+    ]
+    images = _Data().arrays("val")[0]
+    seen = []
+
+    def logits_of(x):
+        seen.append(len(x))
+        return bench.logits_by_variant(tmp_path, variants, x)
+
+    cfg = Config()
+    full = fidelity(variants, _Data(), cfg, logits_of)
+    reused = fidelity(variants, _Data(), cfg, logits_of, val_logits=logits_of(images))
+    # the bench's accuracies computed the validation images once: the fidelity pass adds only the other views
+    assert seen == [4 * len(images), len(images), 3 * len(images)]
+    assert reused == full
+
+
 def test_a_candidate_that_disagrees_on_unlabeled_images_loses_at_equal_validation_accuracy(
     monkeypatch, tmp_path
 ):

@@ -299,6 +299,13 @@ def test_time_estimate_from_step_times_corrected_as_stages_finish(monkeypatch):
     assert est.line(parts=False) == f"about {eta.fmt_duration(left)} to go"
     assert est.line().startswith(f"about {eta.fmt_duration(left)} to go (distill ")
     assert eta.fmt_duration(3725) == "1h02m" and eta.fmt_duration(65) == "1m05s"
+    # a stage other than training without a last run in this folder: named as such (the step times of the
+    # training stages were measured on this machine, so "this machine" would not be what is missing)
+    fresh = eta.Estimate(cfg, data, ["distill", "export", "bench"], {})
+    assert fresh.line().endswith("; plus export, bench, not timed in this run folder yet)")
+    assert eta.Estimate(cfg, data, ["export"], {}).line() == (
+        "time to go not estimated: export not timed in this run folder yet"
+    )
 
 
 def test_time_estimate_counts_the_epochs_a_small_split_is_raised_to(monkeypatch):

@@ -493,7 +493,13 @@ def _run_bench(cfg, run_dir: Path, data, workers) -> dict:
     data = data or load_data(cfg.data, run_dir)
     spec = read_spec(run_dir / STUDENT)
     metrics, val_metrics, preds, all_logits = _accuracies(run_dir, variants, data)
-    fid, fid_source = fidelity(variants, data, cfg, lambda x: logits_by_variant(run_dir, variants, x))
+    fid, fid_source = fidelity(
+        variants,
+        data,
+        cfg,
+        lambda x: logits_by_variant(run_dir, variants, x),
+        val_logits=[all_logits[f"val|{v.key}"] for v in variants],
+    )
     calib = _calibrations(variants, all_logits, data)
     log.info(
         "bench: timing %d variants, %d threads, %d rounds; ONNX Runtime and OpenVINO each in a process "

@@ -274,17 +274,18 @@ class Estimate:
         return f" from epoch {done + 1}" if done else ""
 
     def line(self, parts: bool = True) -> str:
-        """'about 31m to go (teacher 4m50s, distill 10m12s, ...; export, bench not measured here yet)'."""
+        """'about 31m to go (teacher 4m50s, distill 10m12s, ...; plus export, bench, not timed in this run folder
+        yet)': a stage other than training is estimated from its last run in this folder."""
         known = {s: v * (self.factor if s in self.TRAINING else 1.0) for s, v in self.seconds.items() if v}
         unknown = [s for s, v in self.seconds.items() if not v]
         if not known:
-            return f"time to go not estimated: {', '.join(unknown)} not measured on this machine yet"
+            return f"time to go not estimated: {', '.join(unknown)} not timed in this run folder yet"
         text = f"about {fmt_duration(sum(known.values()))} to go"
         if not parts:
             return text + (f" + {', '.join(unknown)}" if unknown else "")
         text += " (" + ", ".join(f"{s} {fmt_duration(v)}{self._resumed_at(s)}" for s, v in known.items())
         if unknown:
-            text += f"; plus {', '.join(unknown)}, not measured on this machine yet"
+            text += f"; plus {', '.join(unknown)}, not timed in this run folder yet"
         return text + ")"
 
 

@@ -22,7 +22,8 @@ TEACHER_KEY = "teacher/onnxruntime/fp32"
 
 def val_views(images: np.ndarray, flips: bool, rot90: bool, limit: int | None = None) -> np.ndarray:
     """The flips/rotations of uint8 (N, H, W, 3) images that the training augmentation draws from (8 with
-    both), stacked view by view: (V*N, H, W, 3); the same views, in the same order, as `recipe.views`.
+    both), stacked view by view: (V*N, H, W, 3), the images themselves first; the same views, in the same
+    order, as `recipe.views`.
     `limit`: every other one, as the fine-tunes compare them (`selection.FIDELITY_VIEWS`)."""
     rots = [np.rot90(images, k, axes=(1, 2)) for k in range(4 if rot90 else 1)]
     if flips and rot90:
@@ -71,7 +72,11 @@ def check_unlabeled(root: Path) -> list[Path]:
 
 
 def fidelity(
-    variants: Sequence, data, cfg, logits_of: Callable[[np.ndarray], list[np.ndarray]]
+    variants: Sequence,
+    data,
+    cfg,
+    logits_of: Callable[[np.ndarray], list[np.ndarray]],
+    val_logits: list[np.ndarray] | None = None,
 ) -> tuple[dict, dict]:
     """Every variant against the student (the reference row), label-free: on the validation images and
     their flips/rotations, and on `bench.unlabeled` images where given, the share of images where both
@@ -86,6 +91,8 @@ def fidelity(
     Args:
         variants: bench's variants (`bench.Variant`: its `key`, and `reference` for the student).
         logits_of: uint8 images -> each variant's logits on them, in the order of `variants`.
+        val_logits: each variant's logits on the validation images themselves (the first of the views),
+            already computed (the bench's accuracies): only the other views go through `logits_of`.
 
     Returns ({variant key: figures}, what they were measured on)."""
     from slimvit.selection import FIDELITY_VIEWS  # selection imports torch; the folder checks need none
@@ -102,7 +109,12 @@ def fidelity(
         extra, info = read_unlabeled(cfg.bench.unlabeled, data.img_size, cfg.bench.unlabeled_max)
         source["unlabeled"] = info
         x = np.concatenate([x, extra])
-    logits = logits_of(x)
+    if val_logits is None:
+        logits = logits_of(x)
+    else:  # view 0 is the images themselves (val_views): computed once, for the accuracies
+        n = len(images)
+        rest = logits_of(x[n:]) if len(x) > n else [lg[:0] for lg in val_logits]
+        logits = [np.concatenate([a, b]) for a, b in zip(val_logits, rest, strict=True)]
     keys = [v.key for v in variants]
     ref_logp = _log_softmax(logits[keys.index(ref.key)])
     ref_pred = ref_logp.argmax(1)
