@@ -482,6 +482,22 @@ def test_refused_commands_leave_a_finished_run_as_it_was(smoke_run, tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["path"] == data_path
 
 
+def test_a_run_that_redoes_only_the_report_says_the_time_so_far_without_an_empty_estimate(
+    smoke_run, tmp_path
+):
+    """The estimate needs the images (step times, epochs per split); a run that redoes only stages that read
+    none has none, and its progress line gives the elapsed time alone."""
+    import shutil
+
+    out, _, _ = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    r = _cli("run", "--preset", "smoke", "--out", str(run), "--force", "report")
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(x for x in (r.stdout + r.stderr).splitlines() if "report: running (elapsed" in x)
+    assert line.endswith("s)") and "; )" not in line and ";" not in line, line
+
+
 def test_budgets_are_refused_up_front_only_on_a_bench_that_will_not_be_redone(smoke_run):
     """`slimvit run` refuses an impossible budget before anything changes, on the finished bench; but where
     a stage the bench is built from is stale (here the student's epochs changed), the bench will be redone

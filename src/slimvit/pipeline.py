@@ -193,7 +193,8 @@ def run_pipeline(cfg, run_dir: Path, force: str | None = None) -> int:
                 cfg, loaded, [s.name for s in stages if s.name in to_run], previous, run_dir, keeps
             )
         elapsed = _format_seconds(time.perf_counter() - t_start)
-        log.info("%s%s: running (elapsed %s; %s)", tag, stage.name, elapsed, eta.line(False) if eta else "")
+        left = f"; {eta.line(False)}" if eta else ""  # no estimate before a stage that reads the images
+        log.info("%s%s: running (elapsed %s%s)", tag, stage.name, elapsed, left)
         t0 = time.perf_counter()
         execute(stage, cfg, run_dir, loaded, manifest, resume, fp)
         if eta is not None:
