@@ -72,6 +72,10 @@ def test_yaml_yes_no_words_mean_what_was_typed(tmp_path):
         ("train.precision=fp8", r"train.precision='fp8' is not one of \['auto', 'no', 'bf16', 'fp16'\]"),
         ("prune.ratio=1.5", r"prune.ratio=1.5 must be in \(0, 1\)"),
         ("distill.loss=magic", r"distill.loss='magic' is not one of"),
+        (
+            "model.student_attention=local",
+            r"model.student_attention='local' is not one of \['plain', 'locality'\]",
+        ),
         ("data.split=[0.5, 0.2, 0.2]", r"must sum to 1"),
         ("train.epochs", r"must look like section.key=value"),
         ("quantize.modes=[int4]", r"quantize.modes entry='int4'"),

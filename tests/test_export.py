@@ -17,8 +17,8 @@ CLASSES = ["a", "b", "c"]
 TINY = {"depth": 2, "embed_dim": 96, "num_heads": 3}
 
 
-def tiny(pruned: bool = False, name="vit_tiny_patch16_224"):
-    spec = models.make_spec(name, 3, CLASSES, 32, "conv", TINY)
+def tiny(pruned: bool = False, name="vit_tiny_patch16_224", attention="plain"):
+    spec = models.make_spec(name, 3, CLASSES, 32, "conv", TINY, attention)
     torch.manual_seed(0)
     model = models.build(spec).eval()
     if pruned:
@@ -49,6 +49,33 @@ def test_parity_and_metadata(tmp_path, fuse, pruned):
     assert meta["classes"] == CLASSES and meta["input_size"] == [3, 32, 32]
     assert meta["mean"] == list(spec.mean) and meta["stage"] == "pruned" and meta["precision"] == "fp32"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("attention", ["plain", "locality"])
+def test_unfused_attention_exports_a_file_onnx_and_the_fp16_conversion_read(tmp_path, attention):
+    """Attention left as standard ops (`fuse_attention=false`, or locality attention, which the fused kernels
+    cannot express): ORT's fusions still write BiasGelu, a contrib op, so the file must import its domain
+    or onnx's shape inference (the fp16 conversion) refuses it."""
+    from slimvit.config import QuantizeConfig
+    from slimvit.quantize import to_fp16
+
+    model, spec = tiny(True, attention=attention)
+    path = tmp_path / "m.onnx"
+    info = export_onnx(model, spec, path, stage="pruned", fuse_attention=attention == "locality")
+    proto = onnx.load(str(path))
+    assert info["fused_attention"] == 0 and "Attention" not in {n.op_type for n in proto.graph.node}
+    assert "com.microsoft" in {o.domain for o in proto.opset_import}
+    x = torch.randn(5, 3, 32, 32)
+    check = parity(model, path, x, threads=1)
+    assert check["agreement"] == 1.0 and check["max_abs_diff"] < 1e-4
+    to_fp16(path, tmp_path / "h.onnx", QuantizeConfig())
+    half = runtime.run_logits(runtime.session(tmp_path / "h.onnx", 1), x.numpy())
+    assert np.abs(half - runtime.run_logits(runtime.session(path, 1), x.numpy())).max() < 0.05
+
+
+def test_locality_attention_is_never_fused(tmp_path):
+    model, spec = tiny(attention="locality")
+    assert for_export(model, fuse_attention=True)[1] == 0  # ORT's kernels have no diagonal mask
 
 
 def test_export_without_optimisation_keeps_standard_ops(tmp_path):

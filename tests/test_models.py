@@ -99,6 +99,8 @@ def test_build_refuses_an_unknown_stem_and_unknown_arguments():
     spec = models.make_spec(VIT, 3, CLASSES, 32, "patch", TINY)
     with pytest.raises(ModelError, match="unknown stem 'wavelet'; known: patch, conv"):
         models.build(dataclasses.replace(spec, stem="wavelet"))
+    with pytest.raises(ModelError, match="unknown attention 'sparse'; known: plain, locality"):
+        models.build(dataclasses.replace(spec, attention="sparse"))
     with pytest.raises(ModelError, match=f"timm model '{VIT}' does not accept these arguments"):
         models.build(dataclasses.replace(spec, kwargs={**TINY, "no_such_option": 1}))
 

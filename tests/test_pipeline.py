@@ -269,6 +269,7 @@ def test_forced_config_change_redoes_the_affected_stages(smoke_run, tmp_path):
         (["train.teacher_epochs"], "teacher"),
         (["train.weight_decay"], "teacher"),
         (["model.student_stem"], "distill"),
+        (["model.student_attention"], "distill"),
         (["prune.sweep"], "sweep"),
         (["prune.depths"], "sweep"),
         (["data.img_size"], "teacher"),  # the split does not depend on it; every trained model does

@@ -18,8 +18,8 @@ CLASSES = ["a", "b", "c", "d"]
 TINY = {"depth": 2, "embed_dim": 96, "num_heads": 3}  # head_dim 32, MLP 384
 
 
-def tiny_vit(stem="conv", name="vit_tiny_patch16_224", size=32):
-    spec = models.make_spec(name, len(CLASSES), CLASSES, size, stem, TINY)
+def tiny_vit(stem="conv", name="vit_tiny_patch16_224", size=32, attention="plain"):
+    spec = models.make_spec(name, len(CLASSES), CLASSES, size, stem, TINY, attention)
     torch.manual_seed(0)
     return models.build(spec).eval(), spec
 
@@ -152,6 +152,38 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     a = loaded.blocks[0].attn
     assert math.isclose(a.scale, a.head_dim**-0.5) and a.attn_dim == a.num_heads * a.head_dim
+
+
+def test_a_locality_vit_prunes_keeps_its_temperatures_and_reloads(tmp_path):
+    """Locality attention's temperature is its own parameter: pruning leaves it and the kept q rows as they
+    are (plain attention's q is rescaled to keep 1/sqrt(old head_dim)), says nothing about it, and the
+    artifact rebuilds the same function."""
+    import warnings
+
+    model, spec = tiny_vit(attention="locality")
+    with torch.no_grad():
+        for i, blk in enumerate(model.blocks):
+            blk.attn.log_scale.fill_(-1.0 - i)  # as if learned
+    q_before = [blk.attn.qkv.weight[: blk.attn.attn_dim].clone() for blk in model.blocks]
+    x = torch.randn(3, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        widths = prune_model(
+            model, x[:1], PruneConfig(ratio=0.5, importance="l2", prune_embed=False), batches=batches()
+        )
+    assert not [w for w in caught if "nwrapped" in str(w.message)]
+    for i, blk in enumerate(model.blocks):
+        a = blk.attn
+        assert a.head_dim < 32 and a.log_scale.item() == -1.0 - i
+        q = a.qkv.weight[: a.attn_dim]
+        # every kept q row is an original row, unscaled (the embedding keeps its width: rows keep their length)
+        assert all(any(torch.equal(row, old) for old in q_before[i]) for row in q)
+    models.save(model, spec.with_widths(widths), tmp_path / "p")
+    assert '"attention": "locality"' in (tmp_path / "p" / "model.json").read_text()
+    loaded, spec2 = models.load(tmp_path / "p")
+    assert spec2.attention == "locality" and spec2.widths == widths
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
 def test_wrong_widths_are_refused(tmp_path):

@@ -441,3 +441,12 @@ def test_report_says_the_epochs_that_ran():
     )
     assert context._epochs_ran(run, "student", 40) == "31 epochs, stopped early of 40"
     assert context._epochs_ran({"train": {}}, "teacher", 30) == "30 epochs"
+
+
+def test_report_names_the_students_attention_when_it_is_not_timms():
+    def preset_line(overrides):
+        run = {**_run(), "config": load_config(overrides=overrides), "train": {}}
+        return next(line for line in context.dataset(run) if line.startswith("- Preset"))
+
+    assert "with `conv` stem and `locality` attention (" in preset_line(["model.student_attention=locality"])
+    assert "with `conv` stem (" in preset_line([])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -39,6 +40,10 @@ def test_json_round_trip_and_the_file_format(tmp_path):
     assert back == SPEC and back.img_size == 32 and back.widths.blocks["blocks.0"].attn_dim == 32
     assert read_spec(tmp_path / "model.safetensors") == SPEC  # the weights' path finds its description
     assert SPEC.with_widths(None).to_json()["widths"] is None
+    # locality attention is written (after the stem) and read back; the plain kind is not written at all
+    lsa = dataclasses.replace(SPEC, attention="locality")
+    assert list(lsa.to_json())[4] == "attention" and lsa.to_json()["attention"] == "locality"
+    assert ModelSpec.from_json(lsa.to_json()) == lsa and ModelSpec.from_json(d).attention == "plain"
     assert WIDTHS.describe() == "embed 48, heads 2-3 x 8-16, mlp 64-96"
 
 

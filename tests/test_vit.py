@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from timm.layers import Attention
 from torch import nn
 
 from slimvit import models
@@ -13,6 +14,7 @@ from slimvit.errors import ModelError
 from slimvit.spec import BlockWidths, Widths
 from slimvit.vit import (
     ConvStem,
+    LocalityAttention,
     any_input_size,
     apply_widths,
     check_attention,
@@ -28,8 +30,8 @@ TINY = {"depth": 2, "embed_dim": 48, "num_heads": 3}  # head_dim 16, mlp hidden 
 CLASSES = ["a", "b", "c"]
 
 
-def _vit(stem: str = "patch", name: str = VIT, seed: int = 0, **kw) -> nn.Module:
-    spec = models.make_spec(name, 3, CLASSES, 32, stem, {**TINY, **kw})
+def _vit(stem: str = "patch", name: str = VIT, seed: int = 0, attention: str = "plain", **kw) -> nn.Module:
+    spec = models.make_spec(name, 3, CLASSES, 32, stem, {**TINY, **kw}, attention)
     torch.manual_seed(seed)
     return models.build(spec).eval()
 
@@ -111,6 +113,46 @@ def test_plain_attention():
     assert all(plain_attention(b.attn) for b in _vit().blocks)
     assert not plain_attention(_vit(qk_norm=True).blocks[0].attn)
     assert not plain_attention(nn.Linear(2, 2))  # not an attention layer at all
+
+
+def test_locality_attention_sends_no_token_its_own_value():
+    """With two tokens, each one attends to the other alone, whatever q, k and the temperature: a token's
+    output is the projection of the other token's value (plain attention mixes in its own)."""
+    torch.manual_seed(0)
+    attn = LocalityAttention(16, num_heads=2, qkv_bias=True).eval()
+    x = torch.randn(3, 2, 16)
+    v = attn.qkv(x)[..., 32:]  # (B, N, heads x head_dim): the values, heads side by side
+    with torch.no_grad():
+        for log_scale in (-3.0, 0.0, 2.0):
+            attn.log_scale.fill_(log_scale)
+            out = attn(x)
+            torch.testing.assert_close(out, attn.proj(v.flip(1)))
+        plain = Attention(16, num_heads=2, qkv_bias=True).eval()  # timm's, with the same weights
+        plain.load_state_dict({k: w for k, w in attn.state_dict().items() if k != "log_scale"})
+        assert not torch.allclose(plain(x), attn.proj(v.flip(1)), atol=1e-3)
+
+
+def test_locality_attention_learns_its_temperature():
+    torch.manual_seed(0)
+    attn = LocalityAttention(16, num_heads=2)
+    assert math.isclose(attn.log_scale.exp().item(), 8**-0.5, rel_tol=1e-6)  # starts as plain attention's
+    x = torch.randn(2, 5, 16)
+    attn(x).square().sum().backward()
+    assert attn.log_scale.grad is not None and attn.log_scale.grad.abs() > 0
+    with torch.no_grad():
+        before = attn(x)
+        attn.log_scale += 1.0
+        assert not torch.allclose(attn(x), before, atol=1e-4)
+    with pytest.raises(ModelError, match="locality attention takes no q/k norm"):
+        LocalityAttention(16, num_heads=2, qk_norm=True, norm_layer=nn.LayerNorm)
+
+
+def test_a_locality_vit_is_prunable_and_runs_at_any_input_size():
+    model = _vit("conv", attention="locality")
+    assert all(type(b.attn) is LocalityAttention for b in model.blocks)
+    assert len(vit_parts(model).blocks) == 2 and read_widths(model).blocks["blocks.0"].head_dim == 16
+    with explicit_attention(model), any_input_size(model):
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)  # 4x4 tokens: the mask follows the grid
 
 
 # --------------------------------------------------------------------------- vit_parts / read_widths

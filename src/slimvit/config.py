@@ -76,6 +76,9 @@ class ModelConfig:
     """timm name of the student (a ViT; `deit_*_distilled_*` for the distillation-token loss)."""
     student_stem: str = "conv"
     """Token stem of the student: `patch` (timm's patch projection) or `conv` (3x3 conv stack)."""
+    student_attention: str = "plain"
+    """Attention of the student: `plain` (timm's) or `locality` (a learned temperature, no attention to
+    itself: Lee et al. 2021, for small datasets; exported as standard ONNX ops, not the fused kernel)."""
     student_pretrained: bool = False
     """Start the student from timm's pretrained weights."""
     student_weights: str | None = None
@@ -87,6 +90,7 @@ class ModelConfig:
         _check(bool(self.teacher), "model.teacher must name a timm model")
         _check(bool(self.student), "model.student must name a timm model")
         _check_choice("model.student_stem", self.student_stem, ("patch", "conv"))
+        _check_choice("model.student_attention", self.student_attention, ("plain", "locality"))
         _check(isinstance(self.teacher_kwargs, dict), "model.teacher_kwargs must be a mapping")
         _check(isinstance(self.student_kwargs, dict), "model.student_kwargs must be a mapping")
 

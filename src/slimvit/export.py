@@ -10,7 +10,8 @@ The export works on a copy: each timm ``Attention`` of the copy is replaced by
 :class:`FusedAttention` holding the same weights, whose forward calls the custom op
 ``slimvit::attention`` (a plain PyTorch implementation, so the copy still runs and is checked
 against the original before export); the exporter translates that op to the ORT node. No timm
-class is patched.
+class is patched. Locality attention (:class:`slimvit.vit.LocalityAttention`) stays standard ops: the
+fused op's only mask input is dropped by the conversion to ``QAttention``.
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ def transformer_fusions(proto):
     optimisations when the file is loaded, so the file stays portable. Residual add + LayerNorm
     stays two nodes: ORT's CPU SkipLayerNormalization is slower than the pair (`runtime.SLOW_FUSIONS`).
     """
+    import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -235,7 +237,14 @@ def transformer_fusions(proto):
         optimization_options=options,
     )
     stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
-    return opt.model, stats
+    proto = opt.model
+    # The fusions write contrib ops (BiasGelu) without declaring their domain; a graph whose attention
+    # was not fused to com.microsoft.Attention had no such import, and onnx's shape inference (fp16
+    # conversion, quantization) then refuses the file.
+    domains = {o.domain for o in proto.opset_import}
+    if "com.microsoft" not in domains and any(n.domain == "com.microsoft" for n in proto.graph.node):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return proto, stats
 
 
 def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: int = 2) -> dict:

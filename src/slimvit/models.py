@@ -20,7 +20,7 @@ from slimvit.errors import ModelError, first_line
 from slimvit.io import atomic_path, atomic_write_json
 from slimvit.layout import SPEC, WEIGHTS
 from slimvit.spec import FORMAT, ModelSpec, read_spec
-from slimvit.vit import ConvStem, apply_widths
+from slimvit.vit import ATTENTIONS, ConvStem, apply_widths
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ def build(spec: ModelSpec) -> nn.Module:
             raise ModelError(f"unknown stem '{stem}'; known: {', '.join(STEMS)}")
         if STEMS[stem] is not None:
             kwargs["embed_layer"] = STEMS[stem]
+        if spec.attention not in ATTENTIONS:
+            raise ModelError(f"unknown attention '{spec.attention}'; known: {', '.join(ATTENTIONS)}")
+        if spec.attention != "plain":
+            kwargs["attn_layer"] = ATTENTIONS[spec.attention]
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
@@ -78,6 +82,7 @@ def make_spec(
     img_size: int,
     stem: str = "patch",
     kwargs: dict | None = None,
+    attention: str = "plain",
 ) -> ModelSpec:
     """The description of a fresh model; mean/std come from the timm model's config."""
     check_model_name(name)
@@ -93,6 +98,7 @@ def make_spec(
         std=tuple(float(x) for x in std),
         kwargs=dict(kwargs or {}),
         stem=stem if is_vit(name) else "patch",
+        attention=attention if is_vit(name) else "plain",
     )
 
 
@@ -121,12 +127,14 @@ def _load_pretrained(spec: ModelSpec, model: nn.Module) -> nn.Module:
             "Offline? Pass a local file with `weights: FILE` (--set model.teacher_weights=FILE) "
             "or set `pretrained: false`."
         ) from None
+    if spec.stem == "patch" and spec.attention == "plain":
+        return pre
+    # Keep the pretrained transformer; a conv stem and locality attention's temperatures start fresh.
+    sd = pre.state_dict()
     if spec.stem != "patch":
-        # Keep the pretrained transformer, but the conv stem starts fresh.
-        sd = {k: v for k, v in pre.state_dict().items() if not k.startswith("patch_embed.")}
-        model.load_state_dict(sd, strict=False)
-        return model
-    return pre
+        sd = {k: v for k, v in sd.items() if not k.startswith("patch_embed.")}
+    model.load_state_dict(sd, strict=False)
+    return model
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

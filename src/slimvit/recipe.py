@@ -39,7 +39,13 @@ def role_spec(cfg, role: str, data: Data) -> tuple[ModelSpec, bool, str | None]:
         )
         return spec, m.teacher_pretrained, m.teacher_weights
     spec = models.make_spec(
-        m.student, len(data.classes), data.classes, data.img_size, m.student_stem, m.student_kwargs
+        m.student,
+        len(data.classes),
+        data.classes,
+        data.img_size,
+        m.student_stem,
+        m.student_kwargs,
+        m.student_attention,
     )
     return spec, m.student_pretrained, m.student_weights
 

@@ -115,6 +115,7 @@ class ModelSpec:
     std: tuple[float, ...]
     kwargs: dict = field(default_factory=dict)
     stem: str = "patch"
+    attention: str = "plain"
     interpolation: str = "bilinear"
     widths: Widths | None = None
 
@@ -126,11 +127,15 @@ class ModelSpec:
         return replace(self, widths=widths)
 
     def to_json(self) -> dict:
+        # "attention" only when it is not the plain kind: the files written before it keep their bytes
+        # (and the run fingerprints built on their digests)
+        attention = {} if self.attention == "plain" else {"attention": self.attention}
         return {
             "format": FORMAT,
             "name": self.name,
             "kwargs": dict(self.kwargs),
             "stem": self.stem,
+            **attention,
             "num_classes": self.num_classes,
             "classes": list(self.classes),
             "input_size": list(self.input_size),
@@ -158,6 +163,7 @@ class ModelSpec:
                 std=tuple(float(x) for x in d["std"]),
                 kwargs=dict(d.get("kwargs") or {}),
                 stem=str(d.get("stem", "patch")),
+                attention=str(d.get("attention", "plain")),
                 interpolation=str(d.get("interpolation", "bilinear")),
                 widths=None if d.get("widths") is None else Widths.from_json(d["widths"]),
             )

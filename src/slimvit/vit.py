@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.layers import Attention
 from torch import nn
 
 from slimvit.errors import ModelError
@@ -84,6 +85,41 @@ class ConvStem(nn.Module):
         elif self.flatten:
             x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         return self.norm(x)
+
+
+class LocalityAttention(Attention):
+    """Locality self-attention (Lee et al. 2021, "Vision Transformer for Small-Size Datasets"): timm's
+    Attention with a learned temperature and each token's attention to itself masked out.
+
+    On small datasets a ViT's attention spreads evenly over the tokens; a learned scale lets it sharpen,
+    and without the diagonal a token must take its update from the others. The temperature is one
+    parameter a layer (`log_scale`, the log of the multiplier of q.k, starting at 1/sqrt(head_dim)); a
+    pruned head dimension leaves it as it is. Always the explicit form: the fused kernels take neither, and
+    the export writes standard ONNX ops for it (ONNX Runtime's int8 attention kernel has no mask input).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        if not plain_attention(self):
+            raise ModelError("locality attention takes no q/k norm, scale norm or gating")
+        self.log_scale = nn.Parameter(torch.tensor(math.log(self.head_dim**-0.5)))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        if attn_mask is not None or is_causal:
+            raise ModelError("locality attention takes no attention mask")
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.log_scale.exp()
+        eye = torch.eye(N, dtype=torch.bool, device=x.device)
+        attn = attn.masked_fill(eye, float("-inf")).softmax(dim=-1)
+        x = self.attn_drop(attn) @ v
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(x))
+
+
+ATTENTIONS: dict[str, type[nn.Module]] = {"plain": Attention, "locality": LocalityAttention}
+"""The student's attention layer by name (`model.student_attention`, `model.json`'s "attention")."""
 
 
 @contextlib.contextmanager
@@ -158,7 +194,7 @@ def _is_norm(m: nn.Module) -> bool:
 
 def vit_parts(model: nn.Module) -> VitParts:
     """Check that `model` is a ViT this module can prune; the error names the first layer that is not."""
-    from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
+    from timm.layers import LayerScale, Mlp, PatchEmbed
     from timm.models.vision_transformer import Block, VisionTransformer
 
     def refuse(layer: str, what: str) -> ModelError:
@@ -197,7 +233,7 @@ def vit_parts(model: nn.Module) -> VitParts:
         if type(blk) is not Block:
             raise refuse(name, f"{type(blk).__name__} is not timm's Block")
         a = blk.attn
-        if type(a) is not Attention:
+        if type(a) not in (Attention, LocalityAttention):
             raise refuse(f"{name}.attn", f"{type(a).__name__} is not timm's Attention")
         if not plain_attention(a):
             raise refuse(f"{name}.attn", "attention with q/k norm, scale norm or gating")

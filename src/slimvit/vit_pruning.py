@@ -17,7 +17,8 @@ of ``round_to``, and each kept head keeps its own best dims.
 
 After pruning the model is still a plain timm ``VisionTransformer``: each ``Attention`` gets
 ``num_heads``/``head_dim``/``attn_dim``/``scale`` matching its new weights, so timm's own forward
-(fused ``scaled_dot_product_attention``) runs unchanged, and no timm class is patched. The
+(fused ``scaled_dot_product_attention``) runs unchanged, and no timm class is patched (a
+:class:`slimvit.vit.LocalityAttention` keeps its learned scale). The
 artifact records the widths in ``model.json``; :func:`slimvit.vit.apply_widths` reshapes a freshly built model
 to them so the weights load (``models.load`` calls it).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -43,6 +45,7 @@ from slimvit.config import PruneConfig
 from slimvit.errors import ConfigError, ModelError
 from slimvit.spec import BlockWidths, Widths
 from slimvit.vit import (
+    LocalityAttention,
     VitParts,
     check_attention,
     read_widths,
@@ -220,15 +223,25 @@ def _unwrapped_parameters(model: nn.Module, parts: VitParts) -> list[tuple[nn.Pa
     return [(p, d) for p, d in out if isinstance(p, nn.Parameter)]
 
 
+_SCALARS_ONLY = (
+    r"Unwrapped parameters detected: \['blocks\.\d+\.attn\.log_scale'(, 'blocks\.\d+\.attn\.log_scale')*\]"
+)
+"""Torch-Pruning's warning when the only parameters outside its layers are locality attention's temperatures."""
+
+
 def _build_graph(model: nn.Module, parts: VitParts, example_inputs: torch.Tensor):
     import torch_pruning as tp
 
     unwrapped = _unwrapped_parameters(model, parts)
     with _tracking(model) as where:
         try:
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, unwrapped_parameters=unwrapped
-            )
+            with warnings.catch_warnings():
+                # Locality attention's temperatures have no channel; Torch-Pruning leaves 0-d parameters
+                # alone but warns about them (and only about them: the message must list nothing else).
+                warnings.filterwarnings("ignore", _SCALARS_ONLY, UserWarning)
+                return tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_inputs, unwrapped_parameters=unwrapped
+                )
         except Exception as e:
             raise ModelError(
                 f"Torch-Pruning cannot trace the model at layer '{where()}' ({type(e).__name__}: {e}); "
@@ -321,9 +334,9 @@ def _prune_step(
         num_heads, old_dim = heads_after[name]
         a = blk.attn
         new_dim = a.qkv.out_features // (3 * num_heads)
-        if new_dim != old_dim:
+        if new_dim != old_dim and not isinstance(a, LocalityAttention):
             # SDPA scales q.k by 1/sqrt(new head_dim); rescale q so the logits keep the scale they
-            # were trained with, 1/sqrt(old head_dim).
+            # were trained with, 1/sqrt(old head_dim). Locality attention's scale is its own parameter.
             with torch.no_grad():
                 a.qkv.weight[: num_heads * new_dim] *= math.sqrt(new_dim / old_dim)
                 if a.qkv.bias is not None:

@@ -27,6 +27,11 @@ def environment(run: dict) -> list[str]:
     ]
 
 
+def _attention(m) -> str:
+    """The student's attention, when it is not timm's plain kind."""
+    return "" if m.student_attention == "plain" else f" and `{m.student_attention}` attention"
+
+
 def _finetune_teacher(run: dict) -> str:
     """Whom the main fine-tune distilled from, as prune.json recorded it (not as the config says)."""
     if not run["prune"]:
@@ -60,7 +65,7 @@ def dataset(run: dict) -> list[str]:
         m, t, dist, p = c.model, c.train, c.distill, c.prune
         out += [
             f"- Preset `{c.preset}`: {c.data.img_size} px; teacher `{m.teacher}` "
-            f"({_epochs_ran(run, 'teacher', t.teacher_epochs)}), student `{m.student}` with `{m.student_stem}` stem "
+            f"({_epochs_ran(run, 'teacher', t.teacher_epochs)}), student `{m.student}` with `{m.student_stem}` stem{_attention(m)} "
             f"({_epochs_ran(run, 'student', t.epochs)}, distillation `{dist.loss}`, alpha {dist.alpha}, T {dist.temperature}); "
             f"precision `{t.precision}`{_resolved_precision(run)}; prune ratio {p.ratio} ({p.importance}), "
             f"at most {p.finetune_epochs} fine-tune epochs{_finetune_teacher(run)}.",
