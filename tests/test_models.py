@@ -1,7 +1,9 @@
 """Model creation from timm names, the errors for names and files that do not fit, local weights files,
 save/load of the artifact format, and the logits a (distilled) model is judged by."""
 
+import dataclasses
 import hashlib
+import math
 
 import pytest
 import timm
@@ -236,6 +238,10 @@ def test_pretrained_conv_stem_keeps_the_transformer_and_a_fresh_stem(monkeypatch
     _, spec = _vit("patch")
     model = models.create(spec, pretrained=True)
     assert _same_weights(model, pre)
+    # locality attention: every pretrained weight, and the temperatures at their start (1/sqrt(head_dim))
+    model = models.create(dataclasses.replace(spec, attention="locality"), pretrained=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in pre.state_dict().items())
+    assert all(math.isclose(b.attn.log_scale.exp().item(), 16**-0.5, rel_tol=1e-6) for b in model.blocks)
 
 
 # --------------------------------------------------------------------------- save / load

@@ -95,7 +95,7 @@ class LocalityAttention(Attention):
     and without the diagonal a token must take its update from the others. The temperature is one
     parameter a layer (`log_scale`, the log of the multiplier of q.k, starting at 1/sqrt(head_dim)); a
     pruned head dimension leaves it as it is. Always the explicit form: the fused kernels take neither, and
-    the export writes standard ONNX ops for it (ONNX Runtime's int8 attention kernel has no mask input).
+    the export writes standard ONNX ops for it (ONNX Runtime's int8 attention kernel takes no attention bias).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any) -> None:
