@@ -52,7 +52,7 @@ def test_parity_and_metadata(tmp_path, fuse, pruned):
 
 
 @pytest.mark.parametrize("attention", ["plain", "locality"])
-def test_unfused_attention_exports_a_file_onnx_and_the_fp16_conversion_read(tmp_path, attention):
+def test_an_unfused_export_declares_the_contrib_domain_its_fusions_write(tmp_path, attention):
     """Attention left as standard ops (`fuse_attention=false`, or locality attention, which the fused kernels
     cannot express): ORT's fusions still write BiasGelu, a contrib op, so the file must import its domain
     or onnx's shape inference (the fp16 conversion) refuses it."""
