@@ -912,3 +912,17 @@ def test_lever_table_keeps_a_run_that_deployed_nothing_out_of_the_pairs_and_says
     )
     assert "in default: fold 1." in lines[-1]
     assert "(0, 2)" in lines[-1]
+
+
+def test_epochs_script_evaluates_the_kept_and_the_last_epoch(smoke_run):
+    """scripts/epochs.py: the kept student is the one the run evaluated (its test accuracy is eval.json's), and
+    the last epoch's weights come from checkpoint.pt (the smoke student trains one epoch: the same model)."""
+    out, _, _ = smoke_run
+    epochs = script("epochs")
+    c = epochs.kept_and_last(out)
+    evaluated = json.loads((out / "student" / "eval.json").read_text())["accuracy"]
+    assert abs(c["test"]["kept"].mean() - evaluated) < 1e-9 and len(c["val"]["kept"]) > 0
+    for split in epochs.SPLITS:
+        assert np.array_equal(c[split]["kept"], c[split]["last"])
+    lines = epochs.table([out, out], [c, c])
+    assert lines[-1].startswith("| pooled |") and "+0.00 (0/0, p=1)" in lines[-1] and len(lines) == 5
