@@ -51,8 +51,10 @@ def table(runs: list[Path], results: list[dict]) -> list[str]:
         "| run | kept epoch | val %: kept | last | kept - last | test %: kept | last | kept - last |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    rows = [(str(r), json.loads((r / "student" / "train.json").read_text()).get("best_epoch"), c)
-            for r, c in zip(runs, results, strict=True)]  # fmt: skip
+    rows = []
+    for run, correct in zip(runs, results, strict=True):
+        epoch = json.loads((run / "student" / "train.json").read_text()).get("best_epoch")
+        rows.append((str(run), epoch, correct))
     if len(runs) > 1:
         pooled = {
             s: {k: np.concatenate([c[s][k] for c in results]) for k in ("kept", "last")} for s in SPLITS
