@@ -71,6 +71,7 @@ def test_yaml_yes_no_words_mean_what_was_typed(tmp_path):
         ("train.epochs=0", r"train.epochs=0 must be >= 1"),
         ("train.precision=fp8", r"train.precision='fp8' is not one of \['auto', 'no', 'bf16', 'fp16'\]"),
         ("prune.ratio=1.5", r"prune.ratio=1.5 must be in \(0, 1\)"),
+        ("train.select_from=1.5", r"train.select_from=1.5 must be in \[0, 1\]"),
         ("distill.loss=magic", r"distill.loss='magic' is not one of"),
         (
             "model.student_attention=local",

@@ -926,3 +926,49 @@ def test_epochs_script_evaluates_the_kept_and_the_last_epoch(smoke_run):
         assert np.array_equal(c[split]["kept"], c[split]["last"])
     lines = epochs.table([out, out], [c, c])
     assert lines[-1].startswith("| pooled |") and "+0.00 (0/0, p=1)" in lines[-1] and len(lines) == 5
+
+
+def test_epoch_rules_score_each_validation_image_by_an_epoch_chosen_without_it():
+    """scripts/epoch_rules.py: a rule picks as training does (the window, then balanced accuracy, accuracy,
+    lower loss, the earliest of ties), and its split-halves score reads each half with the epoch chosen on
+    the other. Epoch 1 is right on one half only, epoch 2 on the other only, epoch 3 on all but one image of
+    each class in each half: chosen on a half, epochs 1 and 2 look perfect and are wrong on every image they did not see."""
+    rules = script("epoch_rules")
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    a = rules.halves(labels)
+    assert a.sum() == 4 and a[:4].sum() == 2 and np.array_equal(a, rules.halves(labels))
+
+    def epoch(right: np.ndarray, margin: float = 1.0) -> np.ndarray:
+        """One-hot logits, `margin` on the images it gets right."""
+        pred = np.where(right, labels, 1 - labels)
+        return np.eye(2)[pred] * np.where(right, margin, 1.0)[:, None]
+
+    miss = np.zeros(8, dtype=bool)
+    miss[[np.flatnonzero(h & (labels == c))[0] for h in (a, ~a) for c in (0, 1)]] = True
+    val = np.stack([epoch(a), epoch(~a), epoch(~miss), epoch(~miss, 2.0), epoch(~miss, 2.0)])
+    z = {"val": val, "test": np.stack([epoch(np.ones(8, dtype=bool))] * 5)}
+    assert rules.pick(val, labels, 0) == 4  # all tie on accuracy; 4 and 5 have the lower loss, 4 first
+    assert rules.pick(val[:, a], labels[a], 0) == 1 and rules.pick(val[:, ~a], labels[~a], 0) == 2
+    s = rules.score(z, labels, labels, 0.0)
+    assert s["epoch"] == 4 and not s["val_half"].any() and s["val_chosen"].mean() == 0.5
+    late = rules.score(z, labels, labels, 0.5)  # epochs 3 to 5 compete: half of each half either way
+    assert late["epoch"] == 4 and late["val_half"].mean() == 0.5
+    assert rules.score(z, labels, labels, 1.0)["epoch"] == 5
+
+
+def test_epoch_rules_study_trains_once_and_reads_the_kept_epoch(smoke_run, tmp_path):
+    """The study's student keeps every epoch's logits; the epoch its rule picks is the one training kept,
+    and that epoch's test logits give eval.json's accuracy."""
+    out, _, _ = smoke_run
+    rules = script("epoch_rules")
+    folder = tmp_path / "s1"
+    rules.train(out, folder, 1)
+    assert rules.finished(folder) and (folder / "teacher" / "eval.json").exists()
+    z = rules.load_run(folder)
+    kept = json.loads((folder / "student" / "train.json").read_text())["best_epoch"]
+    evaluated = json.loads((folder / "student" / "eval.json").read_text())["accuracy"]
+    assert rules.score(z, z["val_labels"], z["test_labels"], 0.0)["epoch"] == kept
+    assert abs((z["test"][kept - 1].argmax(1) == z["test_labels"]).mean() - evaluated) < 1e-9
+    lines = rules.table({"smoke": [folder]}, [0.0, 1.0])
+    assert len(lines) == 4 and not any("Note:" in line for line in lines)
+    assert "select_from=1" in lines[-1] and "+0.00 (0/0, p=1)" in lines[-1]

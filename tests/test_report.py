@@ -450,3 +450,18 @@ def test_report_names_the_students_attention_when_it_is_not_timms():
 
     assert "with `conv` stem and `locality` attention (" in preset_line(["model.student_attention=locality"])
     assert "with `conv` stem (" in preset_line([])
+
+
+def test_report_says_which_epochs_competed_for_the_students_kept_weights():
+    run = _run()
+    assert not any("competed" in line or "select_from" in line for line in compression.distillation(run))
+    run["train"] = {**run["train"], "student": {**run["train"]["student"], "first_competing_epoch": 8}}
+    assert any(
+        "best validation epoch of epochs 8-10 (`train.select_from`)" in line
+        for line in compression.distillation(run)
+    )
+    run["train"]["student"]["first_competing_epoch"] = 10
+    assert any(
+        "The student kept its last epoch (`train.select_from`)" in line
+        for line in compression.distillation(run)
+    )

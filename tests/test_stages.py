@@ -50,6 +50,11 @@ def test_every_config_key_is_an_input_of_some_stage_and_the_report_quotes_all():
     assert [s.name for s in stages.stages_for_keys(["train.epochs"])] == ["distill", "ablation", "report"]
     assert [s.name for s in stages.stages_for_keys(["prune.sweep"])] == ["sweep", "report"]
     assert [s.name for s in stages.stages_for_keys(["prune.depths"])] == ["sweep", "report"]
+    assert [s.name for s in stages.stages_for_keys(["train.select_from"])] == [
+        "distill",
+        "ablation",
+        "report",
+    ]
     # progressive resizing changes the teacher and the students; the fine-tunes train at full size
     for key in ("train.resize_from", "train.resize_until"):
         assert [s.name for s in stages.stages_for_keys([key])] == [

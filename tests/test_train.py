@@ -614,6 +614,68 @@ def test_patience_stops_a_plateau(tmp_path):
     assert s["best_epoch"] == 0 and s["epochs_run"] == 2 and "2 epochs" in s["stopped"]
 
 
+def _scripted_validation(monkeypatch, accuracies: list[float], seen: list) -> None:
+    """train.validate returns these accuracies epoch by epoch (the real model still trains)."""
+    from slimvit import train
+
+    scores = iter(accuracies)
+
+    def scripted(model, *_a, **_k):
+        seen.append("validated")
+        a = next(scores)
+        return {"acc": a, "bal_acc": a, "loss": 1 - a, "kl": None, "agree": None}
+
+    monkeypatch.setattr(train, "validate", scripted)
+
+
+def test_select_from_keeps_the_best_late_epoch_and_trains_the_same(tmp_path, monkeypatch):
+    """`train.select_from`: only the epochs after that fraction compete for the kept weights (1 keeps the
+    last); the kept file holds that epoch's weights, and the training itself is the same whatever the rule
+    (its last weights identical), which is what lets scripts/epoch_rules.py read every rule from one training.
+    `on_epoch` sees every epoch, after validation, in eval mode."""
+    last = None
+    for select_from, first, kept in [(0.0, 0, 1), (0.5, 3, 4), (0.75, 4, 4), (1.0, 5, 5)]:
+        seen, weights = [], {}
+        _scripted_validation(monkeypatch, [0.9, 0.5, 0.6, 0.7, 0.65], seen)
+
+        def on_epoch(model, epoch, seen=seen, weights=weights):
+            seen.append(("on_epoch", epoch, model.training))
+            weights[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+        model, spec = tiny_student()
+        out = tmp_path / str(select_from)
+        opts = FitOptions(epochs=5, lr=2e-3, select_from=select_from, on_epoch=on_epoch)
+        _, s = fit(model, spec, synthetic_data(), FAST, out, opts)
+        assert (s["best_epoch"], s["first_competing_epoch"]) == (kept, first), select_from
+        saved, _ = models.load(out)
+        for k, v in saved.state_dict().items():
+            assert torch.equal(v, weights[kept][k]), (select_from, k)
+        assert seen == [x for e in range(1, 6) for x in ("validated", ("on_epoch", e, False))]
+        state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+        for k, v in (last or state).items():
+            assert torch.equal(v, state[k]), (select_from, k)
+        last = state
+
+
+def test_select_from_patience_counts_from_the_first_competing_epoch(tmp_path, monkeypatch):
+    """Patience does not stop a training before any epoch may be kept (its best is then none at all)."""
+    _scripted_validation(monkeypatch, [0.9, 0.5, 0.5, 0.6, 0.5, 0.5], [])
+    model, spec = tiny_student()
+    tcfg = dataclasses.replace(FAST, patience=1)
+    _, s = fit(
+        model, spec, synthetic_data(), tcfg, tmp_path / "s", FitOptions(epochs=6, lr=2e-3, select_from=0.5)
+    )
+    assert (s["best_epoch"], s["epochs_run"]) == (4, 5) and "1 epochs" in s["stopped"]
+
+
+def test_first_competing_epoch():
+    from slimvit.selection import first_competing_epoch
+
+    assert [first_competing_epoch(f, 60) for f in (0, 0.5, 0.75, 1)] == [0, 31, 46, 60]
+    assert [first_competing_epoch(f, 138) for f in (0.75, 0.999, 1)] == [104, 138, 138]
+    assert first_competing_epoch(0.01, 10) == 1  # never the starting weights once a fraction is set
+
+
 class _Counting(torch.nn.Module):
     def __init__(self, model):
         super().__init__()

@@ -180,6 +180,13 @@ class TrainConfig:
     """Stop a training when its best validation epoch is this many epochs old; 0 never stops early.
     Under the cosine schedule validation keeps improving until the learning rate is low, so the default
     recipe spends its time through a shorter schedule instead (docs/decisions.md)."""
+    select_from: float = 0.0
+    """Which epochs of the student's training (and its no-distillation twin's) compete for the kept weights:
+    those after this fraction of the epochs, the best on validation among them; 0 lets every epoch compete,
+    1 keeps the last epoch. On few validation images the best of many epochs is partly luck: a spike while
+    the learning rate is still high can win by one image and lose on new ones (docs/experiments/
+    epoch-selection.md). The teacher keeps its best validation epoch; the pruning fine-tunes keep theirs
+    under their own stop rule (`prune.recover`)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
@@ -205,6 +212,7 @@ class TrainConfig:
         _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
         _check_choice("train.balance", self.balance, ("auto", "none", "sampler", "logit"))
         _check(self.patience >= 0, f"train.patience={self.patience} must be >= 0")
+        _check(0 <= self.select_from <= 1, f"train.select_from={self.select_from} must be in [0, 1]")
         _check(
             self.resize_from == 0 or (self.resize_from >= 16 and self.resize_from % 16 == 0),
             f"train.resize_from={self.resize_from} must be 0 (off) or a multiple of 16 px (the ViT's patch)",

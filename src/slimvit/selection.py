@@ -100,9 +100,22 @@ def best_record(v: dict, epoch: int) -> dict:
     }
 
 
-def improves(v: dict, best: dict) -> bool:
-    """Whether an epoch validating as `v` beats the best record so far."""
-    return _key(v) > _best_key(best)
+def improves(v: dict, best: dict, epoch: int = 0, first: int = 0) -> bool:
+    """Whether epoch `epoch` (1-based), validating as `v`, becomes the best so far when only epochs from
+    `first` on compete (`first_competing_epoch`): the first of them always does, a later one when it beats
+    the best record."""
+    if epoch < first:
+        return False
+    return best["epoch"] < first or _key(v) > _best_key(best)
+
+
+def first_competing_epoch(select_from: float, epochs: int) -> int:
+    """The first epoch (1-based) that may be kept under `train.select_from`: those after `select_from` of
+    the `epochs` compete, the last always does; 0 where every epoch does (the starting weights too, with
+    `select_initial`)."""
+    if select_from <= 0:
+        return 0
+    return min(epochs, int(select_from * epochs + 1e-9) + 1)
 
 
 def _best_key(best: dict) -> tuple:

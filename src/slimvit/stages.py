@@ -197,6 +197,7 @@ _TRAIN = (
     "-train.teacher_epochs",
     "-train.teacher_lr",
     "-train.resize_",  # the fine-tunes train at full size
+    "-train.select_from",  # nor do they read it (prune.recover)
 )
 _STUDENT_TRAIN = ("data.img_size", "model.student", "train.", "-train.teacher_epochs", "-train.teacher_lr")
 _KD = ("distill.", "-distill.ablation")
@@ -233,7 +234,14 @@ STAGES: tuple[Stage, ...] = (
         artifacts=_trained(TEACHER),
         folders=(TEACHER,),
         reads=(SPLIT,),
-        params=("data.img_size", "model.teacher", "train.", "-train.epochs", "-train.lr"),
+        params=(
+            "data.img_size",
+            "model.teacher",
+            "train.",
+            "-train.epochs",
+            "-train.lr",
+            "-train.select_from",
+        ),
         trains=True,
         flags=("resume", "force"),
     ),

@@ -22,6 +22,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from slimvit.recipe import (
 from slimvit.selection import (
     Fidelity,
     best_record,
+    first_competing_epoch,
     improves,
     stop_reason,
     validate,
@@ -93,6 +95,13 @@ class FitOptions:
     split one epoch is a couple of steps)."""
     stop_agreement: float | None = None
     """With `stop_at`, "recovered" also needs this agreement with the reference model on the validation views."""
+    select_from: float = 0.0
+    """Only the epochs after this fraction of `epochs` compete for the kept weights (`train.select_from`;
+    1 keeps the last epoch). `train.patience` counts from the first of them."""
+    on_epoch: Callable[[nn.Module, int], None] | None = None
+    """Called after each epoch's validation, on the main process, with the model validated (in eval mode;
+    the EMA where there is one) and the epoch (1-based): for studies that read every epoch
+    (scripts/epoch_rules.py). It must not change the model."""
 
     @property
     def loss(self) -> str:
@@ -358,14 +367,17 @@ def _epoch(run: _Run, epoch: int, t_session: float) -> None:
         row.update(task_loss=float(stats[1] / stats[4]), kd_loss=float(stats[2] / stats[4]))
     if run.fidelity is not None:
         row.update(val_kl=v["kl"], val_agree=v["agree"])
-    improved = improves(v, run.best)
+    first = first_competing_epoch(opts.select_from, opts.epochs)
+    improved = improves(v, run.best, epoch + 1, first)
     if improved:
         run.best = best_record(v, epoch + 1)
         run.best_weights = _weights(eval_model)
+    if opts.on_epoch is not None and acc.is_main_process:
+        opts.on_epoch(eval_model.eval(), epoch + 1)
     run.stopped = stop_reason(
         run.best,
         opts.stop_at,
-        tcfg.patience,
+        tcfg.patience if epoch + 1 >= first else 0,  # no stop before an epoch may be kept
         epoch + 1,
         opts.epochs,
         acc.num_processes,
@@ -499,6 +511,7 @@ def _finish(run: _Run) -> tuple[nn.Module, dict]:
         "fidelity_views": run.fidelity.x.shape[0] if run.fidelity is not None else None,
         "min_epochs": opts.min_epochs,
         "epochs": opts.epochs,
+        "first_competing_epoch": first_competing_epoch(opts.select_from, opts.epochs),
         "epochs_run": run.done,
         "stopped": run.stopped,
         "balance": run.balance,
@@ -563,8 +576,16 @@ ROLES = (TEACHER, STUDENT, ABLATION)
 """The models `train_role` trains; each role's name is its folder's."""
 
 
-def train_role(cfg, run_dir: Path, role: str, data: Data | None = None, resume: bool | str = False) -> dict:
-    """Train the teacher, the distilled student, or the student without distillation; evaluate on test."""
+def train_role(
+    cfg,
+    run_dir: Path,
+    role: str,
+    data: Data | None = None,
+    resume: bool | str = False,
+    on_epoch: Callable[[nn.Module, int], None] | None = None,
+) -> dict:
+    """Train the teacher, the distilled student, or the student without distillation; evaluate on test.
+    `on_epoch`: see FitOptions."""
     from slimvit.data import load_data
     from slimvit.evaluate import evaluate_model
 
@@ -587,7 +608,16 @@ def train_role(cfg, run_dir: Path, role: str, data: Data | None = None, resume: 
         epochs,
         distill_cfg.loss if distill_cfg else "none",
     )
-    opts = FitOptions(epochs=epochs, lr=lr, distill=distill_cfg, resume=resume, desc=role, resize=True)
+    opts = FitOptions(
+        epochs=epochs,
+        lr=lr,
+        distill=distill_cfg,
+        resume=resume,
+        desc=role,
+        resize=True,
+        select_from=0.0 if role == TEACHER else t.select_from,
+        on_epoch=on_epoch,
+    )
     model, summary = fit(model, spec, data, t, run_dir / role, opts, teacher=teacher)
     metrics = evaluate_model(model, data, spec, "test")
     if is_main_process():

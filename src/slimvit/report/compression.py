@@ -66,6 +66,14 @@ def distillation(run: dict) -> list[str]:
             f"| (teacher) | - | {t['epochs']} | {pct(t['best_val_acc'])} ({t['best_epoch']}) | {pct(ev['teacher']['accuracy'])} | "
             f"{ev['teacher']['macro_f1']:.4f} | {t['seconds'] / 60:.1f} min |"
         )
+    first, last = (tr.get("student", {}).get(k) or 0 for k in ("first_competing_epoch", "epochs"))
+    if first > 1:
+        which = "its last epoch" if first >= last else f"its best validation epoch of epochs {first}-{last}"
+        out += [
+            "",
+            f"The student kept {which} (`train.select_from`): on few validation images the best of every "
+            "epoch is partly luck.",
+        ]
     how = tr.get("student", {}).get("teacher_logits")
     if how == "cached":
         out += [
