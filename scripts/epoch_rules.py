@@ -110,23 +110,21 @@ def write_logits(folder: Path, logits: dict, labels: dict) -> None:
 
 def pick(logits: np.ndarray, labels: np.ndarray, first: int) -> int:
     """The epoch (1-based) training keeps from `logits` (epochs, images, classes) when the epochs from `first`
-    on compete: the best balanced accuracy, then accuracy, then lower cross-entropy; the earliest of ties."""
-    from slimvit.evaluate import balanced_accuracy
+    on compete: training's own rule (`selection.improves`) on the metrics `selection.validate` computes."""
+    import torch
 
-    best, best_key = None, None
-    for e in range(max(1, first), len(logits) + 1):
-        z = logits[e - 1].astype(np.float64)
+    from slimvit.distill import cross_entropy
+    from slimvit.evaluate import balanced_accuracy
+    from slimvit.selection import best_record, improves
+
+    best = {"epoch": -1}  # nothing kept yet: the first competing epoch is
+    for e, z in enumerate(logits, start=1):
         pred = z.argmax(1)
-        logp = z - z.max(1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-        key = (
-            balanced_accuracy(pred, labels),
-            (pred == labels).mean(),
-            logp[np.arange(len(labels)), labels].mean(),
-        )
-        if best_key is None or key > best_key:
-            best, best_key = e, key
-    return best
+        loss = float(cross_entropy(torch.from_numpy(z), torch.from_numpy(labels)))
+        v = {"acc": float((pred == labels).mean()), "bal_acc": balanced_accuracy(pred, labels), "loss": loss}
+        if improves(v, best, e, first):
+            best = best_record(v, e)
+    return best["epoch"]
 
 
 def halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
