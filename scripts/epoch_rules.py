@@ -46,7 +46,7 @@ def train(base: Path, folder: Path, seed: int) -> None:
     folder/epochs.npz (written after each epoch, so an interrupted training resumes with them)."""
     import torch
 
-    from slimvit.config import load_config, save_config
+    from slimvit.config import read_config, save_config
     from slimvit.data import load_data
     from slimvit.evaluate import predict_logits
     from slimvit.layout import STUDENT
@@ -56,7 +56,7 @@ def train(base: Path, folder: Path, seed: int) -> None:
 
     if finished(folder):
         return
-    cfg = load_config(config_file=base / "config.yaml", overrides=[f"train.seed={seed}"])
+    cfg = read_config(base / "config.yaml", [f"train.seed={seed}"])
     if cfg.train.patience:
         raise SystemExit(f"{base}: train.patience={cfg.train.patience} stops training by the kept epoch")
     seed_folder(base, folder)

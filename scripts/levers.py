@@ -6,7 +6,8 @@ each lever, over several training seeds; a lever is judged on pooled validation,
 
 Each (lever, seed) trains in OUT/<lever>/s<seed>/: the base run's split.json and teacher/ are copied in
 (the teacher is held fixed, so the lever and the seed are all that change), then `train.run_distill` runs
-with the base run's config.yaml, the lever's keys and `train.seed`. `default` is the base config itself.
+with the base run's config.yaml (as that run was made: a key added to slimvit since takes its default, not
+today's preset), the lever's keys and `train.seed`. `default` is the base config itself.
 Every folder resumes: one whose student/ holds eval.json and val.json is read, not retrained.
 
 A lever of the teacher (a key `model.teacher` or `train.teacher_*`) trains its own teacher once, in
@@ -105,14 +106,14 @@ def teacher_home(base: Path, out: Path, name: str, keys: list[str]) -> Path:
 def train_teacher(base: Path, home: Path, keys: list[str]) -> None:
     """A teacher lever's teacher in `home`/teacher: the base run's split and config, the lever's keys, the
     base config's seed. Resumes; a finished one (teacher/eval.json) is only read."""
-    from slimvit.config import load_config, save_config
+    from slimvit.config import read_config, save_config
     from slimvit.data import load_data
     from slimvit.train import run_teacher
 
     if (home / "teacher" / "eval.json").exists():
         return
     seed_folder(base, home, teacher=home)
-    cfg = load_config(config_file=base / "config.yaml", overrides=keys)
+    cfg = read_config(base / "config.yaml", keys)
     save_config(cfg, home / "config.yaml")
     print(f"+ {home}: the teacher of {' '.join(keys)}", flush=True)
     run_teacher(cfg, home, load_data(cfg.data, home), resume="auto")
@@ -137,7 +138,7 @@ def run_pipeline(
     `slimvit run` then redoes exactly the stages the lever's keys make stale, so a lever of the pruning or
     the deploy choice does not train the same student again. Resumes: `slimvit run` only checks a finished
     folder."""
-    from slimvit.config import load_config, save_config
+    from slimvit.config import read_config, save_config
 
     if folder == base:
         return
@@ -151,7 +152,7 @@ def run_pipeline(
         # without deploy/: a lever's folder counts as finished (deploy.json) only once its own run got there
         copy_folder(reuse, folder, skip=("checkpoint.pt", ".lock", "*.log", "deploy"))
     seed_folder(base, folder, teacher)
-    save_config(load_config(config_file=base / "config.yaml", overrides=overrides), folder / "config.yaml")
+    save_config(read_config(base / "config.yaml", overrides), folder / "config.yaml")
     slimvit_run(folder, overrides)
 
 
@@ -206,11 +207,11 @@ def run_fold(base: Path, folder: Path, k: int, fold: int) -> None:
     """The default recipe's whole pipeline on fold `fold` of `k` (fold_split of the base run's split), its
     own teacher included: the fold's validation images were in the base run's training split, so the base
     run's teacher may not serve it. The config is the base run's. Resumes like run_pipeline."""
-    from slimvit.config import load_config, save_config
+    from slimvit.config import read_config, save_config
     from slimvit.data import describe, discover, load_data
     from slimvit.io import atomic_write_json
 
-    cfg = load_config(config_file=base / "config.yaml")
+    cfg = read_config(base / "config.yaml")
     if (folder / "split.json").exists():
         if load(folder / "split.json").get("fold") != {"k": k, "index": fold}:
             raise SystemExit(f"{folder} holds another split than fold {fold} of {k}: use another --out")
@@ -230,7 +231,7 @@ def train_one(base: Path, folder: Path, overrides: list[str], teacher: Path | No
     """The student of one (lever, seed) in `folder`, from the base run's split and the teacher of
     `teacher` (teacher_home; the base run's by default)."""
     from slimvit import models
-    from slimvit.config import load_config, save_config
+    from slimvit.config import read_config, save_config
     from slimvit.data import load_data
     from slimvit.evaluate import evaluate_model
     from slimvit.io import atomic_write_json
@@ -240,11 +241,11 @@ def train_one(base: Path, folder: Path, overrides: list[str], teacher: Path | No
     if (student / "eval.json").exists() and (student / "val.json").exists():
         return
     seed_folder(base, folder, teacher)
-    cfg = load_config(config_file=base / "config.yaml", overrides=overrides)
+    cfg = read_config(base / "config.yaml", overrides)
     save_config(cfg, folder / "config.yaml")
     print(f"+ {folder}: {' '.join(overrides)}", flush=True)
     data = load_data(cfg.data, folder)
-    if cfg == load_config(config_file=base / "config.yaml") and (base / "student" / "eval.json").exists():
+    if cfg == read_config(base / "config.yaml") and (base / "student" / "eval.json").exists():
         if not (student / "eval.json").exists():  # the base run's own student: the same recipe and seed
             copy_folder(base / "student", student)
     else:
@@ -276,11 +277,10 @@ def row_correct(run: Path, bench: dict, key: str, split: str) -> np.ndarray:
 
 def run_folder(base: Path, out: Path, name: str, keys: list[str], seed: int) -> Path:
     """Where the pipeline of (lever, seed) runs: the base run itself for its own recipe and seed."""
-    from slimvit.config import load_config
+    from slimvit.config import read_config
 
-    same = load_config(
-        config_file=base / "config.yaml", overrides=[*keys, f"train.seed={seed}"]
-    ) == load_config(config_file=base / "config.yaml")
+    saved = base / "config.yaml"
+    same = read_config(saved, [*keys, f"train.seed={seed}"]) == read_config(saved)
     return base if same else out / name / f"s{seed}"
 
 

@@ -178,6 +178,23 @@ def test_a_key_added_later_reads_as_what_slimvit_did_before_it(tmp_path):
     assert read_config(tmp_path / "config.yaml").prune.teacher == "teacher"
 
 
+def test_a_saved_run_config_with_overrides_is_the_run_as_it_was_made(tmp_path):
+    """read_config(path, overrides): a key the saved file lacks takes its dataclass default (what slimvit
+    did before the key existed), not today's preset, as load_config reads a user's file; then the overrides,
+    checked like --set."""
+    d = load_config("neu-det").to_dict()
+    assert d["train"].pop("select_from") == 1.0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(d))
+    cfg = read_config(path, ["train.seed=2"])
+    assert (cfg.train.select_from, cfg.train.seed) == (0.0, 2)
+    assert cfg.train.epochs == d["train"]["epochs"]  # the file's own values kept
+    assert load_config(config_file=path).train.select_from == 1.0  # a user's file: over the preset
+    assert read_config(path, ["train.select_from=1"]).train.select_from == 1.0
+    with pytest.raises(ConfigError, match="select_from"):
+        read_config(path, ["train.select_from=2"])
+
+
 def test_config_command_lists_every_key_of_every_section_with_its_description(capsys):
     """`slimvit config` is built from the dataclasses: a new key cannot be missing from it, and every key
     needs its one-line docstring."""

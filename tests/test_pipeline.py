@@ -662,6 +662,23 @@ def script(name: str):
     return module
 
 
+def test_a_lever_study_reads_its_base_run_as_it_was_made(tmp_path):
+    """A base run saved before a key existed used the key's default: a lever setting the preset's newer
+    value is a lever (its own folder), not the base run itself, and the default recipe stays the base's."""
+    import yaml
+
+    levers = script("levers")
+    d = load_config("neu-det").to_dict()
+    del d["train"]["select_from"]  # a run made before train.select_from (every epoch competed)
+    base, out = tmp_path / "base", tmp_path / "levers"
+    base.mkdir()
+    (base / "config.yaml").write_text(yaml.safe_dump(d))
+    assert levers.run_folder(base, out, "default", [], 0) == base
+    assert levers.run_folder(base, out, "default", [], 1) == out / "default" / "s1"
+    assert levers.run_folder(base, out, "last", ["train.select_from=1"], 0) == out / "last" / "s0"
+    assert levers.run_folder(base, out, "every", ["train.select_from=0"], 0) == base
+
+
 def test_lever_study_steps_skip_a_seed_that_deployed_the_teacher():
     """A seed whose pipeline deployed the teacher has no compression steps of its own: the step columns pool
     the other seeds and say so, instead of pairing the teacher's files with the pruned student's."""

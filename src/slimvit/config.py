@@ -729,14 +729,7 @@ def load_config(
         raise ConfigError(f"config file '{config_file}': preset={base!r} must be a preset name")
     d = _deep_merge(load_preset(base), user)
     d["preset"] = base
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = d
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set '{item}': '{p}' is not a section")
-        node[parts[-1]] = value
+    _set(d, overrides)
     if data_path is not None:
         data = d.setdefault("data", {})
         if not isinstance(data, dict):
@@ -751,8 +744,27 @@ def save_config(cfg: Config, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def read_config(path: Path) -> Config:
-    return Config.from_dict(_read_yaml(Path(path).read_text(), str(path)))
+def _set(d: dict, overrides: typing.Sequence[str]) -> None:
+    """``--set section.key=value`` items written into the nested dict `d`."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = d
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+
+
+def read_config(path: Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """A run folder's saved config.yaml as the run was made, then `overrides` (``section.key=value``).
+
+    Not over today's preset (as `load_config` reads a user's file): a key the file lacks was added in a
+    newer slimvit, and takes its dataclass default, the value that reproduces the old behaviour (the same
+    reading as manifest.input_changes). A preset changed since cannot change what an old run was."""
+    d = _read_yaml(Path(path).read_text(), str(path))
+    _set(d, overrides)
+    return Config.from_dict(d)
 
 
 # --------------------------------------------------------------------------- the keys, described
