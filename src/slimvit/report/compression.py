@@ -50,7 +50,7 @@ def distillation(run: dict) -> list[str]:
     if "student" not in ev:
         return out + ["No student was trained in this run.", ""]
     out += [
-        "| student | distillation | epochs | best val acc (epoch) | test accuracy | test macro-F1 | training time |",
+        "| student | distillation | epochs | val acc (kept epoch) | test accuracy | test macro-F1 | training time |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name in ("student", "student_nokd"):
