@@ -72,6 +72,7 @@ def test_yaml_yes_no_words_mean_what_was_typed(tmp_path):
         ("train.precision=fp8", r"train.precision='fp8' is not one of \['auto', 'no', 'bf16', 'fp16'\]"),
         ("prune.ratio=1.5", r"prune.ratio=1.5 must be in \(0, 1\)"),
         ("train.select_from=1.5", r"train.select_from=1.5 must be in \[0, 1\]"),
+        ("prune.select_from=-0.1", r"prune.select_from=-0.1 must be in \[0, 1\]"),
         ("distill.loss=magic", r"distill.loss='magic' is not one of"),
         (
             "model.student_attention=local",

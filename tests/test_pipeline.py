@@ -324,17 +324,21 @@ def test_pruning_finetune_teacher_sees_its_own_normalisation(smoke_run, tmp_path
     out = tmp_path / "copy"
     shutil.copytree(smoke_run[0], out)
     root = json.loads((out / "data.json").read_text())["root"]
-    cfg = load_config("smoke", overrides=[f"data.path={root}", f"prune.teacher={source}"])
+    cfg = load_config(
+        "smoke", overrides=[f"data.path={root}", f"prune.teacher={source}", "prune.select_from=0.5"]
+    )
     seen = {}
 
     def capture(model, spec, data, tcfg, out_dir, opts, *, teacher=None, **kw):
         seen.update(teacher=teacher, spec=spec, x=data.arrays("val")[0][:8], initial=opts.select_initial)
+        seen.update(select_from=opts.select_from)
         raise _Stop  # only the teacher handed to the fine-tune matters
 
     monkeypatch.setattr(train, "fit", capture)
     with pytest.raises(_Stop):
         prune.run_prune(cfg, out)
     assert seen["initial"] is False  # the untrained cut model never stands in for a fine-tuned one
+    assert seen["select_from"] == 0.5  # prune.select_from reaches the fine-tune
     t_model, t_spec = models.load(out / source)
     s_spec = seen["spec"]
     if source == "teacher":

@@ -213,6 +213,11 @@ def test_pruning_section_and_sweep_table():
     assert "| MACs | 1000.0 M | 640.0 M | 0.640 |" in text
     assert "| val accuracy | 95.00% | 90.00% (50.00% right after pruning) | |" in text
     assert "Fine-tune: 4 of at most 10 epochs (stopped early: recovered)." in text
+    assert "competed" not in text  # every trained epoch competed (prune.select_from 0)
+    late = {"finetune": {"epochs": 10, "epochs_run": 10, "first_competing_epoch": 6, "best_epoch": 8}}
+    assert compression._finetune_text(late).endswith(
+        "Only epochs from 6 on competed for the kept weights (`prune.select_from`): it kept epoch 8."
+    )
     assert "### Sweep" not in text
     base = {"params": 4e6, "macs": 1e9, "latency_ms": 8.0, "val_acc": 0.9, "test_acc": None}
     point = {"ratio": 0.5, "depth": None, "params_after": 2e6, "macs_after": 5e8, "latency_ms_after": 4.0}

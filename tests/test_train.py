@@ -668,6 +668,18 @@ def test_select_from_patience_counts_from_the_first_competing_epoch(tmp_path, mo
     assert (s["best_epoch"], s["epochs_run"]) == (4, 5) and "1 epochs" in s["stopped"]
 
 
+def test_select_from_a_fine_tune_stops_recovered_only_once_its_epochs_compete(tmp_path, monkeypatch):
+    """`prune.select_from` (FitOptions.select_from with stop_at): an early epoch that ties the target is
+    neither kept nor a reason to stop; the first competing epoch that recovers stops the fine-tune."""
+    for select_from, kept in [(0.0, 1), (0.5, 5)]:
+        _scripted_validation(monkeypatch, [0.95, 0.95, 0.9, 0.9, 0.95, 0.95], [])
+        model, spec = tiny_student()
+        opts = FitOptions(epochs=6, lr=2e-3, stop_at=0.95, select_from=select_from)
+        _, s = fit(model, spec, synthetic_data(), FAST, tmp_path / str(select_from), opts)
+        assert (s["best_epoch"], s["epochs_run"]) == (kept, kept), select_from
+        assert s["stopped"].startswith("recovered")
+
+
 def test_first_competing_epoch():
     from slimvit.selection import first_competing_epoch
 

@@ -319,6 +319,7 @@ def _finetune(
             stop_at=target,
             min_epochs=math.ceil(cfg.prune.finetune_floor * epochs) if target is not None else 0,
             stop_agreement=cfg.prune.recover_agreement / 100 if target is not None else None,
+            select_from=cfg.prune.select_from,
         )
         # judged by what does not saturate: the student's function on the validation views (`reference`)
         model, summary = fit(

@@ -151,7 +151,11 @@ def _finetune_text(p: dict) -> str:
         )
     else:
         why = "`prune.recover` is off"
-    return f"Fine-tune: {ran} of at most {cap} epochs ({why})."
+    text = f"Fine-tune: {ran} of at most {cap} epochs ({why})."
+    first = ft.get("first_competing_epoch") or 0
+    if first > 1:
+        text += f" Only epochs from {first} on competed for the kept weights (`prune.select_from`): it kept epoch {ft.get('best_epoch')}."
+    return text
 
 
 def _sweep_text(run: dict) -> str:
