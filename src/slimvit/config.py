@@ -185,8 +185,8 @@ class TrainConfig:
     those after this fraction of the epochs, the best on validation among them; 0 lets every epoch compete,
     1 keeps the last epoch. On few validation images the best of many epochs is partly luck: a spike while
     the learning rate is still high can win by one image and lose on new ones (docs/experiments/
-    epoch-selection.md). The teacher keeps its best validation epoch; the pruning fine-tunes keep theirs
-    under their own stop rule (`prune.recover`)."""
+    epoch-selection.md). The teacher keeps its best validation epoch; the pruning fine-tunes have their
+    own rule (`prune.select_from`, `prune.recover`)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
