@@ -2,12 +2,14 @@
 each lever, over several training seeds; a lever is judged on pooled validation, test is reported.
 
     python scripts/levers.py --base runs/neu-det [--seeds 0,1,2 | --folds K] [--out runs/levers]
-                             [--lever NAME=KEY=VALUE[,KEY=VALUE...]] ... [--pipeline] [--report-only]
+                             [--lever NAME=KEY=VALUE[,KEY=VALUE...] ... | --lever none] [--pipeline]
+                             [--report-only]
 
 Each (lever, seed) trains in OUT/<lever>/s<seed>/: the base run's split.json and teacher/ are copied in
 (the teacher is held fixed, so the lever and the seed are all that change), then `train.run_distill` runs
 with the base run's config.yaml (as that run was made: a key added to slimvit since takes its default, not
-today's preset), the lever's keys and `train.seed`. `default` is the base config itself.
+today's preset), the lever's keys and `train.seed`. `default` is the base config itself; `--lever none` runs
+it alone (the default recipe's seeds, no lever).
 Every folder resumes: one whose student/ holds eval.json and val.json is read, not retrained.
 
 A lever of the teacher (a key `model.teacher` or `train.teacher_*`) trains its own teacher once, in
@@ -653,7 +655,8 @@ def main() -> int:
         "--lever",
         action="append",
         default=[],
-        help="NAME=KEY=VALUE[,KEY=VALUE...]; default: " + "; ".join(f"{n}={k}" for n, k in LEVERS.items()),
+        help="NAME=KEY=VALUE[,KEY=VALUE...], or `none` for the default recipe alone (its seeds); default: "
+        + "; ".join(f"{n}={k}" for n, k in LEVERS.items()),
     )
     ap.add_argument(
         "--pipeline", action="store_true", help="the whole pipeline per (lever, seed), not the student alone"
@@ -672,7 +675,14 @@ def main() -> int:
     if args.folds and args.seeds:
         raise SystemExit("--folds and --seeds: the folds run at the base config's seed; give one of the two")
     seeds = [int(s) for s in (args.seeds or "0,1,2").split(",")]
-    given = dict(map(parse_lever, args.lever)) if args.lever else {n: k.split(",") for n, k in LEVERS.items()}
+    if "none" in args.lever and len(args.lever) > 1:
+        raise SystemExit("--lever none runs the default recipe alone: give it without other levers")
+    if args.lever == ["none"]:
+        given = {}
+    elif args.lever:
+        given = dict(map(parse_lever, args.lever))
+    else:
+        given = {n: k.split(",") for n, k in LEVERS.items()}
     levers = {"default": [], **given}
     homes = {n: teacher_home(args.base, args.out, n, keys) for n, keys in levers.items()}
     if args.folds and any(h != args.base for h in homes.values()):

@@ -331,14 +331,18 @@ def test_pruning_finetune_teacher_sees_its_own_normalisation(smoke_run, tmp_path
 
     def capture(model, spec, data, tcfg, out_dir, opts, *, teacher=None, **kw):
         seen.update(teacher=teacher, spec=spec, x=data.arrays("val")[0][:8], initial=opts.select_initial)
-        seen.update(select_from=opts.select_from)
+        seen.update(select_from=opts.select_from, on_epoch=opts.on_epoch)
         raise _Stop  # only the teacher handed to the fine-tune matters
+
+    def hook(model, epoch):  # a study's per-epoch reader (scripts/finetune_levers.py)
+        pass
 
     monkeypatch.setattr(train, "fit", capture)
     with pytest.raises(_Stop):
-        prune.run_prune(cfg, out)
+        prune.run_prune(cfg, out, on_epoch=hook)
     assert seen["initial"] is False  # the untrained cut model never stands in for a fine-tuned one
     assert seen["select_from"] == 0.5  # prune.select_from reaches the fine-tune
+    assert seen["on_epoch"] is hook
     t_model, t_spec = models.load(out / source)
     s_spec = seen["spec"]
     if source == "teacher":
@@ -567,6 +571,25 @@ def test_lever_study_trains_each_lever_and_seed_from_one_teacher(smoke_run, tmp_
     # resumable: a second call trains nothing and writes the same table
     assert subprocess.run([*args, "--lever", "ema=train.ema=true"], capture_output=True).returncode == 0
     assert (levers / "LEVERS.md").read_text() == table
+
+
+def test_lever_none_runs_the_default_recipe_alone(smoke_run, tmp_path):
+    from pathlib import Path
+
+    out, _, _ = smoke_run
+    levers = tmp_path / "levers"
+    script = Path(__file__).parents[1] / "scripts" / "levers.py"
+    args = [sys.executable, str(script), "--base", str(out), "--seeds", "0", "--out", str(levers)]
+    r = subprocess.run(
+        [*args, "--lever", "none", "--lever", "ema=train.ema=true"], capture_output=True, text=True
+    )
+    assert r.returncode != 0 and "--lever none" in r.stderr and not levers.exists()
+    r = subprocess.run([*args, "--lever", "none"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in levers.iterdir() if p.is_dir()) == ["default"]  # not the built-in levers
+    rows = [line for line in (levers / "LEVERS.md").read_text().splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| default") for line in rows)
+    assert not any(line.startswith(("| ema", "| consistent")) for line in rows)
 
 
 def test_a_teacher_lever_trains_its_own_teacher_once_and_pairs_its_students_with_it(smoke_run, tmp_path):
@@ -993,3 +1016,36 @@ def test_epoch_rules_study_trains_once_and_reads_the_kept_epoch(smoke_run, tmp_p
     lines = rules.table({"smoke": [folder]}, [0.0, 1.0])
     assert len(lines) == 4 and not any("Note:" in line for line in lines)
     assert "select_from=1" in lines[-1] and "+0.00 (0/0, p=1)" in lines[-1]
+
+
+def test_finetune_study_reads_the_recovering_fine_tunes_epoch_from_one_training(smoke_run, tmp_path):
+    """scripts/finetune_levers.py runs a fine-tune for all its epochs and keeps every epoch's logits; the
+    epoch the base run's rule (`prune.recover`, `prune.select_from`) keeps from them is the one a recovering
+    fine-tune keeps (the same seed trains the same epochs), and its test logits give that model's accuracy."""
+    import shutil
+
+    from slimvit.config import read_config
+    from slimvit.data import load_data
+    from slimvit.prune import run_prune
+
+    out, _, _ = smoke_run
+    study = script("finetune_levers")
+    keys = ["prune.finetune_epochs=4"]
+    folder = tmp_path / "study"
+    study.finetune(out, folder, keys)
+    assert study.finished(folder)
+    assert not read_config(folder / "config.yaml").prune.recover  # every epoch trained
+    real = tmp_path / "real"
+    shutil.copytree(out, real)
+    cfg = read_config(real / "config.yaml", keys)
+    assert cfg.prune.recover
+    run_prune(cfg, real, load_data(cfg.data, real, progress=False))
+    ft = json.loads((real / "pruned" / "prune.json").read_text())["finetune"]
+    run = study.Run(out, folder)
+    assert run.epochs >= ft["epochs_run"] and run.epochs == ft["epochs"]
+    kept = run.keep(run.own_rule)
+    assert kept == ft["best_epoch"]
+    accuracy = json.loads((real / "pruned" / "eval.json").read_text())["accuracy"]
+    assert abs(run.scored(kept)["test_right"].mean() - accuracy) < 1e-9
+    assert run.keep(1.0) == run.epochs  # the last-epoch rule keeps the last
+    assert run.split_halves(0.0).shape == run.labels["val"].shape

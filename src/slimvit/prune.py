@@ -196,6 +196,7 @@ def run_prune(
     source: str = STUDENT,
     depth: int | None = None,
     logits_memo: LogitsMemo | None = None,
+    on_epoch=None,
 ) -> dict:
     """Prune the distilled student, fine-tune it with distillation, evaluate, and write prune.json.
 
@@ -211,6 +212,8 @@ def run_prune(
             of pruning widths.
         logits_memo: passed to `train.fit`: a sweep's fine-tunes reuse one computation of the teacher's
             logits. The prune stage's own (out_name pruned/) keeps them in pruned/ for the sweep.
+        on_epoch: passed to the fine-tune (`FitOptions.on_epoch`): called with the model after each epoch,
+            for studies that read every epoch (scripts/finetune_levers.py).
 
     Returns:
         A compact summary (ratio, params/MACs/latency before and after, val/test accuracy).
@@ -252,7 +255,7 @@ def run_prune(
     _log_sizes(ratio, sizes, pspec.widths)
     desc = f"finetune r={ratio:g}" + (f" depth {depth}" if depth else "")
     model, finetune, val = _finetune(
-        cfg, run_dir, out, model, pspec, data, info, epochs, resumed, reference, desc, logits_memo
+        cfg, run_dir, out, model, pspec, data, info, epochs, resumed, reference, desc, logits_memo, on_epoch
     )
     result, test = _evaluate(cfg, model, pspec, data, reference, info, sizes, finetune, val)
     result.update(widths_before=widths_before.to_json(), widths_after=pspec.widths.to_json())
@@ -294,7 +297,19 @@ def _log_sizes(ratio: float, sizes: dict, widths: Widths) -> None:
 
 
 def _finetune(
-    cfg, run_dir: Path, out: Path, model, pspec, data, info, epochs, resumed, reference, desc, logits_memo
+    cfg,
+    run_dir: Path,
+    out: Path,
+    model,
+    pspec,
+    data,
+    info,
+    epochs,
+    resumed,
+    reference,
+    desc,
+    logits_memo,
+    on_epoch,
 ) -> tuple:
     """Fine-tune the pruned model with distillation (from `prune.teacher`) until it has recovered the
     student's validation score, or save it as pruned with no epochs; (model, the fine-tune's record,
@@ -320,6 +335,7 @@ def _finetune(
             min_epochs=math.ceil(cfg.prune.finetune_floor * epochs) if target is not None else 0,
             stop_agreement=cfg.prune.recover_agreement / 100 if target is not None else None,
             select_from=cfg.prune.select_from,
+            on_epoch=on_epoch,
         )
         # judged by what does not saturate: the student's function on the validation views (`reference`)
         model, summary = fit(
