@@ -246,8 +246,8 @@ def kl_text(a: np.ndarray, ref: np.ndarray) -> str:
 
     if np.array_equal(a, ref):
         return ""
-    lower = int((a < ref).sum())
-    return f"{a.mean() - ref.mean():+.4f} (lower on {lower} of {len(a)}, p={wilcoxon(a, ref).pvalue:.2g})"
+    lower, p = int((a < ref).sum()), wilcoxon(a, ref).pvalue
+    return f"{a.mean() - ref.mean():+.4f} (lower on {lower} of {len(a)}, {'p<1e-10' if p < 1e-10 else f'p={p:.2g}'})"
 
 
 def lever_table(runs: dict, groups: dict[str, list[str]], levers: list[str]) -> list[str]:

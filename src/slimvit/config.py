@@ -296,7 +296,9 @@ class PruneConfig:
     0: every trained epoch (what slimvit did before this key existed); 1: the epoch it ends at, its cap.
     On a small validation split accuracy ties across epochs and the tie goes to the epoch closest to the
     student, often an early one: a 780-image NEU-DET subset's r=0.2 fine-tune ran its 23 epochs and kept
-    epoch 2, throwing away the steps `finetune_floor` asked for."""
+    epoch 2, throwing away the steps `finetune_floor` asked for. The `neu-det` preset's choice is 1: on
+    validation images the choice did not see (split halves, `scripts/finetune_levers.py`) the last epoch
+    scored 1.0 point above the best-epoch pick over NEU-DET and its subsets (docs/decisions.md)."""
     finetune_lr: float = 5e-4
     """Peak learning rate of the fine-tuning."""
     teacher: str = "teacher"

@@ -141,6 +141,12 @@ def _finetune_text(p: dict) -> str:
     ran, cap = ft.get("epochs_run"), ft.get("epochs")
     if ran is None:
         return f"Fine-tuned for {cap} epochs."
+    first = ft.get("first_competing_epoch") or 0
+    if cap and first >= cap:  # prune.select_from 1: no stop before the last epoch, which is kept
+        return (
+            f"Fine-tune: all {ran} epochs, the last kept (`prune.select_from`: on few validation images the best "
+            "epoch is partly luck)."
+        )
     target = ft.get("recovery_target")
     if ft.get("stopped"):
         why = f"stopped early: {ft['stopped']}"
@@ -152,7 +158,6 @@ def _finetune_text(p: dict) -> str:
     else:
         why = "`prune.recover` is off"
     text = f"Fine-tune: {ran} of at most {cap} epochs ({why})."
-    first = ft.get("first_competing_epoch") or 0
     if first > 1:
         text += f" Only epochs from {first} on competed for the kept weights (`prune.select_from`): it kept epoch {ft.get('best_epoch')}."
     return text
