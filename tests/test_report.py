@@ -221,7 +221,9 @@ def test_pruning_section_and_sweep_table():
     # prune.select_from 1: the stop rule can fire only at the last epoch, which is kept; not "stopped early"
     last = {"finetune": {"epochs": 10, "epochs_run": 10, "first_competing_epoch": 10, "best_epoch": 10}}
     last["finetune"]["stopped"] = "recovered: validation balanced accuracy 0.99 >= 0.98"
-    assert compression._finetune_text(last).startswith("Fine-tune: all 10 epochs, the last kept (`prune.select_from`")
+    assert compression._finetune_text(last).startswith(
+        "Fine-tune: all 10 epochs, the last kept (`prune.select_from`"
+    )
     assert "early" not in compression._finetune_text(last)
     assert "### Sweep" not in text
     base = {"params": 4e6, "macs": 1e9, "latency_ms": 8.0, "val_acc": 0.9, "test_acc": None}
