@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from epoch_rules import halves  # noqa: E402  (the benchmark scripts are not a package)
-from levers import copy_folder, parse_lever, seed_folder  # noqa: E402
+from levers import copy_folder, given_levers, seed_folder  # noqa: E402
 
 from slimvit.io import atomic_path, atomic_write_text  # noqa: E402
 from slimvit.report.stats import accuracy_text, paired_text  # noqa: E402
@@ -341,14 +341,7 @@ def main() -> int:
         "--report-only", action="store_true", help="write FINETUNE_LEVERS.md from what has finished"
     )
     args = ap.parse_args()
-    if "none" in args.lever and len(args.lever) > 1:
-        raise SystemExit("--lever none runs the default alone: give it without other levers")
-    if args.lever == ["none"]:
-        given = {}
-    elif args.lever:
-        given = dict(map(parse_lever, args.lever))
-    else:
-        given = {n: k.split(",") for n, k in LEVERS.items()}
+    given = given_levers(args.lever, LEVERS)
     if "default" in given:
         raise SystemExit("--lever default=...: `default` is the base run's own config")
     levers = {"default": [], **given}

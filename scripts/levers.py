@@ -69,6 +69,18 @@ def parse_lever(text: str) -> tuple[str, list[str]]:
     return name, keys.split(",")
 
 
+def given_levers(texts: list[str], builtin: dict[str, str]) -> dict[str, list[str]]:
+    """The levers of repeated `--lever` options: NAME=KEY=VALUE[,...] each, `none` alone for none (the default
+    recipe alone), nothing for the script's `builtin` ones."""
+    if "none" in texts and len(texts) > 1:
+        raise SystemExit("--lever none runs the default recipe alone: give it without other levers")
+    if texts == ["none"]:
+        return {}
+    if texts:
+        return dict(map(parse_lever, texts))
+    return {n: k.split(",") for n, k in builtin.items()}
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -675,14 +687,7 @@ def main() -> int:
     if args.folds and args.seeds:
         raise SystemExit("--folds and --seeds: the folds run at the base config's seed; give one of the two")
     seeds = [int(s) for s in (args.seeds or "0,1,2").split(",")]
-    if "none" in args.lever and len(args.lever) > 1:
-        raise SystemExit("--lever none runs the default recipe alone: give it without other levers")
-    if args.lever == ["none"]:
-        given = {}
-    elif args.lever:
-        given = dict(map(parse_lever, args.lever))
-    else:
-        given = {n: k.split(",") for n, k in LEVERS.items()}
+    given = given_levers(args.lever, LEVERS)
     levers = {"default": [], **given}
     homes = {n: teacher_home(args.base, args.out, n, keys) for n, keys in levers.items()}
     if args.folds and any(h != args.base for h in homes.values()):
