@@ -208,6 +208,14 @@ def _own_rule(folder: Path) -> float:
     return read_config(folder / "config.yaml").train.select_from
 
 
+def parse_rules(text: str) -> list[float]:
+    """`--rules`: comma-separated `select_from` fractions, each in [0, 1]."""
+    rules = [float(r) for r in text.split(",")]
+    if not all(0 <= r <= 1 for r in rules):
+        raise SystemExit(f"--rules {text}: each is a fraction in [0, 1]")
+    return rules
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -221,9 +229,7 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true", help="write EPOCH_RULES.md from what has finished")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    rules = [float(r) for r in args.rules.split(",")]
-    if not all(0 <= r <= 1 for r in rules):
-        raise SystemExit(f"--rules {args.rules}: each is a fraction in [0, 1]")
+    rules = parse_rules(args.rules)
     names = [b.resolve().name for b in args.base]
     if len(set(names)) != len(names):
         raise SystemExit(f"--base: two runs named alike ({', '.join(names)}); their folders would collide")

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from epoch_rules import halves  # noqa: E402  (the benchmark scripts are not a package)
+from epoch_rules import halves, parse_rules  # noqa: E402  (the benchmark scripts are not a package)
 from levers import copy_folder, given_levers, seed_folder  # noqa: E402
 
 from slimvit.io import atomic_path, atomic_write_text  # noqa: E402
@@ -345,9 +345,7 @@ def main() -> int:
     if "default" in given:
         raise SystemExit("--lever default=...: `default` is the base run's own config")
     levers = {"default": [], **given}
-    rules = [float(r) for r in args.rules.split(",")]
-    if not all(0 <= r <= 1 for r in rules):
-        raise SystemExit(f"--rules {args.rules}: each is a fraction in [0, 1]")
+    rules = parse_rules(args.rules)
     groups: dict[str, list[str]] = {}
     bases: dict[str, Path] = {}
     for g in args.group:
