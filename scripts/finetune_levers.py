@@ -256,7 +256,7 @@ def lever_table(runs: dict, groups: dict[str, list[str]], levers: list[str]) -> 
         "test % | vs default | test agree % |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for gname, names in _groups(groups):
+    for gname, names in all_groups(groups):
         for which in ("own rule", "last"):
             kept = {
                 (n, lv): (
@@ -288,7 +288,7 @@ def rule_table(runs: dict, groups: dict[str, list[str]], levers: list[str], rule
         "test % | vs first rule |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for gname, names in _groups(groups):
+    for gname, names in all_groups(groups):
         for lv in levers:
             res = {}
             for f in rules:
@@ -315,9 +315,23 @@ def rule_table(runs: dict, groups: dict[str, list[str]], levers: list[str], rule
     return rows
 
 
-def _groups(groups: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
+def all_groups(groups: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
+    """The groups, then (with more than one) "all" of their runs pooled."""
     everything = [n for ns in groups.values() for n in ns]
     return [*groups.items(), *((("all", everything),) if len(groups) > 1 else ())]
+
+
+def parse_groups(given: list[str]) -> tuple[dict[str, list[str]], dict[str, Path]]:
+    """`--group NAME=RUN[,RUN...]` options -> ({NAME: [NAME-0, NAME-1, ...]}, {NAME-k: the k-th RUN})."""
+    groups: dict[str, list[str]] = {}
+    bases: dict[str, Path] = {}
+    for g in given:
+        gname, _, paths = g.partition("=")
+        if not gname or not paths or gname in groups:
+            raise SystemExit(f"--group {g}: expected a new NAME=RUN[,RUN...]")
+        groups[gname] = [f"{gname}-{k}" for k in range(len(paths.split(",")))]
+        bases.update(zip(groups[gname], map(Path, paths.split(",")), strict=True))
+    return groups, bases
 
 
 def main() -> int:
@@ -346,14 +360,7 @@ def main() -> int:
         raise SystemExit("--lever default=...: `default` is the base run's own config")
     levers = {"default": [], **given}
     rules = parse_rules(args.rules)
-    groups: dict[str, list[str]] = {}
-    bases: dict[str, Path] = {}
-    for g in args.group:
-        gname, _, paths = g.partition("=")
-        if not gname or not paths or gname in groups:
-            raise SystemExit(f"--group {g}: expected a new NAME=RUN[,RUN...]")
-        groups[gname] = [f"{gname}-{k}" for k in range(len(paths.split(",")))]
-        bases.update(zip(groups[gname], map(Path, paths.split(",")), strict=True))
+    groups, bases = parse_groups(args.group)
     for base in bases.values():
         if not (base / "pruned" / "prune.json").exists():
             raise SystemExit(f"{base}: no finished prune stage (pruned/prune.json)")

@@ -1049,3 +1049,30 @@ def test_finetune_study_reads_the_recovering_fine_tunes_epoch_from_one_training(
     assert abs(run.scored(kept)["test_right"].mean() - accuracy) < 1e-9
     assert run.keep(1.0) == run.epochs  # the last-epoch rule keeps the last
     assert run.split_halves(0.0).shape == run.labels["val"].shape
+
+
+def test_tta_study_scores_the_deployed_file_as_the_bench_did_and_counts_a_copy_once(smoke_run, tmp_path):
+    """scripts/tta.py: without TTA its per-image answers are the bench's for the deployed file (the same
+    images, preprocessing and first view); a copied run folder pools as one model, not two."""
+    import shutil
+
+    import numpy as np
+
+    from slimvit.config import read_config
+    from slimvit.data import load_data
+
+    out, _, _ = smoke_run
+    tta = script("tta")
+    res = tta.score_run(out)
+    key = json.loads((out / "deploy" / "deploy.json").read_text())["key"]
+    bench = np.load(out / "bench_logits.npz")
+    data = load_data(read_config(out / "config.yaml").data, out, progress=False)
+    for split in ("val", "test"):
+        _, y = data.arrays(split)
+        assert res["models"]["deployed"][split]["plain"] == (bench[f"{split}|{key}"].argmax(1) == y).tolist()
+        assert len(res["models"]["deployed"][split]["4"]) == len(y)
+    assert set(res["latency_ms"]) == {"1", "4", "8"}
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    both = tta._pooled({"a-0": res, "b-0": tta.score_run(copy)}, ["a-0", "b-0"], "deployed", "test")
+    assert both["plain"].tolist() == res["models"]["deployed"]["test"]["plain"]

@@ -1,5 +1,7 @@
 """Unit tests of report text that need no run folder: each section rendered from a tiny synthetic run dict."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ from slimvit.config import load_config
 from slimvit.labels import ratio_text, row_label, sweep_table
 from slimvit.report import SECTIONS, classes, compression, context, deployment, overview, render
 from slimvit.report.stats import front, verdict
+from slimvit.trust import calibration_change
 
 CLASSES = ["a", "b", "c"]
 LABELS = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]  # the test images: 4 of a, 4 of b, 2 of c
@@ -225,6 +228,16 @@ def test_pruning_section_and_sweep_table():
         "Fine-tune: all 10 epochs, the last kept (`prune.select_from`"
     )
     assert "early" not in compression._finetune_text(last)
+    # the sweep's sentence says the same: under prune.select_from 1 no fine-tune stops once "back"
+    pc = SimpleNamespace(sweep_from="previous", sweep_epochs=10, recover=True, select_from=0.0)
+    sweep_run = {"config": SimpleNamespace(prune=pc), "sweep": {"points": []}}
+    assert "at most 10 epochs, stopping once validation balanced accuracy is back" in compression._sweep_text(
+        sweep_run
+    )
+    pc.select_from = 1.0
+    said = compression._sweep_text(sweep_run)
+    assert "fine-tuned for all its epochs (10, more on a small training split), the last kept;" in said
+    assert "stopping" not in said
     assert "### Sweep" not in text
     base = {"params": 4e6, "macs": 1e9, "latency_ms": 8.0, "val_acc": 0.9, "test_acc": None}
     point = {"ratio": 0.5, "depth": None, "params_after": 2e6, "macs_after": 5e8, "latency_ms_after": 4.0}
@@ -476,4 +489,15 @@ def test_report_says_which_epochs_competed_for_the_students_kept_weights():
     assert any(
         "The student kept its last epoch (`train.select_from`)" in line
         for line in compression.distillation(run)
+    )
+
+
+def test_calibration_change_never_says_minus_zero():
+    said = calibration_change({"ece_t": 0.0200}, {"ece_t": 0.0196}, 360)  # -0.04 points rounds to zero
+    assert said.startswith(
+        "Compression changed calibration by +0.0 points of ECE after temperature (student 2.0,"
+    )
+    assert "with 360 test images an ECE moves by about 5 points" in said
+    assert calibration_change({"ece_t": 0.02}, {"ece_t": 0.035}, 100).startswith(
+        "Compression changed calibration by +1.5"
     )

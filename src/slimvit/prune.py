@@ -255,7 +255,19 @@ def run_prune(
     _log_sizes(ratio, sizes, pspec.widths)
     desc = f"finetune r={ratio:g}" + (f" depth {depth}" if depth else "")
     model, finetune, val = _finetune(
-        cfg, run_dir, out, model, pspec, data, info, epochs, resumed, reference, desc, logits_memo, on_epoch
+        cfg,
+        run_dir,
+        out,
+        model,
+        pspec,
+        data,
+        info=info,
+        epochs=epochs,
+        resumed=resumed,
+        reference=reference,
+        desc=desc,
+        logits_memo=logits_memo,
+        on_epoch=on_epoch,
     )
     result, test = _evaluate(cfg, model, pspec, data, reference, info, sizes, finetune, val)
     result.update(widths_before=widths_before.to_json(), widths_after=pspec.widths.to_json())
@@ -303,17 +315,21 @@ def _finetune(
     model,
     pspec,
     data,
-    info,
-    epochs,
-    resumed,
+    *,
+    info: dict,
+    epochs: int,
+    resumed: bool,
     reference,
-    desc,
-    logits_memo,
+    desc: str,
+    logits_memo: LogitsMemo | None,
     on_epoch,
 ) -> tuple:
-    """Fine-tune the pruned model with distillation (from `prune.teacher`) until it has recovered the
-    student's validation score, or save it as pruned with no epochs; (model, the fine-tune's record,
-    (val acc, val balanced acc))."""
+    """Fine-tune the pruned model with distillation (from `prune.teacher`), or save it as pruned with no
+    epochs; (model, the fine-tune's record, (val acc, val balanced acc)). Which epoch is kept and whether
+    it stops early: `prune.select_from` and `prune.recover` (the student's validation score back).
+
+    info: the pruning record (`_prune_or_resume`); resumed: the fine-tune continues a checkpoint;
+    reference: the unpruned student, whose function on the validation views the epochs are judged by."""
     from slimvit.train import FitOptions, fit
 
     teacher, distill_cfg = None, None

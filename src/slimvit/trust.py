@@ -76,18 +76,20 @@ def section(run: dict) -> list[str]:
         out += ["", f"Not fitted for {', '.join(unfitted)}: {cal[dict(stages)[unfitted[0]]]['not_fitted']}."]
     names = dict(stages)
     if "student" in names and "deployed" in names:
-        s, d = cal[names["student"]], cal[names["deployed"]]
-        diff = d["ece_t"] - s["ece_t"]
-        out += [
-            "",
-            f"Compression changed calibration by {100 * diff:+.1f} points of ECE after temperature (student "
-            f"{100 * s['ece_t']:.1f}, deployed {100 * d['ece_t']:.1f}); with {len(y)} test images an ECE "
-            f"moves by about {100 / np.sqrt(len(y)):.0f} points from the sample alone, so smaller "
-            "differences are noise.",
-        ]
+        out += ["", calibration_change(cal[names["student"]], cal[names["deployed"]], len(y))]
     out += ["", "![reliability](plots/reliability.png)", ""]
     out += _review(run, names, y)
     return out
+
+
+def calibration_change(student: dict, deployed: dict, n: int) -> str:
+    """The sentence on what compression did to calibration (ECE after temperature), with its noise."""
+    diff = round(100 * (deployed["ece_t"] - student["ece_t"]), 1) + 0.0  # + 0.0: never "-0.0 points"
+    return (
+        f"Compression changed calibration by {diff:+.1f} points of ECE after temperature (student "
+        f"{100 * student['ece_t']:.1f}, deployed {100 * deployed['ece_t']:.1f}); with {n} test images an ECE "
+        f"moves by about {100 / np.sqrt(n):.0f} points from the sample alone, so smaller differences are noise."
+    )
 
 
 def _review(run: dict, names: dict, y: np.ndarray) -> list[str]:

@@ -173,9 +173,12 @@ def _sweep_text(run: dict) -> str:
         if pc.sweep_from == "previous"
         else "Each ratio is pruned from the distilled student"
     )
-    cap = f"at most {pc.sweep_epochs} epochs"
-    if pc.recover:
-        cap += ", stopping once validation balanced accuracy is back to the student's"
+    if pc.select_from >= 1:  # only the last epoch competes: no stop before it
+        cap = f"all its epochs ({pc.sweep_epochs}, more on a small training split), the last kept"
+    else:
+        cap = f"at most {pc.sweep_epochs} epochs"
+        if pc.recover:
+            cap += ", stopping once validation balanced accuracy is back to the student's"
     depth = ""
     depths = {p["depth"] for p in (run["sweep"] or {}).get("points", []) if p.get("depth") is not None}
     if depths:
