@@ -278,9 +278,14 @@ def test_block_drop_order_removes_blocks_that_do_nothing_first():
     _silence(model.blocks[1])
     _silence(model.blocks[3])
     xs = [x for x, _ in batches(n=2)]
+    fresh = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        before = model(fresh)
     order = block_drop_order(model, xs, depth=2)
     assert sorted(order) == [1, 3]  # skipping them changes nothing; skipping any other block does
     assert len(model.blocks) == 4  # scoring leaves the model whole
+    with torch.no_grad():  # and computing: its stem, replayed while scoring, runs on new images again
+        assert torch.equal(model(fresh), before)
 
 
 def test_block_drop_order_scores_as_a_full_forward_of_each_skip(caplog):
