@@ -46,6 +46,13 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _key(run: Path) -> str:
+    """A run's entry in tta.json: its folder and the files scored, so a run redone since is scored again."""
+    return "|".join(
+        [str(run.resolve()), _sha(run / "split.json"), *(_sha(run / rel) for rel in MODELS.values())]
+    )
+
+
 def _log_probs(sess, x: np.ndarray, batch: int = 64) -> np.ndarray:
     name = sess.get_inputs()[0].name
     z = np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
@@ -164,13 +171,13 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "tta.json"
     results = json.loads(cache.read_text()) if cache.exists() else {}
-    for base in bases.values():
-        key = str(base.resolve())
-        if key not in results:  # resumable: a run scored once is not scored again
+    keys = {name: _key(base) for name, base in bases.items()}
+    for name, base in bases.items():
+        if keys[name] not in results:  # resumable: a run's files scored once are not scored again
             print(f"scoring {base}", flush=True)
-            results[key] = score_run(base)
+            results[keys[name]] = score_run(base)
             atomic_write_json(cache, results)
-    by_name = {name: results[str(base.resolve())] for name, base in bases.items()}
+    by_name = {name: results[keys[name]] for name, base in bases.items()}
     cmd = "python scripts/tta.py " + " ".join(f"--group {g}" for g in args.group) + f" --out {args.out}"
     text = [
         "# Test-time augmentation on finished runs",
