@@ -33,7 +33,7 @@ from finetune_levers import all_groups, parse_groups  # noqa: E402
 from slimvit import runtime  # noqa: E402
 from slimvit.config import read_config  # noqa: E402
 from slimvit.data import load_data  # noqa: E402
-from slimvit.fidelity import val_views  # noqa: E402
+from slimvit.fidelity import spread, val_views  # noqa: E402
 from slimvit.io import atomic_write_json, atomic_write_text  # noqa: E402
 from slimvit.preprocess import normalize  # noqa: E402
 from slimvit.report.stats import accuracy_text, paired_text  # noqa: E402
@@ -67,17 +67,19 @@ def score_run(run: Path) -> dict:
     spec = json.loads((run / "student" / "model.json").read_text())
     split_id = _sha(run / "split.json")
     out = {"deployed_key": json.loads((run / "deploy" / "deploy.json").read_text())["key"], "models": {}}
+    inputs = {}  # each split's views, made once for both models: (V*N, 3, H, W) view by view, the images first
+    for split in ("val", "test"):
+        images, y = data.arrays(split)
+        inputs[split] = (
+            normalize(val_views(images, cfg.train.flips, cfg.train.rot90), spec["mean"], spec["std"]),
+            y,
+        )
     for name, rel in MODELS.items():
         sess = runtime.session(run / rel, threads=2)
         rec = {"id": f"{_sha(run / rel)}-{split_id}"}
-        for split in ("val", "test"):
-            images, y = data.arrays(split)
-            views = val_views(images, cfg.train.flips, cfg.train.rot90)  # (V*N, H, W, 3), the images first
-            n = len(images)
-            lp = _log_probs(sess, normalize(views, spec["mean"], spec["std"])).reshape(
-                -1, n, len(data.classes)
-            )
-            four = lp[:: max(1, len(lp) // 4)][:4]  # the fine-tunes' 4 views (`val_views(limit=4)`)
+        for split, (x, y) in inputs.items():
+            lp = _log_probs(sess, x).reshape(-1, len(y), len(data.classes))
+            four = spread(lp, 4)  # the fine-tunes' 4 views
             rec[split] = {
                 "plain": (lp[0].argmax(1) == y).tolist(),
                 "4": (four.mean(0).argmax(1) == y).tolist(),

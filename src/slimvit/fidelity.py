@@ -33,8 +33,14 @@ def val_views(images: np.ndarray, flips: bool, rot90: bool, limit: int | None = 
     else:
         out = rots
     if limit is not None:
-        out = out[:: max(1, len(out) // limit)][:limit]
+        out = spread(out, limit)
     return np.ascontiguousarray(np.concatenate(out))
+
+
+def spread(views, limit: int):
+    """`limit` of `views` (a sequence, in `val_views`' order), every other one: the views `val_views(limit=)`
+    keeps."""
+    return views[:: max(1, len(views) // limit)][:limit]
 
 
 def read_unlabeled(path: str | Path, size: int, limit: int) -> tuple[np.ndarray, dict]:

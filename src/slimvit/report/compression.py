@@ -173,7 +173,11 @@ def _sweep_text(run: dict) -> str:
         if pc.sweep_from == "previous"
         else "Each ratio is pruned from the distilled student"
     )
-    if pc.select_from >= 1:  # only the last epoch competes: no stop before it
+    from slimvit.selection import first_competing_epoch  # (torch: only for a run with a config)
+
+    if (
+        first_competing_epoch(pc.select_from, pc.sweep_epochs) >= pc.sweep_epochs
+    ):  # only the last one competes
         cap = f"all its epochs ({pc.sweep_epochs}, more on a small training split), the last kept"
     else:
         cap = f"at most {pc.sweep_epochs} epochs"
