@@ -1,6 +1,7 @@
 """What one training step of the default recipe's models costs, under the choices that set the pipeline's time.
 
-    python scripts/step_cost.py [--compare logits|size|compile|precision|attention] [--steps 10] [--size 96]
+    python scripts/step_cost.py [--compare logits|size|compile|precision|attention|optimizer] [--steps 10]
+                                [--size 96]
                                 [--batch 64]
                                 [--precision auto|no|bf16]
 
@@ -16,6 +17,8 @@ first, with the CPU and the autocast precision used.
     --compare precision  each model in fp32 against bf16 autocast (`train.precision: no` / `bf16`)
     --compare attention  the student's attention as plain matmuls (what training on a CPU uses,
                        `vit.explicit_attention`) against the fused `scaled_dot_product_attention`
+    --compare optimizer  each model's AdamW on PyTorch's fused kernel (what every training uses,
+                       `recipe.make_optimizer`) against its default CPU path (one tensor at a time)
 
 Every arm but the fused one of --compare attention trains as the pipeline does on a CPU: explicit attention.
 
@@ -37,7 +40,7 @@ import torch
 from slimvit import models, vit
 from slimvit.config import DistillConfig
 from slimvit.distill import make_loss
-from slimvit.recipe import autocast_context, resolve_precision
+from slimvit.recipe import autocast_context, make_optimizer, resolve_precision
 from slimvit.timing import cpu_name
 
 CLASSES = [str(i) for i in range(6)]
@@ -59,10 +62,16 @@ def make_step(
     teacher=None,
     compiled: bool = False,
     fused_attention: bool = False,
+    fused_adamw: bool = True,
 ) -> Callable[[], float]:
     """A closure that runs one training step of `model` on a fixed random batch and returns its milliseconds."""
+    import timm.optim
+
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if fused_adamw:
+        opt = make_optimizer(model, 1e-4, 0.05)
+    else:  # the same parameter groups on PyTorch's default path (single-tensor on a CPU)
+        opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
     loss_fn = make_loss(DistillConfig(loss="soft"), 0.1)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, len(CLASSES), (batch,))
@@ -105,11 +114,16 @@ def time_interleaved(arms: dict[str, Callable[[], float]], steps: int) -> dict[s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--compare", choices=("logits", "size", "compile", "precision", "attention"), default="logits"
+        "--compare",
+        choices=("logits", "size", "compile", "precision", "attention", "optimizer"),
+        default="logits",
     )
     ap.add_argument("--steps", type=int, default=10, help="timed steps per arm (after 3 untimed)")
     ap.add_argument(
-        "--size", type=int, default=96, help="image size of --compare logits, compile and precision"
+        "--size",
+        type=int,
+        default=96,
+        help="image size of --compare logits, compile, precision and optimizer",
     )
     ap.add_argument("--sizes", default="128,96", help="image sizes of --compare size")
     ap.add_argument("--batch", type=int, default=64)
@@ -151,6 +165,13 @@ def main() -> int:
             if args.compare == "size":
                 sizes = [int(s) for s in args.sizes.split(",")]
                 arms = {f"{s} px": make_step(build(name_stem, s), s, args.batch, precision) for s in sizes}
+            elif args.compare == "optimizer":
+                arms = {
+                    name: make_step(
+                        build(name_stem, args.size), args.size, args.batch, precision, fused_adamw=f
+                    )
+                    for name, f in (("AdamW, default CPU path", False), ("AdamW, fused", True))
+                }
             elif args.compare == "precision":
                 arms = {
                     p: make_step(build(name_stem, args.size), args.size, args.batch, p)

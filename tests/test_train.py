@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import json
 import os
@@ -950,7 +951,6 @@ def test_saturated_validation_does_not_stop_a_fine_tune_after_one_epoch(tmp_path
     """Validation at its ceiling from the first epoch (stop_at=0: every epoch 'recovers' on accuracy): the
     fine-tune still runs its floor of epochs, and with an agreement floor no tiny fine-tune of a
     randomly initialised model stops before it names the reference's class on every validation view."""
-    import copy
 
     from slimvit.selection import stop_reason
 
@@ -976,6 +976,34 @@ def test_saturated_validation_does_not_stop_a_fine_tune_after_one_epoch(tmp_path
     rows = read_jsonl(tmp_path / "ft" / "metrics.jsonl")
     assert all(0 <= r["val_agree"] <= 1 and r["val_kl"] >= 0 for r in rows)
     assert s["fidelity_views"] == 4 * len(synthetic_data().split["val"])  # the image, 2 flips, 180 degrees
+
+
+def test_fidelity_runs_only_on_the_epochs_that_may_be_kept(tmp_path, monkeypatch):
+    """The views' KL and agreement rank the competing epochs and feed the stop rule: under `select_from: 1`
+    only the last epoch is scored on them (each a forward pass over 4x the validation images), and the kept
+    record still carries them; with every epoch competing, every epoch is scored."""
+    from slimvit import selection
+
+    calls = []
+    scored = selection.Fidelity.__call__
+    monkeypatch.setattr(selection.Fidelity, "__call__", lambda self, m: calls.append(1) or scored(self, m))
+    for select_from, scored_epochs in [(1.0, [4]), (0.0, [1, 2, 3, 4])]:
+        calls.clear()
+        model, spec = tiny_student()
+        out = tmp_path / str(select_from)
+        _, s = fit(
+            model,
+            spec,
+            synthetic_data(),
+            FAST,
+            out,
+            FitOptions(epochs=4, lr=1e-4, select_from=select_from, stop_at=0.0, min_epochs=4),
+            reference=copy.deepcopy(model),
+        )
+        rows = read_jsonl(out / "metrics.jsonl")
+        assert [r["epoch"] for r in rows if "val_agree" in r] == scored_epochs, select_from
+        assert len(calls) == len(scored_epochs), select_from
+        assert s["best_val_agree"] is not None and s["stopped"].startswith("recovered"), select_from
 
 
 def test_fidelity_breaks_ties_of_validation_accuracy(tmp_path, monkeypatch):

@@ -27,9 +27,9 @@ def _time_steps(model, x, y, precision: str, train: bool, steps: int) -> float:
     import torch
 
     from slimvit import vit
-    from slimvit.recipe import autocast_context, explicit_attention_on
+    from slimvit.recipe import autocast_context, explicit_attention_on, make_optimizer
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+    opt = make_optimizer(model, 1e-4, 0.05) if train else None  # the training's optimizer, as it steps
     model.train(train)
 
     def once() -> None:

@@ -46,6 +46,7 @@ from slimvit.recipe import (
     full_size_epochs,
     lr_lambda,
     make_accelerator,
+    make_optimizer,
     resolve_balance,
     resolve_precision,
     role_spec,
@@ -262,10 +263,8 @@ def _setup(model, spec, data, tcfg, out_dir, opts, teacher, reference, logits_me
 
 def _optimization(model: nn.Module, tcfg: TrainConfig, opts: FitOptions, steps_per_epoch: int):
     """AdamW, its warm-up + cosine schedule over all the steps, and the weights' EMA (or None)."""
-    import timm.optim
-
     total_steps = max(1, opts.epochs * steps_per_epoch)
-    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=opts.lr, weight_decay=tcfg.weight_decay)
+    optimizer = make_optimizer(model, opts.lr, tcfg.weight_decay)
     warmup = int(tcfg.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, warmup, tcfg.min_lr_ratio)
@@ -349,7 +348,11 @@ def _epoch(run: _Run, epoch: int, t_session: float) -> None:
     t0 = time.perf_counter()
     stats, size = _train_pass(run, epoch)
     eval_model = run.ema.module if run.ema is not None else acc.unwrap_model(run.model)
-    v = validate(eval_model, run.val_ds, 256, acc.device, run.fidelity)
+    first = first_competing_epoch(opts.select_from, opts.epochs)
+    # the views' KL and agreement rank the epochs that may be kept (and the stop rule reads the kept one's):
+    # an epoch before them skips the views (4x the validation images; under `select_from: 1` all but the last)
+    fidelity = run.fidelity if epoch + 1 >= first else None
+    v = validate(eval_model, run.val_ds, 256, acc.device, fidelity)
     run.elapsed += time.perf_counter() - t0
     run.done = epoch + 1
     row = {
@@ -365,9 +368,8 @@ def _epoch(run: _Run, epoch: int, t_session: float) -> None:
     }
     if opts.loss != "none":
         row.update(task_loss=float(stats[1] / stats[4]), kd_loss=float(stats[2] / stats[4]))
-    if run.fidelity is not None:
+    if fidelity is not None:
         row.update(val_kl=v["kl"], val_agree=v["agree"])
-    first = first_competing_epoch(opts.select_from, opts.epochs)
     improved = improves(v, run.best, epoch + 1, first)
     if improved:
         run.best = best_record(v, epoch + 1)
