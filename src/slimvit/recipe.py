@@ -96,7 +96,7 @@ def autocast_context(precision: str, device: torch.device):
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW with timm's parameter groups (no weight decay on norms, biases, tokens, position embeddings), on
-    PyTorch's fused kernel: one pass over each tensor per step where the default CPU path makes six (it
+    PyTorch's fused kernel: one pass over each tensor per step where the default CPU path makes several (it
     picks the multi-tensor path on GPUs only). Every training uses it, and the ETA's step timing."""
     import timm.optim
 
