@@ -94,13 +94,17 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, fused: bool = True
+) -> torch.optim.Optimizer:
     """AdamW with timm's parameter groups (no weight decay on norms, biases, tokens, position embeddings), on
     PyTorch's fused kernel: one pass over each tensor per step where the default CPU path makes several (it
-    picks the multi-tensor path on GPUs only). Every training uses it, and the ETA's step timing."""
+    picks the multi-tensor path on GPUs only). Every training uses it, and the ETA's step timing; `fused=False`
+    is PyTorch's default path (`scripts/step_cost.py --compare optimizer`)."""
     import timm.optim
 
-    return timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, fused=True)
+    kwargs = {"fused": True} if fused else {}
+    return timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, **kwargs)
 
 
 # --------------------------------------------------------------------------- schedule

@@ -175,9 +175,8 @@ def _sweep_text(run: dict) -> str:
     )
     from slimvit.selection import first_competing_epoch  # (torch: only for a run with a config)
 
-    if (
-        first_competing_epoch(pc.select_from, pc.sweep_epochs) >= pc.sweep_epochs
-    ):  # only the last one competes
+    last_only = first_competing_epoch(pc.select_from, pc.sweep_epochs) >= pc.sweep_epochs
+    if last_only:
         cap = f"all its epochs ({pc.sweep_epochs}, more on a small training split), the last kept"
     else:
         cap = f"at most {pc.sweep_epochs} epochs"
